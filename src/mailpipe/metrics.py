@@ -1,0 +1,61 @@
+"""Prometheus metrics of one mailpipe process, kept in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """Every metric mailpipe exports; one instance per process (tests make their own)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.emails_accepted = Counter(
+            "mailpipe_emails_accepted", "Emails answered 250", ["server"], registry=r
+        )
+        self.emails_rejected = Counter(
+            "mailpipe_emails_rejected",
+            "Emails answered with an error (size, sink failure, shutdown)",
+            ["server", "reason"],
+            registry=r,
+        )
+        self.bytes_received = Counter(
+            "mailpipe_bytes_received", "Message bytes received", ["server"], registry=r
+        )
+        self.connections_active = Gauge(
+            "mailpipe_connections_active", "Open SMTP connections", ["server"], registry=r
+        )
+        self.connections_total = Counter(
+            "mailpipe_connections", "SMTP connections accepted", ["server"], registry=r
+        )
+        self.connections_refused = Counter(
+            "mailpipe_connections_refused",
+            "SMTP connections refused with 421 (max_connections)",
+            ["server"],
+            registry=r,
+        )
+        self.protocol_violations = Counter(
+            "mailpipe_protocol_violations", "Tolerated protocol violations", ["server"], registry=r
+        )
+        self.sink_latency = Histogram(
+            "mailpipe_sink_latency_seconds",
+            "Time a sink took to accept an event",
+            ["sink"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sink_failures = Counter(
+            "mailpipe_sink_failures", "Events a sink failed to accept", ["sink"], registry=r
+        )
+        self.parse_latency = Histogram(
+            "mailpipe_parse_latency_seconds",
+            "Time to turn a received message into an event",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_messages = Gauge(
+            "mailpipe_store_messages", "Messages held in the store", registry=r
+        )
