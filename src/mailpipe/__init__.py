@@ -1,0 +1,3 @@
+"""mailpipe: an SMTP capture server for developers."""
+
+__version__ = "0.1.0"

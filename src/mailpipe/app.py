@@ -1,0 +1,146 @@
+"""One running mailpipe: builds the parts from the config, starts them, stops them in order.
+
+Shutdown (uvicorn's model): the first SIGINT/SIGTERM stops accepting, lets messages in flight
+finish within `shutdown_timeout`, answers 421 to idle sessions, flushes the sinks and exits 0;
+a second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+from mailpipe.capture.attachments import AttachmentStorage, run_sweeper
+from mailpipe.capture.message import EventOptions
+from mailpipe.capture.server import CaptureServer
+from mailpipe.config import Config, is_loopback, split_host_port
+from mailpipe.metrics import Metrics
+from mailpipe.sinks.base import Sink
+from mailpipe.sinks.dispatch import Dispatcher
+from mailpipe.sinks.jsonl import JSONLSink
+from mailpipe.store.sqlite import SQLiteStore, StoreSink
+
+log = logging.getLogger("mailpipe")
+
+
+class Mailpipe:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.data_dir = Path(config.data_dir)
+        self.store: SQLiteStore | None = None
+        self.dispatcher = Dispatcher(self._make_sinks(), self.metrics)
+        storage = config.smtp.attachment_storage
+        self.attachments = AttachmentStorage(
+            mode=storage.mode, temp_dir=storage.temp_dir, cleanup_after=storage.cleanup_after
+        )
+        self.capture = CaptureServer(
+            config.smtp.listeners(),
+            dispatcher=self.dispatcher,
+            metrics=self.metrics,
+            event_options=EventOptions(
+                include_raw=config.smtp.include_raw, attachments=self.attachments
+            ),
+            transcript=config.smtp.transcript,
+            spool_threshold=config.smtp.spool_threshold,
+            data_dir=self.data_dir,
+        )
+        self._http_runner: object | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+        self._signals = 0
+
+    def _make_sinks(self) -> list[Sink]:
+        sinks: list[Sink] = []
+        if self.config.store.enabled:
+            store_cfg = self.config.store
+            self.store = SQLiteStore(
+                self.config.store_path,
+                max_messages=store_cfg.max_messages,
+                max_age=store_cfg.max_age,
+                synchronous=store_cfg.synchronous,
+                metrics=self.metrics,
+            )
+            sinks.append(StoreSink(self.store))
+        jsonl = self.config.sinks.jsonl
+        if jsonl is not None:
+            sinks.append(JSONLSink(jsonl.path, required=jsonl.required))
+        return sinks
+
+    def health(self) -> dict[str, object]:
+        sinks = self.dispatcher.health()
+        ok = all(bool(item.get("ok", True)) for item in sinks.values())
+        return {"ok": ok, "sinks": sinks, "smtp": self.capture.addresses()}
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.dispatcher.start()
+        await self.capture.start()
+        if self.config.http.enabled:
+            await self._start_http()
+        if self.attachments.mode == "tempfile":
+            interval = max(1.0, min(60.0, self.attachments.cleanup_after / 4))
+            self._tasks.append(asyncio.create_task(run_sweeper(self.attachments, interval)))
+
+    async def _start_http(self) -> None:
+        from mailpipe.web.app import HttpAuth, create_app, start_http
+
+        if self.store is None:
+            log.warning("the store is disabled: the HTTP API serves health and metrics only")
+        host, port = split_host_port(self.config.http.addr)
+        if not is_loopback(host):
+            log.warning(
+                "HTTP API bound to %s, reachable from other machines: mailpipe is a development "
+                "tool and shows every captured email; set http.auth or bind to 127.0.0.1",
+                self.config.http.addr,
+            )
+        auth_cfg = self.config.http.auth
+        auth = HttpAuth(**auth_cfg.model_dump()) if auth_cfg else None
+        app = create_app(self.store, self.metrics, health=self.health, auth=auth)
+        self._http_runner = await start_http(app, host, port)
+        log.info("HTTP API on http://%s:%d", host, port)
+
+    async def stop(self) -> None:
+        log.info("shutting down: finishing messages in flight")
+        await self.capture.stop(self.config.shutdown_timeout)
+        for task in self._tasks:
+            task.cancel()
+        if self._http_runner is not None:
+            from mailpipe.web.app import stop_http
+
+            await stop_http(self._http_runner)  # type: ignore[arg-type]
+        await self.dispatcher.close()
+        log.info("stopped")
+
+    def request_stop(self) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+        except BaseException:
+            await self.dispatcher.close()
+            raise
+        await self._stop.wait()
+        await self.stop()
+
+
+def install_uvloop() -> bool:
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True

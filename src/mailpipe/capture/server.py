@@ -1,0 +1,403 @@
+"""The asyncio side of the SMTP server: listeners, one Protocol per connection, limits,
+timeouts, STARTTLS and graceful shutdown. The SMTP conversation itself lives in the sans-I/O
+`SMTPConnection`; this module only moves bytes and events between it and the world."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mailpipe.capture.message import EventOptions, SessionInfo, build_event
+from mailpipe.capture.protocol import ProtocolSettings, SMTPConnection
+from mailpipe.capture.tls import server_context
+from mailpipe.capture.types import (
+    Close,
+    Event,
+    MessageReceived,
+    Reply,
+    Send,
+    StartTLS,
+    Trace,
+    Violation,
+)
+from mailpipe.config import ResolvedListener, split_host_port
+from mailpipe.event import CapturedEmail
+from mailpipe.metrics import Metrics
+from mailpipe.sinks.dispatch import Dispatcher
+
+log = logging.getLogger("mailpipe.capture")
+
+# Parsing a big message holds the loop for a while; above this size it runs in a thread so
+# other sessions keep being served.
+PARSE_IN_THREAD_ABOVE = 256 * 1024
+
+REPLY_RETRY = Reply(451, "4.3.0 Temporary failure, please retry")
+REPLY_TOO_MANY = Reply(421, "4.7.0 Too many connections, try again later")
+
+
+def format_addr(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer or "")
+
+
+@dataclass
+class Listener:
+    """One configured SMTP listener and what its sessions share."""
+
+    config: ResolvedListener
+    settings: ProtocolSettings
+    ssl_context: ssl.SSLContext | None
+    sessions: set[SMTPSession] = field(default_factory=set)
+    server: asyncio.Server | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def implicit_tls(self) -> bool:
+        return self.config.tls is not None and self.config.tls.mode == "implicit"
+
+
+class CaptureServer:
+    """All listeners and their live sessions."""
+
+    def __init__(
+        self,
+        listeners: list[ResolvedListener],
+        *,
+        dispatcher: Dispatcher,
+        metrics: Metrics,
+        event_options: EventOptions,
+        transcript: bool = False,
+        spool_threshold: int = 1024 * 1024,
+        spool_dir: str | None = None,
+        data_dir: Path | None = None,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.metrics = metrics
+        self.event_options = event_options
+        self.listeners = [
+            self._make_listener(item, transcript, spool_threshold, spool_dir, data_dir)
+            for item in listeners
+        ]
+        self.stopping = False
+
+    @staticmethod
+    def _make_listener(
+        item: ResolvedListener,
+        transcript: bool,
+        spool_threshold: int,
+        spool_dir: str | None,
+        data_dir: Path | None,
+    ) -> Listener:
+        context = server_context(item.tls, item.hostname, data_dir) if item.tls else None
+        settings = ProtocolSettings(
+            hostname=item.hostname,
+            max_message_size=item.max_message_size,
+            max_recipients=item.max_recipients,
+            max_line_length=item.max_line_length,
+            spool_threshold=spool_threshold,
+            spool_dir=spool_dir,
+            tls_available=context is not None and item.tls is not None
+            and item.tls.mode == "starttls",
+            transcript=transcript,
+            trace=log.isEnabledFor(logging.DEBUG),
+        )
+        return Listener(config=item, settings=settings, ssl_context=context)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self.listeners:
+            host, port = split_host_port(listener.config.addr)
+            listener.server = await loop.create_server(
+                lambda lst=listener: SMTPSession(self, lst),
+                host,
+                port,
+                ssl=listener.ssl_context if listener.implicit_tls else None,
+                reuse_address=True,
+                backlog=1024,
+            )
+            bound = listener.server.sockets[0].getsockname()
+            log.info(
+                "SMTP listening on %s",
+                format_addr(bound),
+                extra={"server": listener.name, "tls": _tls_label(listener)},
+            )
+
+    def addresses(self) -> dict[str, str]:
+        """Listener name to the address it is bound to (the real port when 0 was asked)."""
+        out = {}
+        for listener in self.listeners:
+            if listener.server and listener.server.sockets:
+                out[listener.name] = format_addr(listener.server.sockets[0].getsockname())
+        return out
+
+    def sessions(self) -> Iterable[SMTPSession]:
+        for listener in self.listeners:
+            yield from listener.sessions
+
+    async def stop(self, timeout: float) -> None:
+        """Stop accepting, let messages in flight finish, 421 the idle sessions."""
+        self.stopping = True
+        for listener in self.listeners:
+            if listener.server:
+                listener.server.close()
+        for session in list(self.sessions()):
+            session.request_close()
+        deadline = time.monotonic() + timeout
+        while any(True for _ in self.sessions()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for session in list(self.sessions()):
+            log.warning("closing session still busy at shutdown", extra={"session": session.id})
+            session.abort()
+        for listener in self.listeners:
+            if listener.server:
+                await listener.server.wait_closed()
+
+
+def _tls_label(listener: Listener) -> str:
+    if listener.ssl_context is None:
+        return "off"
+    return "implicit" if listener.implicit_tls else "starttls"
+
+
+class SMTPSession(asyncio.Protocol):
+    """One SMTP connection: feeds received bytes to the protocol core and acts on its events."""
+
+    def __init__(self, server: CaptureServer, listener: Listener) -> None:
+        self.server = server
+        self.listener = listener
+        self.id = str(uuid.uuid4())
+        self.conn = SMTPConnection(listener.settings, tls_active=listener.implicit_tls)
+        self.transport: asyncio.Transport | None = None
+        self.remote_addr = ""
+        self.local_addr = ""
+        self.since = datetime.now(UTC)
+        self.emails = 0
+        self._loop = asyncio.get_running_loop()
+        self._last_activity = self._loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._delivering: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # ---- asyncio.Protocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.remote_addr = format_addr(transport.get_extra_info("peername"))
+        self.local_addr = format_addr(transport.get_extra_info("sockname"))
+        metrics = self.server.metrics
+        if len(self.listener.sessions) >= self.listener.config.max_connections:
+            metrics.connections_refused.labels(self.listener.name).inc()
+            log.warning("refusing connection: max_connections reached",
+                        extra={"remote": self.remote_addr, "server": self.listener.name})
+            transport.write(REPLY_TOO_MANY.encode())
+            transport.close()
+            return
+        self.listener.sessions.add(self)
+        metrics.connections_total.labels(self.listener.name).inc()
+        metrics.connections_active.labels(self.listener.name).inc()
+        log.info("connection opened", extra={"session": self.id, "remote": self.remote_addr,
+                                              "server": self.listener.name})
+        self._arm_idle_timer(self.listener.config.read_timeout)
+        self._handle(self.conn.start())
+        if self.server.stopping:
+            self.request_close()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = self._loop.time()
+        self._handle(self.conn.receive(data))
+        if self._closing:
+            self.request_close()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for timer in (self._idle_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        if self in self.listener.sessions:
+            self.listener.sessions.discard(self)
+            self.server.metrics.connections_active.labels(self.listener.name).dec()
+            log.info("connection closed", extra={"session": self.id, "emails": self.emails})
+
+    def pause_writing(self) -> None:
+        # The client is not reading our replies; give it write_timeout to catch up.
+        self._write_timer = self._loop.call_later(
+            self.listener.config.write_timeout, self._write_timed_out
+        )
+
+    def resume_writing(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    # ---- events from the protocol core --------------------------------------------
+
+    def _handle(self, events: list[Event]) -> None:
+        transport = self.transport
+        for event in events:
+            if type(event) is Send:
+                if transport is not None:
+                    transport.write(event.data)
+            elif type(event) is MessageReceived:
+                if transport is not None:
+                    transport.pause_reading()
+                self._delivering = asyncio.ensure_future(self._deliver(event))
+            elif type(event) is Close:
+                if transport is not None:
+                    transport.close()
+            elif type(event) is StartTLS:
+                asyncio.ensure_future(self._start_tls())
+            elif type(event) is Violation:
+                self.server.metrics.protocol_violations.labels(self.listener.name).inc()
+                log.warning("protocol violation: %s", event.text,
+                            extra={"session": self.id, "remote": self.remote_addr})
+            elif type(event) is Trace:
+                log.debug("%s: %s", event.direction, event.line, extra={"session": self.id})
+
+    async def _deliver(self, received: MessageReceived) -> None:
+        reply = REPLY_RETRY
+        try:
+            email = await self._capture(received)
+            if await self.server.dispatcher.deliver(email):
+                reply = Reply(250, f"2.0.0 Ok: queued as {email.uuid}")
+                self._count_accepted(email)
+            else:
+                self.server.metrics.emails_rejected.labels(self.listener.name, "sink").inc()
+        except Exception:
+            log.exception("could not capture a message", extra={"session": self.id})
+            self.server.metrics.emails_rejected.labels(self.listener.name, "error").inc()
+        finally:
+            received.body.discard()
+        self._delivering = None
+        self._reply(reply)
+
+    def _count_accepted(self, email: CapturedEmail) -> None:
+        self.emails += 1
+        metrics = self.server.metrics
+        metrics.emails_accepted.labels(self.listener.name).inc()
+        metrics.bytes_received.labels(self.listener.name).inc(len(email.raw))
+        if log.isEnabledFor(logging.INFO):
+            envelope = email.event["envelope"]
+            log.info("email accepted", extra={
+                "uuid": email.uuid, "session": self.id, "from": envelope["from"],
+                "to": ",".join(envelope["to"]), "size": len(email.raw)})
+
+    async def _capture(self, received: MessageReceived) -> CapturedEmail:
+        started = time.perf_counter()
+        session = SessionInfo(
+            uuid=self.id,
+            remote_addr=self.remote_addr,
+            local_addr=self.local_addr,
+            server=self.listener.name,
+            tls=received.tls,
+        )
+        options = self.server.event_options
+
+        def build() -> CapturedEmail:
+            return build_event(
+                received.body.read(),
+                envelope=received.envelope,
+                auth=received.auth,
+                session=session,
+                received_at=received.received_at,
+                options=options,
+                violations=received.violations,
+                transcript=received.transcript,
+            )
+
+        if received.body.size > PARSE_IN_THREAD_ABOVE:
+            email = await asyncio.to_thread(build)
+        else:
+            email = build()
+        self.server.metrics.parse_latency.observe(time.perf_counter() - started)
+        return email
+
+    def _reply(self, reply: Reply) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._handle(self.conn.reply_to_message(reply, close_after=self._closing))
+        if not self.conn.awaiting_reply and self.transport is not None:
+            self.transport.resume_reading()
+
+    async def _start_tls(self) -> None:
+        context = self.listener.ssl_context
+        if self.transport is None or context is None:
+            return
+        try:
+            transport = await self._loop.start_tls(
+                self.transport, self, context, server_side=True,
+                ssl_handshake_timeout=self.listener.config.read_timeout,
+            )
+        except (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
+            log.warning("TLS handshake failed: %s", exc, extra={"session": self.id})
+            self.abort()
+            return
+        self.transport = transport  # type: ignore[assignment]
+        self._handle(self.conn.tls_started())
+
+    # ---- timers and shutdown ------------------------------------------------------
+
+    def _arm_idle_timer(self, delay: float) -> None:
+        if delay > 0:
+            self._idle_timer = self._loop.call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        timeout = self.listener.config.read_timeout
+        idle = self._loop.time() - self._last_activity
+        if self.conn.closed:
+            return
+        if self.conn.awaiting_reply or idle < timeout:
+            # A slow sink is our delay, not the client's.
+            self._arm_idle_timer(timeout if self.conn.awaiting_reply else timeout - idle)
+            return
+        log.warning("read timeout, closing", extra={"session": self.id,
+                                                     "remote": self.remote_addr})
+        self._handle(self.conn.idle_timeout())
+
+    def _write_timed_out(self) -> None:
+        log.warning("write timeout, client stopped reading", extra={"session": self.id})
+        self.abort()
+
+    def request_close(self) -> None:
+        """Close now if idle, else right after the message in flight gets its reply."""
+        self._closing = True
+        if not (self.conn.closed or self.conn.in_transaction or self.conn.awaiting_reply):
+            self._handle(self.conn.shutdown())
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def info(self) -> dict[str, object]:
+        if self.conn.awaiting_reply:
+            state = "delivering"
+        elif self.conn.in_data:
+            state = "data"
+        elif self.conn.in_transaction:
+            state = "transaction"
+        else:
+            state = "idle"
+        return {
+            "uuid": self.id,
+            "remote_addr": self.remote_addr,
+            "server": self.listener.name,
+            "since": self.since.isoformat(),
+            "state": state,
+            "emails": self.emails,
+            "tls": self.conn.tls_active,
+        }

@@ -1,0 +1,385 @@
+"""All of mailpipe's configuration, in one place.
+
+Sources, strongest first: command-line flags, environment (`MAILPIPE_SMTP__ADDR=...`), the
+config file (`-c FILE`, else `mailpipe.yaml` or `.rr.yaml` in the working directory). A
+RoadRunner `.rr.yaml` is read as is: sections mailpipe does not know (rpc, server, logs...)
+are ignored, while a typo inside a section it knows is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_FILE_NAMES = ("mailpipe.yaml", "mailpipe.yml", ".rr.yaml", ".rr.yml")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the person who wrote the config."""
+
+
+# ---- value types ----------------------------------------------------------------------
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
+               "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a Go-style duration ("60s", "1h30m", "500ms"), as RoadRunner
+    configs write them."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 60s, 500ms or 1h, or a number of seconds")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            return parse_duration(float(text))
+        except ValueError:
+            pass
+        parts = _DURATION_PART.findall(text)
+        if parts and "".join(n + u for n, u in parts) == text:
+            return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    raise ValueError("expected a duration like 60s, 500ms or 1h, or a number of seconds")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an integer or a size with a unit ("10MB", "512k")."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size in bytes, or with a unit like 10MB or 512KB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value)
+        if match and match.group(2).lower() in _SIZE_UNITS:
+            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    raise ValueError("expected a size in bytes, or with a unit like 10MB or 512KB")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def split_host_port(addr: str) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or `:port` (all interfaces)."""
+    text = addr.strip()
+    if text.startswith("tcp://"):
+        text = text[len("tcp://"):]
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port, e.g. 127.0.0.1:1025, got {addr!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_addr(value: str) -> str:
+    split_host_port(value)
+    return value
+
+
+Address = Annotated[str, BeforeValidator(lambda v: _check_addr(str(v)))]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# ---- sections -------------------------------------------------------------------------
+
+
+class AttachmentStorageConfig(Section):
+    mode: Literal["memory", "tempfile"] = "memory"
+    temp_dir: str | None = None
+    cleanup_after: Duration = 3600.0
+
+
+class TLSConfig(Section):
+    """STARTTLS (default) or implicit TLS, with a cert/key or a self-signed pair made at start."""
+
+    mode: Literal["starttls", "implicit"] = "starttls"
+    cert: str | None = None
+    key: str | None = None
+    self_signed: bool = False
+
+    @model_validator(mode="after")
+    def _needs_material(self) -> TLSConfig:
+        if not self.self_signed and not (self.cert and self.key):
+            raise ValueError("TLS needs both cert and key files, or `self-signed`")
+        return self
+
+
+def _tls_shorthand(value: Any) -> Any:
+    if value == "self-signed":
+        return {"self_signed": True}
+    if value in (False, None, "off", "none"):
+        return None
+    return value
+
+
+TLSSetting = Annotated[TLSConfig | None, BeforeValidator(_tls_shorthand)]
+
+
+class ListenerLimits(Section):
+    """What one SMTP listener may differ in; unset values come from the `smtp` section."""
+
+    hostname: str | None = None
+    read_timeout: Duration | None = None
+    write_timeout: Duration | None = None
+    max_message_size: Size | None = None
+    max_recipients: int | None = Field(default=None, ge=1)
+    max_line_length: int | None = Field(default=None, ge=512)
+    max_connections: int | None = Field(default=None, ge=1)
+    tls: TLSSetting = None
+
+
+class ListenerConfig(ListenerLimits):
+    name: str | None = None
+    addr: Address
+
+
+class PoolConfig(BaseModel):
+    """The worker pool of a later issue; kept as given so .rr.yaml files load today."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class SMTPConfig(Section):
+    addr: Address = "127.0.0.1:1025"
+    hostname: str = "localhost"
+    read_timeout: Duration = 60.0
+    write_timeout: Duration = 10.0
+    max_message_size: Size = 10 * 1024 * 1024
+    max_recipients: int = Field(default=100, ge=1)
+    max_line_length: int = Field(default=4096, ge=512)
+    max_connections: int = Field(default=1000, ge=1)
+    spool_threshold: Size = 1024 * 1024
+    include_raw: bool = False
+    transcript: bool = False
+    access_logs: bool = False
+    attachment_storage: AttachmentStorageConfig = AttachmentStorageConfig()
+    tls: TLSSetting = None
+    servers: list[ListenerConfig] = Field(default_factory=list)
+    pool: PoolConfig | None = None
+    jobs: dict[str, Any] | None = None
+
+    def listeners(self) -> list[ResolvedListener]:
+        """Every listener with its limits filled in from this section."""
+        given = self.servers or [ListenerConfig(addr=self.addr)]
+        resolved = []
+        for index, item in enumerate(given):
+            values = {k: getattr(self, k) for k in ListenerLimits.model_fields}
+            values.update(item.model_dump(exclude_none=True, exclude={"name", "addr", "tls"}))
+            values["tls"] = item.tls or self.tls
+            name = item.name or ("default" if not self.servers else f"smtp{index}")
+            resolved.append(ResolvedListener(name=name, addr=item.addr, **values))
+        names = [r.name for r in resolved]
+        if len(set(names)) != len(names):
+            raise ValueError("smtp.servers: listener names must be unique")
+        return resolved
+
+
+class ResolvedListener(BaseModel):
+    name: str
+    addr: str
+    hostname: str
+    read_timeout: float
+    write_timeout: float
+    max_message_size: int
+    max_recipients: int
+    max_line_length: int
+    max_connections: int
+    tls: TLSConfig | None = None
+
+
+class HTTPAuthConfig(Section):
+    type: Literal["basic", "bearer"]
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> HTTPAuthConfig:
+        if self.type == "basic" and not (self.username and self.password):
+            raise ValueError("basic auth needs username and password")
+        if self.type == "bearer" and not self.token:
+            raise ValueError("bearer auth needs token")
+        return self
+
+
+class HTTPConfig(Section):
+    enabled: bool = True
+    addr: Address = "127.0.0.1:8025"
+    auth: HTTPAuthConfig | None = None
+
+
+class StoreConfig(Section):
+    enabled: bool = True
+    path: str | None = None
+    max_messages: int = Field(default=5000, ge=1)
+    max_age: Duration | None = None
+    synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
+
+    @field_validator("synchronous", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class JSONLSinkConfig(Section):
+    path: str
+    required: bool = False
+
+
+class SinksConfig(Section):
+    jsonl: JSONLSinkConfig | None = None
+
+
+class LogConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["console", "json"] = "console"
+
+    @field_validator("level", "format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.lower()
+            return "warning" if value == "warn" else value
+        return value
+
+
+class Config(BaseSettings):
+    """The whole configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MAILPIPE_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    version: str | None = None
+    data_dir: str = "./.mailpipe"
+    shutdown_timeout: Duration = 30.0
+    smtp: SMTPConfig = SMTPConfig()
+    http: HTTPConfig = HTTPConfig()
+    store: StoreConfig = StoreConfig()
+    sinks: SinksConfig = SinksConfig()
+    log: LogConfig = LogConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _listeners_resolve(self) -> Config:
+        self.smtp.listeners()
+        return self
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.store.path) if self.store.path else Path(self.data_dir) / "mailpipe.db"
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The YAML file's values, weakest of the sources."""
+
+    data: dict[str, Any] = {}
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+def find_config_file(explicit: str | None, cwd: Path | None = None) -> Path | None:
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"config file {explicit}: not found")
+        return path
+    base = cwd or Path.cwd()
+    for name in CONFIG_FILE_NAMES:
+        if (base / name).is_file():
+            return base / name
+    return None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot be read: {exc.strerror}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top")
+    return data
+
+
+def load_config(file: str | None = None, overrides: dict[str, Any] | None = None,
+                cwd: Path | None = None) -> tuple[Config, Path | None]:
+    """The effective configuration, and the file it came from (if any)."""
+    path = find_config_file(file, cwd)
+    _FileSource.data = read_config_file(path) if path else {}
+    try:
+        config = Config(**(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, path)) from None
+    finally:
+        _FileSource.data = {}
+    return config, path
+
+
+def describe_errors(exc: ValidationError, path: Path | None) -> str:
+    """One line per problem: the key, the bad value, what is expected."""
+    origin = f" in {path}" if path else ""
+    lines = [f"invalid configuration{origin}:"]
+    for error in exc.errors(include_url=False):
+        key = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
+        key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check its spelling)")
+            continue
+        lines.append(f"  {key}: got {error['input']!r}: {message}")
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""Hands each captured email to every sink and decides what the client is told."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from mailpipe.event import CapturedEmail
+from mailpipe.metrics import Metrics
+from mailpipe.sinks.base import Sink
+
+log = logging.getLogger("mailpipe.sinks")
+
+
+class Dispatcher:
+    """Runs the sinks for one email: required ones are awaited (all must accept before the
+    250), optional ones run in the background and only log their failures."""
+
+    def __init__(self, sinks: list[Sink], metrics: Metrics) -> None:
+        self.sinks = sinks
+        self.metrics = metrics
+        self.required = [s for s in sinks if s.required]
+        self.optional = [s for s in sinks if not s.required]
+        self._background: set[asyncio.Task[bool]] = set()
+
+    async def start(self) -> None:
+        for sink in self.sinks:
+            await sink.start()
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        for sink in reversed(self.sinks):
+            try:
+                await sink.close()
+            except Exception:
+                log.exception("sink %s failed to close", sink.name)
+
+    async def deliver(self, email: CapturedEmail) -> bool:
+        """True when every required sink accepted the email."""
+        for sink in self.optional:
+            task = asyncio.create_task(self._run(sink, email))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        if len(self.required) == 1:
+            return await self._run(self.required[0], email)
+        results = await asyncio.gather(*(self._run(s, email) for s in self.required))
+        return all(results)
+
+    async def _run(self, sink: Sink, email: CapturedEmail) -> bool:
+        started = time.perf_counter()
+        try:
+            await sink.submit(email)
+        except Exception as exc:
+            self.metrics.sink_failures.labels(sink.name).inc()
+            log.error("sink %s failed: %s", sink.name, exc, extra={"uuid": email.uuid},
+                      exc_info=not isinstance(exc, OSError))
+            return False
+        self.metrics.sink_latency.labels(sink.name).observe(time.perf_counter() - started)
+        return True
+
+    def health(self) -> dict[str, object]:
+        return {sink.name: sink.health() for sink in self.sinks}

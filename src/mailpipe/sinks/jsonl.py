@@ -1,0 +1,36 @@
+"""Writes each event as one JSON line, to a file or to stdout (for piping into jq)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import BinaryIO
+
+from mailpipe.event import CapturedEmail
+from mailpipe.sinks.base import Sink
+
+
+class JSONLSink(Sink):
+    name = "jsonl"
+
+    def __init__(self, path: str, *, required: bool = False) -> None:
+        self.path = path
+        self.required = required
+        self._file: BinaryIO | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        self._file = sys.stdout.buffer if self.path == "-" else open(self.path, "ab")  # noqa: SIM115
+
+    async def submit(self, email: CapturedEmail) -> None:
+        assert self._file is not None, "JSONLSink.start() was not called"
+        line = email.json() + b"\n"
+        async with self._lock:
+            # One write per line keeps lines whole even when another process appends too.
+            self._file.write(line)
+            self._file.flush()
+
+    async def close(self) -> None:
+        if self._file is not None and self.path != "-":
+            self._file.close()
+        self._file = None

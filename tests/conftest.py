@@ -1,0 +1,191 @@
+"""Shared fixtures: a real `mailpipe serve` process on free ports, the event schema, tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+SCHEMA_PATH = SHARED / "spec" / "email-event.schema.json"
+CORPUS = SHARED / "corpus"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(name: str) -> str:
+    """The path of an external program; skipped without it, except under CI where it fails."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (make test installs it from Debian's packages)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def event_schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+@pytest.fixture(scope="session")
+def validate_event(event_schema: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(
+        event_schema, format_checker=Draft202012Validator.FORMAT_CHECKER
+    )
+
+    def validate(event: dict[str, Any]) -> None:
+        errors = sorted(validator.iter_errors(event), key=lambda e: list(e.path))
+        assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
+
+    return validate
+
+
+@dataclass
+class MailpipeServer:
+    """A `mailpipe serve` child process and how to reach it."""
+
+    workdir: Path
+    smtp_port: int
+    http_port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    extra_ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def request(self, method: str, path: str, headers: dict[str, str] | None = None,
+                ) -> tuple[int, bytes, dict[str, str]]:
+        req = urllib.request.Request(self.api + path, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, resp.read(), dict(resp.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read(), dict(exc.headers)
+
+    def get_json(self, path: str) -> Any:
+        status, body, _ = self.request("GET", path)
+        assert status == 200, f"GET {path}: {status} {body[:200]!r}"
+        return json.loads(body)
+
+    def messages(self, **params: Any) -> list[dict[str, Any]]:
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return self.get_json(f"/api/v1/messages?{query}")["messages"]
+
+    def wait_for_messages(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.get_json(f"/api/v1/messages?limit={max(count, 1)}")
+            if found["total"] >= count or time.monotonic() > deadline:
+                return found["messages"]
+            time.sleep(0.05)
+
+    def event(self, uuid: str) -> dict[str, Any]:
+        return self.get_json(f"/api/v1/messages/{uuid}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_mailpipe(workdir: Path, config: dict[str, Any] | None = None,
+                   args: list[str] | None = None, env: dict[str, str] | None = None,
+                   wait: bool = True) -> MailpipeServer:
+    workdir.mkdir(parents=True, exist_ok=True)
+    smtp_port, http_port = free_port(), free_port()
+    cfg: dict[str, Any] = {
+        "smtp": {"addr": f"127.0.0.1:{smtp_port}"},
+        "http": {"addr": f"127.0.0.1:{http_port}"},
+        "data_dir": str(workdir / "data"),
+        "shutdown_timeout": "10s",
+    }
+    for section, values in (config or {}).items():
+        if isinstance(values, dict) and isinstance(cfg.get(section), dict):
+            cfg[section].update(values)
+        else:
+            cfg[section] = values
+    (workdir / "mailpipe.yaml").write_text(yaml.safe_dump(cfg))
+    log_path = workdir / "mailpipe.log"
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPIPE_")}
+    child_env.update(env or {})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mailpipe", "serve", *(args or [])],
+        cwd=workdir,
+        stdout=open(workdir / "stdout.log", "wb"),  # noqa: SIM115
+        stderr=open(log_path, "wb"),  # noqa: SIM115
+        env=child_env,
+    )
+    server = MailpipeServer(workdir, smtp_port, http_port, process, log_path)
+    if wait:
+        wait_until_ready(server)
+    return server
+
+
+def wait_until_ready(server: MailpipeServer, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise AssertionError(f"mailpipe exited early:\n{server.log()}")
+        try:
+            with urllib.request.urlopen(server.api + "/healthz", timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.05)
+    server.stop(signal.SIGKILL)
+    raise AssertionError(f"mailpipe did not become ready:\n{server.log()}")
+
+
+@pytest.fixture
+def mailpipe_factory(tmp_path: Path) -> Iterator[Callable[..., MailpipeServer]]:
+    started: list[MailpipeServer] = []
+
+    def factory(config: dict[str, Any] | None = None, **kwargs: Any) -> MailpipeServer:
+        server = start_mailpipe(tmp_path / f"mp{len(started)}", config, **kwargs)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def mailpipe(mailpipe_factory: Callable[..., MailpipeServer]) -> MailpipeServer:
+    """A mailpipe with defaults (memory attachments, raw included in events)."""
+    return mailpipe_factory({"smtp": {"include_raw": True}})
