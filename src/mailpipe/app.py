@@ -99,7 +99,12 @@ class Mailpipe:
                 self.config.http.addr,
             )
         auth_cfg = self.config.http.auth
-        auth = HttpAuth(**auth_cfg.model_dump()) if auth_cfg else None
+        auth = (
+            HttpAuth(kind=auth_cfg.type, username=auth_cfg.username,
+                     password=auth_cfg.password, token=auth_cfg.token)
+            if auth_cfg
+            else None
+        )
         app = create_app(self.store, self.metrics, health=self.health, auth=auth)
         self._http_runner = await start_http(app, host, port)
         log.info("HTTP API on http://%s:%d", host, port)

@@ -1,0 +1,356 @@
+"""The REST API over the store, plus /healthz, /metrics and the OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import logging
+import mimetypes
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any, Literal
+from urllib.parse import quote
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mailpipe.metrics import Metrics
+from mailpipe.store.sqlite import SQLiteStore, StoreClosedError
+
+log = logging.getLogger(__name__)
+
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 50
+OPEN_PATHS = frozenset({"/healthz"})
+# Served bytes come from whoever sent the email: never let a browser run them in our origin.
+UNTRUSTED_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
+_MIME = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*$")
+_CHARSET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$%&'+^_`{}~.-]*$")
+
+
+class ApiError(Exception):
+    """An error answered as {"error": message} with the given status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class HttpAuth:
+    kind: Literal["basic", "bearer"]
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "basic" and (self.username is None or self.password is None):
+            raise ValueError("basic auth needs a username and a password")
+        if self.kind == "bearer" and not self.token:
+            raise ValueError("bearer auth needs a token")
+        if self.kind not in ("basic", "bearer"):
+            raise ValueError(f"unknown auth kind {self.kind!r}")
+
+    def check(self, header: str | None) -> bool:
+        scheme, _, value = (header or "").strip().partition(" ")
+        if scheme.lower() != self.kind:
+            return False
+        if self.kind == "bearer":
+            return _same(value.strip(), self.token or "")
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        user, sep, password = decoded.partition(":")
+        # Both compared every time, so timing doesn't tell which one was wrong.
+        user_ok = _same(user, self.username or "")
+        password_ok = _same(password, self.password or "")
+        return bool(sep) and user_ok and password_ok
+
+    def challenge(self) -> str:
+        if self.kind == "basic":
+            return 'Basic realm="mailpipe", charset="UTF-8"'
+        return 'Bearer realm="mailpipe"'
+
+
+def _same(given: str, expected: str) -> bool:
+    # Constant time; bytes because compare_digest refuses non-ASCII str.
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def create_app(
+    store: SQLiteStore | None,
+    metrics: Metrics,
+    *,
+    health: Callable[[], dict[str, Any]] | None = None,
+    auth: HttpAuth | None = None,
+) -> web.Application:
+    """The API app; with the store disabled (None) only health, metrics and OpenAPI remain."""
+    middlewares: list[Middleware] = [_errors_as_json]
+    if auth is not None:
+        middlewares.append(_auth_middleware(auth))
+    app = web.Application(middlewares=middlewares)
+    _openapi_bytes()  # a missing or broken document should stop startup, not a request
+    if health is None:
+        health = store.health if store is not None else lambda: {"ok": True}
+    service = _Service(metrics, health)
+    app.router.add_routes(
+        [
+            web.get("/healthz", service.healthz),
+            web.get("/metrics", service.metrics_text),
+            web.get("/api/openapi.json", service.openapi),
+        ]
+    )
+    if store is not None:
+        api = _Api(store)
+        app.router.add_routes(
+            [
+                web.get("/api/v1/messages", api.list_messages),
+                web.delete("/api/v1/messages", api.clear_messages),
+                web.get("/api/v1/messages/{uuid}", api.get_message),
+                web.delete("/api/v1/messages/{uuid}", api.delete_message),
+                web.get("/api/v1/messages/{uuid}/raw", api.get_raw),
+                web.get(r"/api/v1/messages/{uuid}/attachments/{index:\d+}", api.get_attachment),
+            ]
+        )
+    return app
+
+
+async def start_http(
+    app: web.Application, host: str, port: int, *, access_log: logging.Logger | None = None
+) -> web.AppRunner:
+    """Serve `app`; port 0 picks a free port (see `runner.addresses`)."""
+    # aiohttp logs every request by default; that is noise for a local dev tool.
+    runner = web.AppRunner(app, access_log=access_log)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+async def stop_http(runner: web.AppRunner) -> None:
+    await runner.cleanup()
+
+
+# ---- handlers -----------------------------------------------------------------------------
+
+
+class _Api:
+    """The message routes."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+
+    async def list_messages(self, request: web.Request) -> web.Response:
+        limit = _int_param(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        offset = _int_param(request, "offset", 0, 0, None)
+        q = request.query.get("q") or None
+        messages, total = await self.store.list(limit=limit, offset=offset, q=q)
+        return _json(
+            {
+                "total": total,
+                "count": len(messages),
+                "offset": offset,
+                "limit": limit,
+                "messages": messages,
+            }
+        )
+
+    async def clear_messages(self, request: web.Request) -> web.Response:
+        return _json({"deleted": await self.store.clear()})
+
+    async def get_message(self, request: web.Request) -> web.Response:
+        return _json(await self._event(request))
+
+    async def delete_message(self, request: web.Request) -> web.Response:
+        if not await self.store.delete(request.match_info["uuid"]):
+            raise _not_found()
+        return web.Response(status=204)
+
+    async def get_raw(self, request: web.Request) -> web.Response:
+        uuid = request.match_info["uuid"]
+        raw = await self.store.raw(uuid)
+        if raw is None:
+            raise _not_found()
+        headers = {
+            "Content-Disposition": _disposition("inline", f"{uuid}.eml", extended=False),
+            **UNTRUSTED_HEADERS,
+        }
+        return web.Response(body=raw, content_type="message/rfc822", headers=headers)
+
+    async def get_attachment(self, request: web.Request) -> web.Response:
+        event = await self._event(request)
+        raw = await self.store.raw(request.match_info["uuid"])
+        index = int(request.match_info["index"])
+        described = event.get("attachments") or []
+        if raw is None or index >= len(described):
+            raise _not_found("attachment not found")
+        # Parsing a large message is CPU work: keep it off the event loop.
+        found = await asyncio.to_thread(_extract_attachment, raw, index)
+        if found is None:
+            raise _not_found("attachment not found")
+        payload, part_type, charset, part_name = found
+        meta = described[index]
+        content_type = _safe_mime(meta.get("content_type") or part_type)
+        name = _safe_filename(meta.get("filename") or part_name, content_type, index)
+        response = web.Response(
+            body=payload,
+            headers={"Content-Disposition": _disposition("attachment", name), **UNTRUSTED_HEADERS},
+        )
+        response.content_type = content_type
+        if charset and content_type.startswith("text/") and _CHARSET.match(charset):
+            response.charset = charset
+        return response
+
+    async def _event(self, request: web.Request) -> dict[str, Any]:
+        event = await self.store.get(request.match_info["uuid"])
+        if event is None:
+            raise _not_found()
+        return event
+
+
+class _Service:
+    """Routes that exist with or without a store."""
+
+    def __init__(self, metrics: Metrics, health: Callable[[], dict[str, Any]]) -> None:
+        self.metrics = metrics
+        self.health = health
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        try:
+            details = dict(self.health())
+        except Exception as exc:  # a broken health check is itself a degraded state
+            details = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        ok = bool(details.get("ok", True))
+        details.pop("status", None)
+        return _json({"status": "ok" if ok else "degraded", **details}, status=200 if ok else 503)
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        # CONTENT_TYPE_LATEST carries a charset, which aiohttp only accepts as a raw header.
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=_openapi_bytes(), content_type="application/json")
+
+
+# ---- middlewares --------------------------------------------------------------------------
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error, aiohttp's own 404/405 included, leaves as {"error": ...}."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _json({"error": exc.message}, status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        skip = ("content-type", "content-length")
+        headers = {k: v for k, v in exc.headers.items() if k.lower() not in skip}
+        return _json({"error": exc.reason.lower()}, status=exc.status, headers=headers)
+    except StoreClosedError:  # shutting down: the client may retry elsewhere or later
+        return _json({"error": "store unavailable"}, status=503)
+    except Exception:
+        log.exception("error handling %s %s", request.method, request.path)
+        return _json({"error": "internal server error"}, status=500)
+
+
+def _auth_middleware(auth: HttpAuth) -> Middleware:
+    @web.middleware
+    async def check_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS or auth.check(request.headers.get("Authorization")):
+            return await handler(request)
+        return _json(
+            {"error": "authentication required"},
+            status=401,
+            headers={"WWW-Authenticate": auth.challenge()},
+        )
+
+    return check_auth
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def _json(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+def _not_found(message: str = "message not found") -> ApiError:
+    return ApiError(404, message)
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int | None) -> int:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return default
+    bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+    error = ApiError(400, f"{name} must be an integer {bounds}")
+    # Plain ASCII digits only: int() would also take "1_000", " 7" or other scripts' digits.
+    if not text.isascii() or not text.isdigit():
+        raise error
+    value = int(text)
+    if value < low or (high is not None and value > high):
+        raise error
+    return value
+
+
+def _extract_attachment(raw: bytes, index: int) -> tuple[bytes, str, str | None, str | None] | None:
+    # Imported here: the web app must load even where the capture package is not wanted.
+    from mailpipe.capture.message import attachment_parts, attachment_payload, parse_message
+
+    parts = attachment_parts(parse_message(raw))
+    if index >= len(parts):
+        return None
+    part = parts[index]
+    return (
+        attachment_payload(part),
+        part.get_content_type(),
+        part.get_content_charset(),
+        part.get_filename(),
+    )
+
+
+def _safe_mime(value: str) -> str:
+    value = value.split(";", 1)[0].strip().lower()
+    return value if _MIME.match(value) else "application/octet-stream"
+
+
+def _safe_filename(name: str | None, content_type: str, index: int) -> str:
+    """The sender's name reduced to a last path component without control characters."""
+    name = re.split(r"[/\\]", name or "")[-1]
+    name = "".join(ch for ch in name if ch.isprintable()).strip().lstrip(".")
+    if name:
+        return name
+    return f"attachment-{index}{mimetypes.guess_extension(content_type) or '.bin'}"
+
+
+def _disposition(kind: str, filename: str, *, extended: bool = True) -> str:
+    """RFC 6266: an ASCII fallback for old clients plus the exact name in RFC 5987 form."""
+    fallback = "".join(ch if 32 <= ord(ch) < 127 and ch not in '"\\' else "_" for ch in filename)
+    if not extended and fallback == filename:
+        return f'{kind}; filename="{filename}"'
+    encoded = quote(filename, safe="!#$&+-.^_`|~")
+    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
+
+
+@cache
+def _openapi_bytes() -> bytes:
+    # Read and checked once, when the first app is created: a broken file stops startup.
+    text = resources.files("mailpipe.web").joinpath("openapi.json").read_bytes()
+    return orjson.dumps(orjson.loads(text))

@@ -1,0 +1,392 @@
+"""SQLiteStore against a real database file: group commit, durability, retention, queries."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailpipe.event import CapturedEmail
+from mailpipe.metrics import Metrics
+from mailpipe.store.sqlite import SQLiteStore, StoreClosedError, StoreSink
+
+
+def make_email(
+    subject: str | None = "Hello",
+    *,
+    mail_from: str = "app@example.com",
+    to: tuple[str, ...] = ("user@example.org",),
+    header_from: str = "App <app@example.com>",
+    text: str | None = "Plain body",
+    html: str | None = None,
+    received_at: datetime | None = None,
+    raw: bytes | None = None,
+    uuid: str | None = None,
+) -> CapturedEmail:
+    """A small event that follows email-event.schema.json, built by hand."""
+    when = (received_at or datetime.now(UTC)).isoformat().replace("+00:00", "Z")
+    raw = raw if raw is not None else f"Subject: {subject}\r\n\r\n{text}\r\n".encode()
+    headers = {"FROM": header_from, "To": ", ".join(to)}
+    if subject is not None:
+        headers["Subject"] = subject
+    event: dict[str, Any] = {
+        "event": "EMAIL_RECEIVED",
+        "uuid": uuid or str(uuidlib.uuid4()),
+        "remote_addr": "127.0.0.1:50000",
+        "received_at": when,
+        "envelope": {"from": mail_from, "to": list(to), "helo": "client.test"},
+        "authentication": {
+            "attempted": False,
+            "mechanism": None,
+            "username": None,
+            "password": None,
+        },
+        "message": {
+            "headers": headers,
+            "body": text if text is not None else (html or ""),
+            "text": text,
+            "html": html,
+            "subject": subject,
+            "size": len(raw),
+        },
+        "attachments": [],
+    }
+    return CapturedEmail(event=event, raw=raw)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    s = SQLiteStore(tmp_path / "store.db", metrics=Metrics())
+    await s.start()
+    yield s
+    await s.close()
+
+
+@contextlib.contextmanager
+def writer_blocked(path: Path) -> Iterator[None]:
+    """Hold the database's write lock, so the store's writer waits and ops pile up."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
+        conn.close()
+
+
+async def add_in_one_batch(store: SQLiteStore, emails: list[CapturedEmail]) -> list[Any]:
+    """Queue `emails` while the writer is stuck on a first email, so they form one batch."""
+    with writer_blocked(store.path):
+        first = asyncio.create_task(store.add(make_email("first")))
+        await asyncio.sleep(0.1)  # the writer has taken `first` and waits for the lock
+        tasks = [asyncio.create_task(store.add(e)) for e in emails]
+        await asyncio.sleep(0.05)
+    await first
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def external_uuids(path: Path) -> set[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return {row[0] for row in conn.execute("SELECT uuid FROM messages")}
+    finally:
+        conn.close()
+
+
+# ---- group commit and durability -----------------------------------------------------------
+
+
+async def test_concurrent_adds_share_commits(store: SQLiteStore) -> None:
+    emails = [make_email(f"load {i}") for i in range(1000)]
+    await asyncio.gather(*(store.add(e) for e in emails))
+
+    assert external_uuids(store.path) == {e.uuid for e in emails}
+    assert await store.count() == 1000
+    assert store.stats["written"] == 1000
+    # One fsync per batch, not per email.
+    assert store.stats["commits"] <= 100
+    assert store.stats["max_batch"] > 1
+    assert store.metrics is not None
+    assert store.metrics.store_messages._value.get() == 1000
+
+
+async def test_lone_add_commits_without_waiting(store: SQLiteStore) -> None:
+    start = time.perf_counter()
+    await store.add(make_email())
+    assert time.perf_counter() - start < 0.5
+    assert store.stats["commits"] == 1
+
+
+async def test_added_row_is_visible_to_another_process(store: SQLiteStore) -> None:
+    email = make_email("durable")
+    await store.add(email)
+    script = (
+        "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]);"
+        "print(c.execute('SELECT subject FROM messages WHERE uuid = ?', (sys.argv[2],))"
+        ".fetchone()[0])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(store.path), email.uuid],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    )
+    assert out.stdout.strip() == "durable"
+
+
+async def test_messages_survive_reopen_and_data_dir_is_created(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "store.db"
+    first = SQLiteStore(path)
+    await first.start()
+    email = make_email("kept")
+    await first.add(email)
+    await first.close()
+
+    second = SQLiteStore(path)
+    await second.start()
+    try:
+        assert (await second.get(email.uuid))["message"]["subject"] == "kept"
+    finally:
+        await second.close()
+
+
+async def test_close_flushes_pending_adds(tmp_path: Path) -> None:
+    s = SQLiteStore(tmp_path / "store.db")
+    await s.start()
+    emails = [make_email(f"pending {i}") for i in range(50)]
+    tasks = [asyncio.create_task(s.add(e)) for e in emails]
+    await asyncio.sleep(0)  # every add has queued its row
+    await s.close()
+    await asyncio.gather(*tasks)
+    assert external_uuids(s.path) == {e.uuid for e in emails}
+    with pytest.raises(StoreClosedError):
+        await s.add(make_email())
+    with pytest.raises(StoreClosedError):
+        await s.count()
+
+
+async def test_failed_batch_fails_every_add_then_recovers(store: SQLiteStore) -> None:
+    conn = sqlite3.connect(store.path, isolation_level=None)
+    conn.execute(
+        "CREATE TRIGGER boom BEFORE INSERT ON messages WHEN NEW.subject = 'boom' "
+        "BEGIN SELECT RAISE(ROLLBACK, 'disk on fire'); END"
+    )
+    conn.close()
+    good, bad = make_email("good"), make_email("boom")
+
+    results = await add_in_one_batch(store, [good, bad])
+
+    assert all(isinstance(r, sqlite3.Error) for r in results), results
+    assert good.uuid not in external_uuids(store.path)
+    assert store.health()["ok"] is False
+    await store.add(make_email("after"))  # the writer carries on
+    assert store.health()["ok"] is True
+
+
+async def test_duplicate_uuid_fails_only_itself(store: SQLiteStore) -> None:
+    a = make_email("a")
+    dup = make_email("dup", uuid=a.uuid)
+    b = make_email("b")
+
+    results = await add_in_one_batch(store, [a, dup, b])
+
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], sqlite3.IntegrityError)
+    assert (await store.get(a.uuid))["message"]["subject"] == "a"
+    assert await store.get(b.uuid) is not None
+
+
+# ---- retention ------------------------------------------------------------------------------
+
+
+async def test_retention_keeps_newest_max_messages(tmp_path: Path) -> None:
+    metrics = Metrics()
+    s = SQLiteStore(tmp_path / "store.db", max_messages=5, metrics=metrics)
+    await s.start()
+    try:
+        emails = [make_email(f"n{i}") for i in range(8)]
+        for e in emails:
+            await s.add(e)
+        summaries, total = await s.list()
+        assert total == 5
+        assert [m["uuid"] for m in summaries] == [e.uuid for e in reversed(emails[3:])]
+        assert metrics.store_messages._value.get() == 5
+
+        await asyncio.gather(*(s.add(make_email(f"burst {i}")) for i in range(20)))
+        assert await s.count() == 5
+    finally:
+        await s.close()
+
+
+async def test_retention_drops_messages_older_than_max_age(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    old = make_email("old", received_at=datetime.now(UTC) - timedelta(hours=2))
+    s = SQLiteStore(path, max_age=3600)
+    await s.start()
+    try:
+        await s.add(old)
+        assert await s.get(old.uuid) is None  # pruned in the batch that wrote it
+        fresh = make_email("fresh")
+        await s.add(fresh)
+        assert external_uuids(path) == {fresh.uuid}
+    finally:
+        await s.close()
+
+
+async def test_age_retention_applies_at_start_and_while_idle(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    keep_all = SQLiteStore(path)
+    await keep_all.start()
+    await keep_all.add(make_email("old", received_at=datetime.now(UTC) - timedelta(hours=2)))
+    await keep_all.close()
+
+    s = SQLiteStore(path, max_age=0.3)
+    await s.start()
+    try:
+        assert await s.count() == 0  # pruned on start
+        await s.add(make_email("short-lived"))
+        assert await s.count() == 1
+        deadline = time.monotonic() + 3
+        while await s.count() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert await s.count() == 0  # pruned with no further writes
+    finally:
+        await s.close()
+
+
+# ---- queries ----------------------------------------------------------------------------------
+
+
+async def test_list_is_newest_first_with_pagination(store: SQLiteStore) -> None:
+    emails = [make_email(f"m{i}") for i in range(7)]
+    for e in emails:
+        await store.add(e)
+    newest_first = [e.uuid for e in reversed(emails)]
+
+    page, total = await store.list(limit=3)
+    assert total == 7 and [m["uuid"] for m in page] == newest_first[:3]
+    page, total = await store.list(limit=3, offset=3)
+    assert [m["uuid"] for m in page] == newest_first[3:6]
+    page, total = await store.list(limit=3, offset=6)
+    assert [m["uuid"] for m in page] == newest_first[6:]
+    page, total = await store.list(offset=50)
+    assert page == [] and total == 7
+
+
+async def test_summary_fields(store: SQLiteStore) -> None:
+    email = make_email(
+        "Summary",
+        mail_from="bounce@app.test",
+        to=("a@x.test", "b@y.test"),
+        header_from="Ann <ann@app.test>",
+        text="  first   line\n\nsecond " + "x" * 300,
+    )
+    await store.add(email)
+    (summary,), _ = await store.list()
+    assert summary == {
+        "uuid": email.uuid,
+        "subject": "Summary",
+        "from": "bounce@app.test",
+        "to": ["a@x.test", "b@y.test"],
+        "header_from": "Ann <ann@app.test>",
+        "received_at": email.event["received_at"],
+        "size": len(email.raw),
+        "attachments": 0,
+        "snippet": ("first line second " + "x" * 300)[:120],
+    }
+
+
+async def test_search(store: SQLiteStore) -> None:
+    invoice = make_email("Your Invoice", to=("billing@shop.test",), text="Total due: 42 EUR")
+    percent = make_email("100% done", text="nothing")
+    plain = make_email("100 percent done", text="nothing")
+    underscore = make_email("ticket a_b", text="nothing")
+    lookalike = make_email("ticket axb", text="nothing")
+    html_only = make_email(
+        "newsletter", text=None, html="<style>p{}</style><p>Caf&eacute; <b>opening</b></p>"
+    )
+    sender = make_email("from header", header_from="Zoë <zoe@people.test>")
+    for e in (invoice, percent, plain, underscore, lookalike, html_only, sender):
+        await store.add(e)
+
+    async def found(q: str) -> set[str]:
+        summaries, total = await store.list(q=q)
+        assert total == len(summaries)
+        return {m["uuid"] for m in summaries}
+
+    assert await found("INVOICE") == {invoice.uuid}
+    assert await found("billing@SHOP") == {invoice.uuid}
+    assert await found("due: 42") == {invoice.uuid}
+    assert await found("100%") == {percent.uuid}
+    assert await found("a_b") == {underscore.uuid}
+    assert await found("café opening") == {html_only.uuid}
+    assert await found("ZOË") == {sender.uuid}
+    assert await found("p{}") == set()  # stylesheet text is not body text
+    assert await found("no such thing") == set()
+    (summary,), _ = await store.list(q="newsletter")
+    assert summary["snippet"] == "Café opening"
+
+
+async def test_get_raw_and_outcomes(store: SQLiteStore) -> None:
+    raw = (
+        b"Subject: bytes\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        b"\xff\xfe\x80 caf\xc3\xa9\r\n.\r\n"
+    )
+    email = make_email("bytes", raw=raw)
+    noted = make_email("noted")
+    noted.outcomes["relay"] = {"status": "sent"}
+    await store.add(email)
+    await store.add(noted)
+
+    assert await store.get(email.uuid) == email.event
+    assert await store.raw(email.uuid) == raw
+    assert (await store.get(noted.uuid))["mailpipe"] == {"outcomes": {"relay": {"status": "sent"}}}
+    assert await store.get("missing") is None
+    assert await store.raw("missing") is None
+
+
+async def test_delete_and_clear(store: SQLiteStore) -> None:
+    emails = [make_email(f"d{i}") for i in range(4)]
+    for e in emails:
+        await store.add(e)
+
+    assert await store.delete(emails[0].uuid) is True
+    assert await store.delete(emails[0].uuid) is False
+    assert await store.get(emails[0].uuid) is None
+    assert await store.count() == 3
+    assert await store.clear() == 3
+    assert await store.count() == 0
+    assert external_uuids(store.path) == set()
+    assert store.metrics is not None and store.metrics.store_messages._value.get() == 0
+
+
+async def test_store_sink(tmp_path: Path) -> None:
+    sink = StoreSink(SQLiteStore(tmp_path / "store.db"))
+    assert (sink.name, sink.required) == ("store", True)
+    await sink.start()
+    try:
+        email = make_email("via sink")
+        await sink.submit(email)
+        assert external_uuids(sink.store.path) == {email.uuid}
+        assert sink.health()["ok"] is True and sink.health()["messages"] == 1
+    finally:
+        await sink.close()
+    assert sink.health()["ok"] is False
+
+
+def test_rejects_bad_settings(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        SQLiteStore(tmp_path / "x.db", synchronous="FULL; DROP TABLE messages")
+    with pytest.raises(ValueError):
+        SQLiteStore(tmp_path / "x.db", max_messages=0)

@@ -1,0 +1,418 @@
+"""The REST API over a real SQLiteStore, through a real HTTP server on a local socket."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.policy import SMTP
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import aiohttp
+import jsonschema
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from mailpipe.event import CapturedEmail
+from mailpipe.metrics import Metrics
+from mailpipe.store.sqlite import SQLiteStore
+from mailpipe.web.app import HttpAuth, create_app, start_http, stop_http
+
+
+def make_email(
+    subject: str = "Hello",
+    *,
+    text: str = "Plain body",
+    raw: bytes | None = None,
+    attachments: list[dict[str, Any]] | None = None,
+) -> CapturedEmail:
+    """A small event that follows email-event.schema.json, built by hand."""
+    raw = raw if raw is not None else f"Subject: {subject}\r\n\r\n{text}\r\n".encode()
+    event: dict[str, Any] = {
+        "event": "EMAIL_RECEIVED",
+        "uuid": str(uuidlib.uuid4()),
+        "remote_addr": "127.0.0.1:50000",
+        "received_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "envelope": {"from": "app@example.com", "to": ["user@example.org"], "helo": "c.test"},
+        "authentication": {
+            "attempted": False,
+            "mechanism": None,
+            "username": None,
+            "password": None,
+        },
+        "message": {
+            "headers": {"From": "App <app@example.com>", "Subject": subject},
+            "body": text,
+            "text": text,
+            "html": None,
+            "subject": subject,
+            "size": len(raw),
+        },
+        "attachments": attachments or [],
+    }
+    return CapturedEmail(event=event, raw=raw)
+
+
+def described(name: str, content_type: str, data: bytes) -> dict[str, Any]:
+    return {
+        "filename": name,
+        "content_type": content_type,
+        "size": len(data),
+        "disposition": "attachment",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "content": base64.b64encode(data).decode(),
+    }
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    s = SQLiteStore(tmp_path / "store.db", metrics=Metrics())
+    await s.start()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def client(store: SQLiteStore) -> AsyncIterator[TestClient]:
+    assert store.metrics is not None
+    async with TestClient(TestServer(create_app(store, store.metrics))) as c:
+        yield c
+
+
+async def json_of(resp: aiohttp.ClientResponse, status: int) -> Any:
+    assert resp.status == status, await resp.text()
+    assert resp.content_type == "application/json"
+    return json.loads(await resp.read())
+
+
+# ---- messages -------------------------------------------------------------------------------
+
+
+async def test_list_pagination_and_search(client: TestClient, store: SQLiteStore) -> None:
+    emails = [make_email(f"msg {i}") for i in range(5)] + [make_email("50% off")]
+    for e in emails:
+        await store.add(e)
+
+    body = await json_of(await client.get("/api/v1/messages", params={"limit": 2}), 200)
+    assert (body["total"], body["count"], body["offset"], body["limit"]) == (6, 2, 0, 2)
+    assert [m["uuid"] for m in body["messages"]] == [emails[5].uuid, emails[4].uuid]
+
+    body = await json_of(await client.get("/api/v1/messages?limit=2&offset=4"), 200)
+    assert [m["uuid"] for m in body["messages"]] == [emails[1].uuid, emails[0].uuid]
+
+    body = await json_of(await client.get("/api/v1/messages", params={"q": "0%"}), 200)
+    assert body["total"] == 1 and body["messages"][0]["subject"] == "50% off"
+
+    body = await json_of(await client.get("/api/v1/messages"), 200)
+    assert body["limit"] == 50 and body["count"] == 6
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=ten", "limit"),
+        ("limit=1_0", "limit"),
+        ("offset=-1", "offset"),
+        ("offset=1.5", "offset"),
+    ],
+)
+async def test_list_rejects_bad_parameters(client: TestClient, query: str, param: str) -> None:
+    body = await json_of(await client.get(f"/api/v1/messages?{query}"), 400)
+    assert body["error"].startswith(param)
+
+
+async def test_get_message_is_the_event(
+    client: TestClient, store: SQLiteStore, validate_event: Callable[[dict[str, Any]], None]
+) -> None:
+    email = make_email("full")
+    email.outcomes["webhook"] = "delivered"
+    await store.add(email)
+
+    event = await json_of(await client.get(f"/api/v1/messages/{email.uuid}"), 200)
+    assert event["mailpipe"] == {"outcomes": {"webhook": "delivered"}}
+    del event["mailpipe"]
+    assert event == email.event
+    validate_event(event)
+
+
+async def test_raw_is_exact_bytes(client: TestClient, store: SQLiteStore) -> None:
+    raw = b"Subject: 8bit\r\nContent-Transfer-Encoding: 8bit\r\n\r\ncaf\xc3\xa9 \xff\x00\x80\r\n"
+    email = make_email("8bit", raw=raw)
+    await store.add(email)
+
+    resp = await client.get(f"/api/v1/messages/{email.uuid}/raw")
+    assert resp.status == 200
+    assert await resp.read() == raw
+    assert resp.content_type == "message/rfc822"
+    assert resp.headers["Content-Disposition"] == f'inline; filename="{email.uuid}.eml"'
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_delete_one_and_all(client: TestClient, store: SQLiteStore) -> None:
+    emails = [make_email(f"d{i}") for i in range(3)]
+    for e in emails:
+        await store.add(e)
+
+    resp = await client.delete(f"/api/v1/messages/{emails[0].uuid}")
+    assert resp.status == 204
+    assert await store.get(emails[0].uuid) is None
+    await json_of(await client.delete(f"/api/v1/messages/{emails[0].uuid}"), 404)
+    assert await json_of(await client.delete("/api/v1/messages"), 200) == {"deleted": 2}
+    assert await store.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/v1/messages/0b7a6c1e-0000-4000-8000-000000000000"),
+        ("GET", "/api/v1/messages/nope/raw"),
+        ("GET", "/api/v1/messages/nope/attachments/0"),
+        ("DELETE", "/api/v1/messages/nope"),
+        ("GET", "/api/v2/anything"),
+    ],
+)
+async def test_not_found_is_json(client: TestClient, method: str, path: str) -> None:
+    body = await json_of(await client.request(method, path), 404)
+    assert body["error"]
+
+
+async def test_closed_store_answers_503(client: TestClient, store: SQLiteStore) -> None:
+    await store.close()
+    body = await json_of(await client.get("/api/v1/messages"), 503)
+    assert body == {"error": "store unavailable"}
+
+
+async def test_without_store_only_service_routes_remain() -> None:
+    async with TestClient(TestServer(create_app(None, Metrics()))) as c:
+        assert (await json_of(await c.get("/healthz"), 200))["status"] == "ok"
+        assert (await c.get("/metrics")).status == 200
+        assert (await c.get("/api/openapi.json")).status == 200
+        await json_of(await c.get("/api/v1/messages"), 404)
+
+
+async def test_wrong_method_is_json_405(client: TestClient) -> None:
+    resp = await client.post("/api/v1/messages")
+    body = await json_of(resp, 405)
+    assert body["error"] and "GET" in resp.headers["Allow"]
+
+
+# ---- attachments ----------------------------------------------------------------------------
+
+
+async def test_attachments(client: TestClient, store: SQLiteStore) -> None:
+    pytest.importorskip("mailpipe.capture.message")
+    pdf = b"%PDF-1.4\n\x00\xff binary \x80\n%%EOF"
+    passwd = b"root:x:0:0:root:/root:/bin/bash\n"
+    unicode_name = "Résumé 2024 ü.pdf"
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "a@x.test", "b@y.test", "files"
+    msg.set_content("see attached")
+    msg.add_attachment(pdf, maintype="application", subtype="pdf", filename=unicode_name)
+    msg.add_attachment(passwd, maintype="text", subtype="plain", filename="../../etc/passwd")
+    email = make_email(
+        "files",
+        raw=msg.as_bytes(policy=SMTP),
+        attachments=[
+            described(unicode_name, "application/pdf", pdf),
+            described("../../etc/passwd", "text/plain", passwd),
+        ],
+    )
+    await store.add(email)
+    base = f"/api/v1/messages/{email.uuid}/attachments"
+
+    resp = await client.get(f"{base}/0")
+    assert resp.status == 200
+    assert await resp.read() == pdf
+    assert resp.content_type == "application/pdf"
+    assert filename_star(resp.headers["Content-Disposition"]) == unicode_name
+    assert resp.headers["Content-Disposition"].isascii()
+
+    resp = await client.get(f"{base}/1")
+    assert resp.status == 200
+    assert await resp.read() == passwd
+    assert resp.content_type == "text/plain"
+    disposition = resp.headers["Content-Disposition"]
+    assert filename_star(disposition) == "passwd"
+    assert "/" not in disposition and ".." not in disposition
+
+    for bad in ("2", "99", "-1", "x"):
+        await json_of(await client.get(f"{base}/{bad}"), 404)
+
+
+async def test_attachments_agree_with_build_event(client: TestClient, store: SQLiteStore) -> None:
+    """Each index serves the bytes the capture pipeline described at that index."""
+    message = pytest.importorskip("mailpipe.capture.message")
+    from mailpipe.capture.types import AuthInfo, Envelope
+
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "a@x.test", "b@y.test", "mixed"
+    msg.set_content("text part")
+    msg.add_alternative("<p>html <img src='cid:logo'></p>", subtype="html")
+    msg.get_payload()[1].add_related(b"\x89PNG logo", "image", "png", cid="<logo>")
+    msg.add_attachment(b"a,b\n1,2\n", maintype="text", subtype="csv", filename="data.csv")
+    msg.add_attachment(bytes(range(256)), maintype="application", subtype="octet-stream")
+    email = message.build_event(
+        msg.as_bytes(policy=SMTP),
+        envelope=Envelope(mail_from="a@x.test", rcpt_to=["b@y.test"], helo="c.test"),
+        auth=AuthInfo(),
+        session=message.SessionInfo(
+            str(uuidlib.uuid4()), "127.0.0.1:1", "127.0.0.1:25", "t", False
+        ),
+        received_at=datetime.now(UTC),
+        options=message.EventOptions(),
+    )
+    described_list = email.event["attachments"]
+    assert len(described_list) >= 2
+    await store.add(email)
+
+    for index, meta in enumerate(described_list):
+        resp = await client.get(f"/api/v1/messages/{email.uuid}/attachments/{index}")
+        assert resp.status == 200
+        data = await resp.read()
+        assert hashlib.sha256(data).hexdigest() == meta["sha256"]
+        assert data == base64.b64decode(meta["content"])
+        assert resp.content_type == meta["content_type"]
+        assert filename_star(resp.headers["Content-Disposition"])
+    missing = f"/api/v1/messages/{email.uuid}/attachments/{len(described_list)}"
+    await json_of(await client.get(missing), 404)
+
+
+def filename_star(disposition: str) -> str:
+    assert disposition.startswith("attachment;")
+    match = re.search(r"filename\*=UTF-8''([^;\s]+)", disposition)
+    assert match, disposition
+    return unquote(match.group(1), encoding="utf-8", errors="strict")
+
+
+# ---- health, metrics, auth ------------------------------------------------------------------
+
+
+async def test_healthz(client: TestClient, store: SQLiteStore) -> None:
+    body = await json_of(await client.get("/healthz"), 200)
+    assert body["status"] == "ok" and body["ok"] is True and body["messages"] == 0
+
+    degraded = create_app(store, Metrics(), health=lambda: {"ok": False, "smtp": "down"})
+    async with TestClient(TestServer(degraded)) as c:
+        body = await json_of(await c.get("/healthz"), 503)
+        assert body == {"status": "degraded", "ok": False, "smtp": "down"}
+
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("probe failed")
+
+    async with TestClient(TestServer(create_app(store, Metrics(), health=broken))) as c:
+        body = await json_of(await c.get("/healthz"), 503)
+        assert body["status"] == "degraded" and "probe failed" in body["error"]
+
+
+async def test_metrics_over_start_http(store: SQLiteStore) -> None:
+    assert store.metrics is not None
+    store.metrics.emails_accepted.labels(server="smtp").inc(3)
+    await store.add(make_email())
+    await store.add(make_email())
+    runner = await start_http(create_app(store, store.metrics), "127.0.0.1", 0)
+    try:
+        host, port = runner.addresses[0][:2]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://{host}:{port}/metrics") as resp,
+        ):
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/plain")
+            text = await resp.text()
+    finally:
+        await stop_http(runner)
+    assert "mailpipe_store_messages 2.0" in text
+    assert 'mailpipe_emails_accepted_total{server="smtp"} 3.0' in text
+
+
+PROTECTED = ["/api/v1/messages", "/metrics", "/api/openapi.json"]
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+async def test_basic_auth(store: SQLiteStore) -> None:
+    auth = HttpAuth("basic", username="dev", password="pässwörd")
+    async with TestClient(TestServer(create_app(store, Metrics(), auth=auth))) as c:
+        for path in PROTECTED:
+            resp = await c.get(path)
+            assert resp.status == 401, path
+            assert resp.headers["WWW-Authenticate"].startswith("Basic ")
+            await json_of(resp, 401)
+            for wrong in (basic("dev", "nope"), basic("root", "pässwörd"), "Bearer pässwörd"):
+                assert (await c.get(path, headers={"Authorization": wrong})).status == 401
+            good = await c.get(path, headers={"Authorization": basic("dev", "pässwörd")})
+            assert good.status == 200, path
+        assert (await c.get("/healthz")).status == 200
+
+
+async def test_bearer_auth(store: SQLiteStore) -> None:
+    auth = HttpAuth("bearer", token="s3cret-token")
+    async with TestClient(TestServer(create_app(store, Metrics(), auth=auth))) as c:
+        for path in PROTECTED:
+            resp = await c.get(path)
+            assert resp.status == 401, path
+            assert resp.headers["WWW-Authenticate"].startswith("Bearer ")
+            for wrong in ("Bearer s3cret", basic("s3cret-token", "")):
+                assert (await c.get(path, headers={"Authorization": wrong})).status == 401
+            good = await c.get(path, headers={"Authorization": "Bearer s3cret-token"})
+            assert good.status == 200, path
+        # Unknown routes answer 401 too: without credentials nothing about the API leaks.
+        assert (await c.get("/api/v1/messages/x")).status == 401
+        assert (await c.get("/healthz")).status == 200
+
+
+def test_auth_settings_are_checked() -> None:
+    with pytest.raises(ValueError):
+        HttpAuth("basic", username="dev")
+    with pytest.raises(ValueError):
+        HttpAuth("bearer")
+
+
+# ---- OpenAPI --------------------------------------------------------------------------------
+
+
+async def test_openapi_lists_every_route(client: TestClient) -> None:
+    doc = await json_of(await client.get("/api/openapi.json"), 200)
+    assert doc["openapi"].startswith("3.1")
+
+    served = set()
+    for route in client.server.app.router.routes():
+        if route.method == "HEAD":  # added by aiohttp for every GET
+            continue
+        path = re.sub(r"\{(\w+):[^}]*\}", r"{\1}", route.resource.canonical)
+        served.add((path, route.method.lower()))
+    documented = {
+        (path, method)
+        for path, item in doc["paths"].items()
+        for method in item
+        if method in {"get", "put", "post", "delete", "patch"}
+    }
+    assert documented == served
+    for schema in doc["components"]["schemas"].values():
+        jsonschema.Draft202012Validator.check_schema(schema)
+
+
+async def test_responses_match_openapi_schemas(client: TestClient, store: SQLiteStore) -> None:
+    doc = await json_of(await client.get("/api/openapi.json"), 200)
+
+    def check(instance: Any, name: str) -> None:
+        schema = {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
+        jsonschema.validate(instance, schema, cls=jsonschema.Draft202012Validator)
+
+    email = make_email("schema")
+    await store.add(email)
+    check(await json_of(await client.get("/api/v1/messages"), 200), "MessageList")
+    check(await json_of(await client.get(f"/api/v1/messages/{email.uuid}"), 200), "Event")
+    check(await json_of(await client.get("/api/v1/messages?limit=0"), 400), "Error")
+    check(await json_of(await client.get("/healthz"), 200), "Health")
