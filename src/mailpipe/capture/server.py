@@ -228,6 +228,7 @@ class SMTPSession(asyncio.Protocol):
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.connection_lost()
         for timer in (self._idle_timer, self._write_timer):
             if timer is not None:
                 timer.cancel()
