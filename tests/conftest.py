@@ -79,8 +79,12 @@ class MailpipeServer:
     def api(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def request(self, method: str, path: str, headers: dict[str, str] | None = None,
-                ) -> tuple[int, bytes, dict[str, str]]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, bytes, dict[str, str]]:
         req = urllib.request.Request(self.api + path, method=method, headers=headers or {})
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
@@ -122,9 +126,13 @@ class MailpipeServer:
         return self.process.returncode
 
 
-def start_mailpipe(workdir: Path, config: dict[str, Any] | None = None,
-                   args: list[str] | None = None, env: dict[str, str] | None = None,
-                   wait: bool = True) -> MailpipeServer:
+def start_mailpipe(
+    workdir: Path,
+    config: dict[str, Any] | None = None,
+    args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+) -> MailpipeServer:
     workdir.mkdir(parents=True, exist_ok=True)
     smtp_port, http_port = free_port(), free_port()
     cfg: dict[str, Any] = {

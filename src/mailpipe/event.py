@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,3 +33,21 @@ class CapturedEmail:
         if self._json is None:
             self._json = orjson.dumps(self.event)
         return self._json
+
+
+def new_uuid() -> str:
+    """A random (version 4) UUID string.
+
+    uuid.uuid4() reads os.urandom and builds a UUID object for every email; these ids need
+    uniqueness, not secrecy, so the fast non-cryptographic generator does (seeded from
+    os.urandom at import and reseeded after fork by the random module itself).
+    """
+    value = (_random_bits(128) & _UUID4_CLEAR) | _UUID4_SET
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+_random_bits = random.getrandbits
+# Version 4 in bits 76-79, variant 10 in bits 62-63 (RFC 4122 section 4.4).
+_UUID4_CLEAR = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
+_UUID4_SET = (0x4 << 76) | (0x2 << 62)

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import quopri
 import re
-import uuid as uuid_mod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,7 +29,7 @@ from typing import Any
 
 from mailpipe.capture.attachments import AttachmentStorage, store_attachment
 from mailpipe.capture.types import AuthInfo, Envelope
-from mailpipe.event import CapturedEmail
+from mailpipe.event import CapturedEmail, new_uuid
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +174,7 @@ def build_event(
         session_doc["transcript"] = [_clean(line) for line in transcript]
     event = {
         "event": "EMAIL_RECEIVED",
-        "uuid": email_uuid or str(uuid_mod.uuid4()),
+        "uuid": email_uuid or new_uuid(),
         "remote_addr": session.remote_addr,
         "received_at": _rfc3339(received_at),
         "envelope": {

@@ -8,7 +8,6 @@ import asyncio
 import logging
 import ssl
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,7 +28,7 @@ from mailpipe.capture.types import (
     Violation,
 )
 from mailpipe.config import ResolvedListener, split_host_port
-from mailpipe.event import CapturedEmail
+from mailpipe.event import CapturedEmail, new_uuid
 from mailpipe.metrics import Metrics
 from mailpipe.sinks.dispatch import Dispatcher
 
@@ -50,6 +49,21 @@ def format_addr(peer: object) -> str:
     return str(peer or "")
 
 
+class ListenerMetrics:
+    """One listener's labelled metrics, looked up once: `.labels()` is not free per email."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.accepted = metrics.emails_accepted.labels(name)
+        self.rejected_sink = metrics.emails_rejected.labels(name, "sink")
+        self.rejected_error = metrics.emails_rejected.labels(name, "error")
+        self.bytes = metrics.bytes_received.labels(name)
+        self.active = metrics.connections_active.labels(name)
+        self.total = metrics.connections_total.labels(name)
+        self.refused = metrics.connections_refused.labels(name)
+        self.violations = metrics.protocol_violations.labels(name)
+        self.parse_latency = metrics.parse_latency
+
+
 @dataclass
 class Listener:
     """One configured SMTP listener and what its sessions share."""
@@ -57,6 +71,7 @@ class Listener:
     config: ResolvedListener
     settings: ProtocolSettings
     ssl_context: ssl.SSLContext | None
+    metrics: ListenerMetrics
     sessions: set[SMTPSession] = field(default_factory=set)
     server: asyncio.Server | None = None
 
@@ -93,8 +108,8 @@ class CaptureServer:
         ]
         self.stopping = False
 
-    @staticmethod
     def _make_listener(
+        self,
         item: ResolvedListener,
         transcript: bool,
         spool_threshold: int,
@@ -114,7 +129,12 @@ class CaptureServer:
             transcript=transcript,
             trace=log.isEnabledFor(logging.DEBUG),
         )
-        return Listener(config=item, settings=settings, ssl_context=context)
+        return Listener(
+            config=item,
+            settings=settings,
+            ssl_context=context,
+            metrics=ListenerMetrics(self.metrics, item.name),
+        )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -178,7 +198,7 @@ class SMTPSession(asyncio.Protocol):
     def __init__(self, server: CaptureServer, listener: Listener) -> None:
         self.server = server
         self.listener = listener
-        self.id = str(uuid.uuid4())
+        self.id = new_uuid()
         self.conn = SMTPConnection(listener.settings, tls_active=listener.implicit_tls)
         self.transport: asyncio.Transport | None = None
         self.remote_addr = ""
@@ -189,7 +209,8 @@ class SMTPSession(asyncio.Protocol):
         self._last_activity = self._loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
-        self._delivering: asyncio.Task[None] | None = None
+        self._delivering: asyncio.Future[None] | None = None
+        self._tls_task: asyncio.Future[None] | None = None
         self._closing = False
 
     # ---- asyncio.Protocol ---------------------------------------------------------
@@ -200,17 +221,17 @@ class SMTPSession(asyncio.Protocol):
         self.transport = transport
         self.remote_addr = format_addr(transport.get_extra_info("peername"))
         self.local_addr = format_addr(transport.get_extra_info("sockname"))
-        metrics = self.server.metrics
+        metrics = self.listener.metrics
         if len(self.listener.sessions) >= self.listener.config.max_connections:
-            metrics.connections_refused.labels(self.listener.name).inc()
+            metrics.refused.inc()
             log.warning("refusing connection: max_connections reached",
                         extra={"remote": self.remote_addr, "server": self.listener.name})
             transport.write(REPLY_TOO_MANY.encode())
             transport.close()
             return
         self.listener.sessions.add(self)
-        metrics.connections_total.labels(self.listener.name).inc()
-        metrics.connections_active.labels(self.listener.name).inc()
+        metrics.total.inc()
+        metrics.active.inc()
         log.info("connection opened", extra={"session": self.id, "remote": self.remote_addr,
                                               "server": self.listener.name})
         self._arm_idle_timer(self.listener.config.read_timeout)
@@ -234,7 +255,7 @@ class SMTPSession(asyncio.Protocol):
                 timer.cancel()
         if self in self.listener.sessions:
             self.listener.sessions.discard(self)
-            self.server.metrics.connections_active.labels(self.listener.name).dec()
+            self.listener.metrics.active.dec()
             log.info("connection closed", extra={"session": self.id, "emails": self.emails})
 
     def pause_writing(self) -> None:
@@ -264,9 +285,9 @@ class SMTPSession(asyncio.Protocol):
                 if transport is not None:
                     transport.close()
             elif type(event) is StartTLS:
-                asyncio.ensure_future(self._start_tls())
+                self._tls_task = asyncio.ensure_future(self._start_tls())
             elif type(event) is Violation:
-                self.server.metrics.protocol_violations.labels(self.listener.name).inc()
+                self.listener.metrics.violations.inc()
                 log.warning("protocol violation: %s", event.text,
                             extra={"session": self.id, "remote": self.remote_addr})
             elif type(event) is Trace:
@@ -280,10 +301,10 @@ class SMTPSession(asyncio.Protocol):
                 reply = Reply(250, f"2.0.0 Ok: queued as {email.uuid}")
                 self._count_accepted(email)
             else:
-                self.server.metrics.emails_rejected.labels(self.listener.name, "sink").inc()
+                self.listener.metrics.rejected_sink.inc()
         except Exception:
             log.exception("could not capture a message", extra={"session": self.id})
-            self.server.metrics.emails_rejected.labels(self.listener.name, "error").inc()
+            self.listener.metrics.rejected_error.inc()
         finally:
             received.body.discard()
         self._delivering = None
@@ -291,9 +312,9 @@ class SMTPSession(asyncio.Protocol):
 
     def _count_accepted(self, email: CapturedEmail) -> None:
         self.emails += 1
-        metrics = self.server.metrics
-        metrics.emails_accepted.labels(self.listener.name).inc()
-        metrics.bytes_received.labels(self.listener.name).inc(len(email.raw))
+        metrics = self.listener.metrics
+        metrics.accepted.inc()
+        metrics.bytes.inc(len(email.raw))
         if log.isEnabledFor(logging.INFO):
             envelope = email.event["envelope"]
             log.info("email accepted", extra={
@@ -327,7 +348,7 @@ class SMTPSession(asyncio.Protocol):
             email = await asyncio.to_thread(build)
         else:
             email = build()
-        self.server.metrics.parse_latency.observe(time.perf_counter() - started)
+        self.listener.metrics.parse_latency.observe(time.perf_counter() - started)
         return email
 
     def _reply(self, reply: Reply) -> None:
@@ -346,7 +367,7 @@ class SMTPSession(asyncio.Protocol):
                 self.transport, self, context, server_side=True,
                 ssl_handshake_timeout=self.listener.config.read_timeout,
             )
-        except (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.warning("TLS handshake failed: %s", exc, extra={"session": self.id})
             self.abort()
             return

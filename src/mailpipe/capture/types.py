@@ -5,6 +5,7 @@ Nothing here does I/O: these are the values the sans-I/O core hands to whoever d
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -61,10 +62,8 @@ class MessageBody:
 
     def discard(self) -> None:
         if self.path is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
             self.path = None
 
 

@@ -23,6 +23,8 @@ class Dispatcher:
         self.required = [s for s in sinks if s.required]
         self.optional = [s for s in sinks if not s.required]
         self._background: set[asyncio.Task[bool]] = set()
+        self._latency = {s.name: metrics.sink_latency.labels(s.name) for s in sinks}
+        self._failures = {s.name: metrics.sink_failures.labels(s.name) for s in sinks}
 
     async def start(self) -> None:
         for sink in self.sinks:
@@ -53,11 +55,11 @@ class Dispatcher:
         try:
             await sink.submit(email)
         except Exception as exc:
-            self.metrics.sink_failures.labels(sink.name).inc()
+            self._failures[sink.name].inc()
             log.error("sink %s failed: %s", sink.name, exc, extra={"uuid": email.uuid},
                       exc_info=not isinstance(exc, OSError))
             return False
-        self.metrics.sink_latency.labels(sink.name).observe(time.perf_counter() - started)
+        self._latency[sink.name].observe(time.perf_counter() - started)
         return True
 
     def health(self) -> dict[str, object]:

@@ -296,6 +296,8 @@ class SQLiteStore:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         conn.executescript(SCHEMA)
+        self._messages = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        self._last_age_prune = -1e9
         self._transaction(conn, [])  # apply retention to what an earlier run left
         return conn
 
@@ -338,6 +340,19 @@ class SQLiteStore:
         self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
         _resolve(batch, results)
 
+    def _apply(self, conn: sqlite3.Connection, op: _Op) -> Any:
+        if op.kind == "insert":
+            conn.execute(INSERT, op.arg)
+            self._messages += 1
+            return None
+        if op.kind == "delete":
+            deleted = conn.execute("DELETE FROM messages WHERE uuid = ?", (op.arg,)).rowcount
+            self._messages -= deleted
+            return deleted > 0
+        deleted = conn.execute("DELETE FROM messages").rowcount
+        self._messages -= deleted
+        return deleted
+
     def _prune_only(self, conn: sqlite3.Connection) -> None:
         try:
             self._transaction(conn, [])
@@ -355,7 +370,7 @@ class SQLiteStore:
         try:
             for op in batch:
                 try:
-                    results.append(_apply(conn, op))
+                    results.append(self._apply(conn, op))
                 except sqlite3.IntegrityError as exc:
                     if not conn.in_transaction:  # RAISE(ROLLBACK) undid the whole batch
                         raise
@@ -365,25 +380,31 @@ class SQLiteStore:
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            # Undone rows were counted as they went in; a rare full recount puts that right.
+            self._messages = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
             raise
         if batch:  # retention-only transactions are not counted
             self.stats["commits"] += 1
         self.stats["written"] += sum(1 for op in batch if op.kind == "insert")
-        self._messages = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
         if self.metrics is not None:
             self.metrics.store_messages.set(self._messages)
         return results
 
     def _prune(self, conn: sqlite3.Connection) -> None:
-        if self.max_age is not None:
-            conn.execute(
+        # The row count is kept in memory (counted once at start) so that a batch costs no
+        # table scan; the age sweep runs at most once a second, it needs none per batch.
+        now = time.monotonic()
+        if self.max_age is not None and now - self._last_age_prune >= 1.0:
+            self._last_age_prune = now
+            self._messages -= conn.execute(
                 "DELETE FROM messages WHERE received_ts < ?", (time.time() - self.max_age,)
-            )
-        conn.execute(
-            "DELETE FROM messages WHERE id <= "
-            "(SELECT id FROM messages ORDER BY id DESC LIMIT 1 OFFSET ?)",
-            (self.max_messages,),
-        )
+            ).rowcount
+        if self._messages > self.max_messages:
+            self._messages -= conn.execute(
+                "DELETE FROM messages WHERE id <= "
+                "(SELECT id FROM messages ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (self.max_messages,),
+            ).rowcount
 
 
 class StoreSink(Sink):
@@ -411,13 +432,6 @@ class StoreSink(Sink):
 # ---- helpers ------------------------------------------------------------------------------
 
 
-def _apply(conn: sqlite3.Connection, op: _Op) -> Any:
-    if op.kind == "insert":
-        conn.execute(INSERT, op.arg)
-        return None
-    if op.kind == "delete":
-        return conn.execute("DELETE FROM messages WHERE uuid = ?", (op.arg,)).rowcount > 0
-    return conn.execute("DELETE FROM messages").rowcount
 
 
 def _resolve(batch: list[_Op], results: list[Any]) -> None:
