@@ -145,6 +145,9 @@ class CaptureServer:
                 host,
                 port,
                 ssl=listener.ssl_context if listener.implicit_tls else None,
+                # A client that never starts the handshake is idle like any other.
+                ssl_handshake_timeout=listener.config.read_timeout if listener.implicit_tls
+                else None,
                 reuse_address=True,
                 backlog=1024,
             )
@@ -212,6 +215,7 @@ class SMTPSession(asyncio.Protocol):
         self._delivering: asyncio.Future[None] | None = None
         self._tls_task: asyncio.Future[None] | None = None
         self._closing = False
+        self._write_blocked = False
 
     # ---- asyncio.Protocol ---------------------------------------------------------
 
@@ -259,15 +263,30 @@ class SMTPSession(asyncio.Protocol):
             log.info("connection closed", extra={"session": self.id, "emails": self.emails})
 
     def pause_writing(self) -> None:
-        # The client is not reading our replies; give it write_timeout to catch up.
+        # The client is not reading our replies: stop reading its commands (or replies would
+        # pile up in memory) and give it write_timeout to catch up.
+        self._write_blocked = True
+        self._update_reading()
         self._write_timer = self._loop.call_later(
             self.listener.config.write_timeout, self._write_timed_out
         )
 
     def resume_writing(self) -> None:
+        self._write_blocked = False
+        self._update_reading()
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
+
+    def _update_reading(self) -> None:
+        """Read only while no email awaits its verdict and the client reads our replies."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._write_blocked or self.conn.awaiting_reply:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     # ---- events from the protocol core --------------------------------------------
 
@@ -278,8 +297,7 @@ class SMTPSession(asyncio.Protocol):
                 if transport is not None:
                     transport.write(event.data)
             elif type(event) is MessageReceived:
-                if transport is not None:
-                    transport.pause_reading()
+                self._update_reading()
                 self._delivering = asyncio.ensure_future(self._deliver(event))
             elif type(event) is Close:
                 if transport is not None:
@@ -355,8 +373,7 @@ class SMTPSession(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         self._handle(self.conn.reply_to_message(reply, close_after=self._closing))
-        if not self.conn.awaiting_reply and self.transport is not None:
-            self.transport.resume_reading()
+        self._update_reading()
 
     async def _start_tls(self) -> None:
         context = self.listener.ssl_context

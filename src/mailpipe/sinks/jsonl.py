@@ -18,6 +18,7 @@ class JSONLSink(Sink):
         self.required = required
         self._file: BinaryIO | None = None
         self._lock = asyncio.Lock()
+        self._last_error: str | None = None
 
     async def start(self) -> None:
         self._file = sys.stdout.buffer if self.path == "-" else open(self.path, "ab")  # noqa: SIM115
@@ -27,8 +28,19 @@ class JSONLSink(Sink):
         line = email.json() + b"\n"
         async with self._lock:
             # One write per line keeps lines whole even when another process appends too.
-            self._file.write(line)
-            self._file.flush()
+            try:
+                self._file.write(line)
+                self._file.flush()
+            except OSError as exc:
+                self._last_error = f"{self.path}: {exc.strerror or exc}"
+                raise
+            self._last_error = None
+
+    def health(self) -> dict[str, object]:
+        # An optional sink's failure leaves the service healthy; a required one's does not.
+        if self._last_error is None:
+            return {"ok": True, "path": self.path}
+        return {"ok": not self.required, "path": self.path, "last_error": self._last_error}
 
     async def close(self) -> None:
         if self._file is not None and self.path != "-":
