@@ -167,7 +167,11 @@ def wait_until_ready(server: MailpipeServer, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            raise AssertionError(f"mailpipe exited early:\n{server.log()}")
+            stdout = (server.workdir / "stdout.log").read_text(errors="replace")
+            raise AssertionError(
+                f"mailpipe exited early with status {server.process.returncode}:\n"
+                f"stderr:\n{server.log()}\nstdout:\n{stdout}"
+            )
         try:
             with urllib.request.urlopen(server.api + "/healthz", timeout=1) as resp:
                 if resp.status == 200:
