@@ -39,12 +39,12 @@ system-packages:
 	fi
 
 test: $(TEST_STAMP) system-packages
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks examples)
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks examples)
+	$(BIN)/ruff format --check src tests $(wildcard benchmarks examples)
 
 bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/ingest.py
