@@ -13,26 +13,66 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from mailpipe.admin import NoWorkerPool
 from mailpipe.capture.attachments import AttachmentStorage, run_sweeper
 from mailpipe.capture.message import EventOptions
 from mailpipe.capture.server import CaptureServer
-from mailpipe.config import Config, is_loopback, split_host_port
+from mailpipe.config import Config, PoolConfig, is_loopback, split_host_port
 from mailpipe.metrics import Metrics
 from mailpipe.sinks.base import Sink
 from mailpipe.sinks.dispatch import Dispatcher
 from mailpipe.sinks.jsonl import JSONLSink
 from mailpipe.store.sqlite import SQLiteStore, StoreSink
 
+if TYPE_CHECKING:
+    from mailpipe.workers.pool import WorkerPool
+
 log = logging.getLogger("mailpipe")
 
 
-class Mailpipe:
+class AdminMixin:
+    """`AdminOps` (see admin.py) over a running Mailpipe."""
+
+    pool: WorkerPool | None
+    capture: CaptureServer
+
+    def _pool(self) -> WorkerPool:
+        if self.pool is None:
+            raise NoWorkerPool("no worker pool configured (set server.command)")
+        return self.pool
+
+    def workers(self) -> list[dict[str, Any]]:
+        return self._pool().info()
+
+    async def add_worker(self) -> dict[str, Any]:
+        return await self._pool().add_worker()
+
+    async def remove_worker(self) -> dict[str, Any] | None:
+        return await self._pool().remove_worker()
+
+    async def reset_workers(self) -> int:
+        return await self._pool().reset()
+
+    def connections(self) -> list[dict[str, Any]]:
+        return [session.info() for session in self.capture.sessions()]
+
+    def close_connection(self, uuid: str) -> bool:
+        for session in self.capture.sessions():
+            if session.id == uuid:
+                session.request_close()
+                return True
+        return False
+
+
+class Mailpipe(AdminMixin):
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
         self.data_dir = Path(config.data_dir)
         self.store: SQLiteStore | None = None
+        self.pool: WorkerPool | None = None
         self.dispatcher = Dispatcher(self._make_sinks(), self.metrics)
         storage = config.smtp.attachment_storage
         self.attachments = AttachmentStorage(
@@ -56,6 +96,8 @@ class Mailpipe:
 
     def _make_sinks(self) -> list[Sink]:
         sinks: list[Sink] = []
+        if self.config.server.command or (self.config.smtp.pool and self.config.smtp.pool.command):
+            sinks.append(self._make_worker_sink())
         if self.config.store.enabled:
             store_cfg = self.config.store
             self.store = SQLiteStore(
@@ -70,6 +112,16 @@ class Mailpipe:
         if jsonl is not None:
             sinks.append(JSONLSink(jsonl.path, required=jsonl.required))
         return sinks
+
+    def _make_worker_sink(self) -> Sink:
+        from mailpipe.workers.pool import WorkerPool
+        from mailpipe.workers.sink import WorkerSink
+
+        config = self.config
+        rpc = f"http://{config.http.addr}" if config.http.enabled else None
+        self.pool = WorkerPool(config.smtp.pool or PoolConfig(), config.server,
+                               metrics=self.metrics, mode="smtp", rpc_address=rpc)
+        return WorkerSink(self.pool, self.metrics, include_raw=config.smtp.include_raw)
 
     def health(self) -> dict[str, object]:
         sinks = self.dispatcher.health()
@@ -109,7 +161,7 @@ class Mailpipe:
         self._http_runner = await start_http(app, host, port)
         log.info("HTTP API on http://%s:%d", host, port)
 
-    async def stop(self) -> None:
+    async def shutdown(self) -> None:
         log.info("shutting down: finishing messages in flight")
         await self.capture.stop(self.config.shutdown_timeout)
         for task in self._tasks:
@@ -120,6 +172,10 @@ class Mailpipe:
             await stop_http(self._http_runner)  # type: ignore[arg-type]
         await self.dispatcher.close()
         log.info("stopped")
+
+    def stop(self) -> None:
+        """AdminOps.stop: a graceful shutdown, as SIGTERM starts one."""
+        self._stop.set()
 
     def request_stop(self) -> None:
         self._signals += 1
@@ -139,7 +195,7 @@ class Mailpipe:
             await self.dispatcher.close()
             raise
         await self._stop.wait()
-        await self.stop()
+        await self.shutdown()
 
 
 def install_uvloop() -> bool:

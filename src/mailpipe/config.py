@@ -167,10 +167,60 @@ class ListenerConfig(ListenerLimits):
     addr: Address
 
 
-class PoolConfig(BaseModel):
-    """The worker pool of a later issue; kept as given so .rr.yaml files load today."""
+class SupervisorConfig(Section):
+    """RoadRunner's pool supervisor: limits checked every `watch_tick`."""
 
-    model_config = ConfigDict(extra="allow")
+    watch_tick: Duration = 1.0
+    ttl: Duration = 0.0  # a worker older than this is replaced once idle; 0 = never
+    idle_ttl: Duration = 0.0  # a worker idle this long is replaced; 0 = never
+    max_worker_memory: int = Field(default=0, ge=0)  # MB of RSS; 0 = unlimited
+    exec_ttl: Duration = 0.0  # longest one email may take; 0 = unlimited
+
+
+class PoolConfig(Section):
+    """A worker pool, with RoadRunner's names and defaults (but 4 workers, not one per CPU)."""
+
+    num_workers: int = Field(default=4, ge=0)
+    max_jobs: int = Field(default=0, ge=0)
+    allocate_timeout: Duration = 60.0
+    destroy_timeout: Duration = 60.0
+    reset_timeout: Duration = 60.0
+    stream_timeout: Duration = 60.0
+    exec_ttl: Duration = 0.0
+    debug: bool = False
+    command: str | list[str] | None = None  # overrides server.command for this pool
+    supervisor: SupervisorConfig = SupervisorConfig()
+
+    @property
+    def effective_exec_ttl(self) -> float:
+        """`exec_ttl` of the pool, else of its supervisor (where RoadRunner puts it)."""
+        return self.exec_ttl or self.supervisor.exec_ttl
+
+
+class ServerConfig(Section):
+    """How worker processes are started (RoadRunner's `server` section)."""
+
+    command: str | list[str] | None = None
+    relay: str = "pipes"
+    env: dict[str, str] = Field(default_factory=dict)
+    relay_timeout: Duration = 60.0
+    user: str | None = None
+    group: str | None = None
+    on_init: dict[str, Any] | None = None
+
+    @field_validator("relay")
+    @classmethod
+    def _relay(cls, value: str) -> str:
+        if value == "pipes" or value.startswith(("tcp://", "unix://")):
+            return value
+        raise ValueError("expected pipes, tcp://host:port or unix:///path")
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_strings(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): "" if v is None else str(v) for k, v in value.items()}
+        return value
 
 
 class SMTPConfig(Section):
@@ -289,6 +339,7 @@ class Config(BaseSettings):
 
     version: str | None = None
     data_dir: str = "./.mailpipe"
+    server: ServerConfig = ServerConfig()
     shutdown_timeout: Duration = 30.0
     smtp: SMTPConfig = SMTPConfig()
     http: HTTPConfig = HTTPConfig()

@@ -56,6 +56,28 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.workers = Gauge("mailpipe_workers", "Worker processes in the pool", registry=r)
+        self.worker_exec = Histogram(
+            "mailpipe_worker_exec_seconds",
+            "Time a worker took to answer one email",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.worker_wait = Histogram(
+            "mailpipe_worker_wait_seconds",
+            "Time a session waited for a free worker (only when none was free)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.worker_restarts = Counter(
+            "mailpipe_worker_restarts", "Workers replaced (died, recycled, supervised)", registry=r
+        )
+        self.worker_execs = Gauge(
+            "mailpipe_worker_execs", "Emails handled by each live worker", ["pid"], registry=r
+        )
+        self.worker_errors = Counter(
+            "mailpipe_worker_errors", "Error frames answered by workers", registry=r
+        )
         self.store_messages = Gauge(
             "mailpipe_store_messages", "Messages held in the store", registry=r
         )

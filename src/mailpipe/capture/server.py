@@ -216,6 +216,7 @@ class SMTPSession(asyncio.Protocol):
         self._tls_task: asyncio.Future[None] | None = None
         self._closing = False
         self._write_blocked = False
+        self._closing_after_reply = False
 
     # ---- asyncio.Protocol ---------------------------------------------------------
 
@@ -318,6 +319,8 @@ class SMTPSession(asyncio.Protocol):
             if await self.server.dispatcher.deliver(email):
                 reply = Reply(250, f"2.0.0 Ok: queued as {email.uuid}")
                 self._count_accepted(email)
+                if email.close_connection:
+                    self._closing_after_reply = True
             else:
                 self.listener.metrics.rejected_sink.inc()
         except Exception:
@@ -372,7 +375,8 @@ class SMTPSession(asyncio.Protocol):
     def _reply(self, reply: Reply) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        self._handle(self.conn.reply_to_message(reply, close_after=self._closing))
+        close_after = self._closing or self._closing_after_reply
+        self._handle(self.conn.reply_to_message(reply, close_after=close_after))
         self._update_reading()
 
     async def _start_tls(self) -> None:

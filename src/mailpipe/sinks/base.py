@@ -15,9 +15,16 @@ class SinkError(Exception):
     """A sink could not take an email; the client is told to retry (451 4.3.0)."""
 
 
+# Required sinks run in stages, lowest first: DELIVER (workers, jobs) before RECORD (the
+# store, files), so that what is recorded includes what delivery made of the email.
+DELIVER = 0
+RECORD = 1
+
+
 class Sink(ABC):
     name: str = "sink"
     required: bool = True
+    stage: int = RECORD
 
     async def start(self) -> None:
         """Open connections, files, threads. Called once before the first email."""

@@ -20,8 +20,10 @@ class Dispatcher:
     def __init__(self, sinks: list[Sink], metrics: Metrics) -> None:
         self.sinks = sinks
         self.metrics = metrics
-        self.required = [s for s in sinks if s.required]
         self.optional = [s for s in sinks if not s.required]
+        stages = sorted({s.stage for s in sinks if s.required})
+        self.required_stages = [[s for s in sinks if s.required and s.stage == st]
+                                for st in stages]
         self._background: set[asyncio.Task[bool]] = set()
         self._latency = {s.name: metrics.sink_latency.labels(s.name) for s in sinks}
         self._failures = {s.name: metrics.sink_failures.labels(s.name) for s in sinks}
@@ -40,15 +42,25 @@ class Dispatcher:
                 log.exception("sink %s failed to close", sink.name)
 
     async def deliver(self, email: CapturedEmail) -> bool:
-        """True when every required sink accepted the email."""
+        """True when every required sink accepted the email.
+
+        Required sinks run stage by stage (a stage's sinks concurrently), so that recording
+        sinks (the store) see what delivering ones (workers) made of the email; a failure
+        stops there, since the client will send the email again. Optional sinks get it once
+        the required ones have accepted it, in the background.
+        """
+        for stage in self.required_stages:
+            if len(stage) == 1:
+                ok = await self._run(stage[0], email)
+            else:
+                ok = all(await asyncio.gather(*(self._run(s, email) for s in stage)))
+            if not ok:
+                return False
         for sink in self.optional:
             task = asyncio.create_task(self._run(sink, email))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        if len(self.required) == 1:
-            return await self._run(self.required[0], email)
-        results = await asyncio.gather(*(self._run(s, email) for s in self.required))
-        return all(results)
+        return True
 
     async def _run(self, sink: Sink, email: CapturedEmail) -> bool:
         started = time.perf_counter()

@@ -1,0 +1,9 @@
+"""Worker pool: long-lived external worker processes speaking RoadRunner's wire protocol.
+
+Each captured email goes, as one request, to a worker process borrowed from a pool: Goridge v3
+frames (:mod:`mailpipe.workers.goridge`) over the worker's stdin/stdout (or a tcp/unix socket),
+with RoadRunner's worker protocol on top (pid handshake, request = event JSON in the context and
+the raw message in the body, response context ``CONTINUE`` or ``CLOSE``, error frame, stop
+control frame). PHP workers written with spiral/roadrunner-worker run unchanged; Python workers
+use :mod:`mailpipe.worker`. See shared/spec/protocols.md sections 1 and 2.
+"""
