@@ -25,11 +25,16 @@ from mailpipe.sinks.base import Sink
 from mailpipe.sinks.dispatch import Dispatcher
 from mailpipe.sinks.jsonl import JSONLSink
 from mailpipe.store.sqlite import SQLiteStore, StoreSink
+from mailpipe.workers.pool import PoolError
 
 if TYPE_CHECKING:
     from mailpipe.workers.pool import WorkerPool
 
 log = logging.getLogger("mailpipe")
+
+
+class StartupError(Exception):
+    """A part cannot start (for example a worker command that does not run)."""
 
 
 class AdminMixin:
@@ -130,7 +135,10 @@ class Mailpipe(AdminMixin):
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        await self.dispatcher.start()
+        try:
+            await self.dispatcher.start()
+        except PoolError as exc:
+            raise StartupError(f"worker pool: {exc}") from exc
         await self.capture.start()
         if self.config.http.enabled:
             await self._start_http()
