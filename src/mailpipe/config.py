@@ -240,7 +240,8 @@ class SMTPConfig(Section):
     tls: TLSSetting = None
     servers: list[ListenerConfig] = Field(default_factory=list)
     pool: PoolConfig | None = None
-    jobs: dict[str, Any] | None = None
+    jobs: SMTPJobsConfig | None = None
+    delivery: Literal["auto", "workers", "jobs", "both", "none"] = "auto"
 
     def listeners(self) -> list[ResolvedListener]:
         """Every listener with its limits filled in from this section."""
@@ -256,6 +257,101 @@ class SMTPConfig(Section):
         if len(set(names)) != len(names):
             raise ValueError("smtp.servers: listener names must be unique")
         return resolved
+
+
+# ---- jobs (RoadRunner's jobs plugin, by its names) ----------------------------------------
+
+
+class SMTPJobsConfig(Section):
+    """How the SMTP side pushes each email as a job."""
+
+    pipeline: str
+    priority: int = 10
+    delay: Duration = 0.0
+    auto_ack: bool = False
+    batch_size: int = Field(default=100, ge=1)
+    flush_interval: Duration = 0.005
+    push_timeout: Duration = 5.0  # broker silent this long: the client gets 451
+    headers: dict[str, str | list[str]] = Field(default_factory=dict)
+
+
+class PipelineOptions(Section):
+    """Options every driver understands (under `jobs.pipelines.NAME.config`)."""
+
+    priority: int = 10
+    prefetch: int = Field(default=100, ge=1)
+    max_attempts: int = Field(default=3, ge=0)  # deliveries before dead-lettering; 0 = forever
+    visibility_timeout: Duration = 30.0  # reserved this long without ack: delivered again
+    dead_letter: str | None = None  # a pipeline to move dead jobs to (else the driver's own)
+
+
+class SQLitePipelineOptions(PipelineOptions):
+    path: str | None = None  # default: <data_dir>/jobs.db
+    poll_interval: Duration = 0.05
+    synchronous: Literal["NORMAL", "FULL", "EXTRA"] = "FULL"
+
+
+class MemoryPipelineOptions(PipelineOptions):
+    pass
+
+
+class RedisPipelineOptions(PipelineOptions):
+    addr: str = "redis://127.0.0.1:6379/0"
+    stream: str | None = None  # default: mailpipe:<pipeline>
+    group: str = "mailpipe"
+    maxlen: int | None = None  # approximate stream cap (XADD MAXLEN ~); None keeps everything
+
+
+class AMQPPipelineOptions(PipelineOptions):
+    addr: str = "amqp://guest:guest@127.0.0.1:5672/"
+    queue: str | None = None  # default: the pipeline name
+    exchange: str = "mailpipe"
+    exchange_type: Literal["direct", "topic", "fanout", "headers"] = "direct"
+    routing_key: str | None = None  # default: the queue name
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    durable: bool = True
+
+
+class NATSPipelineOptions(PipelineOptions):
+    addr: str = "nats://127.0.0.1:4222"
+    stream: str | None = None  # default: MAILPIPE_<PIPELINE>
+    subject: str | None = None  # default: mailpipe.<pipeline>
+    durable: str = "mailpipe"
+    retention: Literal["workqueue", "limits"] = "workqueue"
+    max_age: Duration = 0.0  # 0 = keep until consumed
+
+
+DRIVER_OPTIONS: dict[str, type[PipelineOptions]] = {
+    "sqlite": SQLitePipelineOptions,
+    "memory": MemoryPipelineOptions,
+    "redis": RedisPipelineOptions,
+    "amqp": AMQPPipelineOptions,
+    "nats": NATSPipelineOptions,
+}
+
+
+class PipelineConfig(Section):
+    driver: Literal["sqlite", "memory", "redis", "amqp", "nats"] = "sqlite"
+    config: PipelineOptions = PipelineOptions()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _driver_options(cls, value: Any) -> Any:
+        # Validate `config` with the model of the named driver, so that a typo in a driver
+        # option is reported under jobs.pipelines.NAME.config.KEY.
+        if isinstance(value, dict):
+            model = DRIVER_OPTIONS.get(value.get("driver", "sqlite"))
+            if model is not None:
+                value = {**value, "config": model.model_validate(value.get("config") or {})}
+        return value
+
+
+class JobsConfig(Section):
+    pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
+    consume: list[str] = Field(default_factory=list)
+    pool: PoolConfig = PoolConfig()
+    num_pollers: int = Field(default=1, ge=1)
+    pipeline_size: int = Field(default=100000, ge=1)
 
 
 class ResolvedListener(BaseModel):
@@ -345,6 +441,7 @@ class Config(BaseSettings):
     http: HTTPConfig = HTTPConfig()
     store: StoreConfig = StoreConfig()
     sinks: SinksConfig = SinksConfig()
+    jobs: JobsConfig = JobsConfig()
     log: LogConfig = LogConfig()
 
     @classmethod
@@ -362,6 +459,38 @@ class Config(BaseSettings):
     def _listeners_resolve(self) -> Config:
         self.smtp.listeners()
         return self
+
+    @model_validator(mode="after")
+    def _pipelines_exist(self) -> Config:
+        pipelines = self.jobs.pipelines
+        if self.smtp.jobs is not None and self.smtp.jobs.pipeline not in pipelines:
+            raise ValueError(
+                f"smtp.jobs.pipeline: {self.smtp.jobs.pipeline!r} is not declared in "
+                f"jobs.pipelines (declared: {', '.join(pipelines) or 'none'})"
+            )
+        for name in self.jobs.consume:
+            if name not in pipelines:
+                raise ValueError(f"jobs.consume: {name!r} is not declared in jobs.pipelines")
+        for name, pipeline in pipelines.items():
+            dead = pipeline.config.dead_letter
+            if dead is not None and dead not in pipelines:
+                raise ValueError(f"jobs.pipelines.{name}.config.dead_letter: {dead!r} "
+                                 "is not declared in jobs.pipelines")
+        if self.smtp.delivery in ("jobs", "both") and self.smtp.jobs is None:
+            raise ValueError(f"smtp.delivery: {self.smtp.delivery!r} needs smtp.jobs.pipeline")
+        if self.smtp.delivery in ("workers", "both") and not self.server.command:
+            raise ValueError(f"smtp.delivery: {self.smtp.delivery!r} needs server.command")
+        return self
+
+    def delivers_to_workers(self) -> bool:
+        if self.smtp.delivery == "auto":
+            return bool(self.server.command) and self.smtp.jobs is None
+        return self.smtp.delivery in ("workers", "both")
+
+    def delivers_to_jobs(self) -> bool:
+        if self.smtp.delivery == "auto":
+            return self.smtp.jobs is not None
+        return self.smtp.delivery in ("jobs", "both")
 
     @property
     def store_path(self) -> Path:

@@ -1,0 +1,1 @@
+"""Jobs: each email becomes a job on a durable pipeline, drained by consumers."""
