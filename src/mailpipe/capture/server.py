@@ -14,7 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
-from mailpipe.capture.message import EventOptions, SessionInfo, build_event
+from mailpipe.capture.message import EventOptions, SessionInfo
+from mailpipe.capture.offload import EventBuilder
 from mailpipe.capture.protocol import ProtocolSettings, SMTPConnection
 from mailpipe.capture.tls import server_context
 from mailpipe.capture.types import (
@@ -33,10 +34,6 @@ from mailpipe.metrics import Metrics
 from mailpipe.sinks.dispatch import Dispatcher
 
 log = logging.getLogger("mailpipe.capture")
-
-# Parsing a big message holds the loop for a while; above this size it runs in a thread so
-# other sessions keep being served.
-PARSE_IN_THREAD_ABOVE = 256 * 1024
 
 REPLY_RETRY = Reply(451, "4.3.0 Temporary failure, please retry")
 REPLY_TOO_MANY = Reply(421, "4.7.0 Too many connections, try again later")
@@ -107,6 +104,7 @@ class CaptureServer:
             for item in listeners
         ]
         self.stopping = False
+        self.builder = EventBuilder()
 
     def _make_listener(
         self,
@@ -187,6 +185,7 @@ class CaptureServer:
         for listener in self.listeners:
             if listener.server:
                 await listener.server.wait_closed()
+        self.builder.close()
 
 
 def _tls_label(listener: Listener) -> str:
@@ -351,24 +350,16 @@ class SMTPSession(asyncio.Protocol):
             server=self.listener.name,
             tls=received.tls,
         )
-        options = self.server.event_options
-
-        def build() -> CapturedEmail:
-            return build_event(
-                received.body.read(),
-                envelope=received.envelope,
-                auth=received.auth,
-                session=session,
-                received_at=received.received_at,
-                options=options,
-                violations=received.violations,
-                transcript=received.transcript,
-            )
-
-        if received.body.size > PARSE_IN_THREAD_ABOVE:
-            email = await asyncio.to_thread(build)
-        else:
-            email = build()
+        email = await self.server.builder.build(
+            received.body,
+            envelope=received.envelope,
+            auth=received.auth,
+            session=session,
+            received_at=received.received_at,
+            options=self.server.event_options,
+            violations=received.violations,
+            transcript=received.transcript,
+        )
         self.listener.metrics.parse_latency.observe(time.perf_counter() - started)
         return email
 

@@ -1,0 +1,60 @@
+"""Turning big messages into events away from the event loop.
+
+The stdlib parser is pure Python and walks a message line by line: a 20 MB message holds the
+interpreter for a few hundred milliseconds. In a thread it would still hold the GIL against
+the event loop, and every other session would stall behind it; in a helper process it runs on
+another core and the loop goes on serving. Small messages are parsed in place: for them the
+round trip to another process costs more than the parse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from mailpipe.capture.message import build_event
+from mailpipe.capture.types import MessageBody
+from mailpipe.event import CapturedEmail
+
+# Above this size a message is parsed in a helper process.
+OFFLOAD_ABOVE = 512 * 1024
+
+
+def _build_from_body(body: MessageBody, kwargs: dict[str, Any]) -> CapturedEmail:
+    # Runs in the helper: a spooled body is read there from its file, not pickled across.
+    return build_event(body.read(), **kwargs)
+
+
+class EventBuilder:
+    """Builds the event for each received message, in place or in the helper processes."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or max(1, min(2, os.cpu_count() or 1))
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        # Started on first use: a capture server that never sees a big message pays nothing.
+        if self._pool is None:
+            context = multiprocessing.get_context("forkserver")
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
+        return self._pool
+
+    async def build(self, body: MessageBody, **kwargs: Any) -> CapturedEmail:
+        if body.size <= OFFLOAD_ABOVE:
+            return build_event(body.read(), **kwargs)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor(), _build_from_body, body, kwargs)
+        except BrokenProcessPool:
+            # A helper died (killed, out of memory): start afresh and parse here this once.
+            self._pool = None
+            return await asyncio.to_thread(build_event, body.read(), **kwargs)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
