@@ -206,8 +206,7 @@ def encode_error(message: str) -> bytes:
 
 
 def _show(data: bytes | bytearray | memoryview) -> str:
-    data = bytes(data[:_SHOWN_BYTES])
-    return repr(data) + ("..." if len(data) >= _SHOWN_BYTES else "")
+    return repr(bytes(data[:_SHOWN_BYTES])) + ("..." if len(data) > _SHOWN_BYTES else "")
 
 
 def _garbage(data: bytes | bytearray | memoryview, reason: str) -> FrameError:
