@@ -3,11 +3,26 @@ and the parts it manages (worker pool, SMTP sessions, the process itself)."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import contextlib
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mailpipe.config import Config
+from mailpipe.jobs.base import DriverError
+
+if TYPE_CHECKING:
+    from mailpipe.capture.server import CaptureServer
+    from mailpipe.jobs.base import Driver
+    from mailpipe.jobs.consumer import JobsConsumer, PipelineConsumer
+    from mailpipe.jobs.sink import JobsSink
+    from mailpipe.workers.pool import WorkerPool
 
 
 class NoWorkerPool(Exception):
     """Worker management was asked for, but no worker pool is configured (server.command)."""
+
+
+class UnknownPipeline(Exception):
+    """A jobs pipeline that is not declared, or not consumed by this process."""
 
 
 class AdminOps(Protocol):
@@ -39,3 +54,123 @@ class AdminOps(Protocol):
     def stop(self) -> None:
         """Begin a graceful shutdown, as SIGTERM does."""
         ...
+
+    async def pipelines(self) -> list[dict[str, Any]]:
+        """Each declared jobs pipeline: name, driver, stats (ready, delayed, reserved, dead),
+        consumed (by this process), paused."""
+        ...
+
+    async def pipeline_stats(self, name: str) -> dict[str, Any]:
+        """One pipeline's entry as in pipelines(). Raises UnknownPipeline."""
+        ...
+
+    def pause_pipeline(self, name: str) -> None:
+        """Stop taking jobs from a pipeline this process consumes. Raises UnknownPipeline."""
+        ...
+
+    def resume_pipeline(self, name: str) -> None:
+        ...
+
+    async def purge_pipeline(self, name: str) -> int:
+        """Delete the pipeline's waiting jobs; how many. Raises UnknownPipeline."""
+        ...
+
+
+# ---- the implementation, over a running Mailpipe's parts --------------------------------
+
+
+class AdminMixin:
+    """`AdminOps` (see admin.py) over a running Mailpipe."""
+
+    pool: WorkerPool | None
+    capture: CaptureServer
+
+    def _pool(self) -> WorkerPool:
+        if self.pool is None:
+            raise NoWorkerPool("no worker pool configured (set server.command)")
+        return self.pool
+
+    def workers(self) -> list[dict[str, Any]]:
+        return self._pool().info()
+
+    async def add_worker(self) -> dict[str, Any]:
+        return await self._pool().add_worker()
+
+    async def remove_worker(self) -> dict[str, Any] | None:
+        return await self._pool().remove_worker()
+
+    async def reset_workers(self) -> int:
+        return await self._pool().reset()
+
+    def connections(self) -> list[dict[str, Any]]:
+        return [session.info() for session in self.capture.sessions()]
+
+    def close_connection(self, uuid: str) -> bool:
+        for session in self.capture.sessions():
+            if session.id == uuid:
+                session.request_close()
+                return True
+        return False
+
+
+class JobsAdminMixin:
+    """The jobs part of `AdminOps`."""
+
+    config: Config
+    consumer: JobsConsumer | None
+    jobs_sink: JobsSink | None
+    jobs_drivers: dict[str, Driver]
+
+    def _driver(self, name: str) -> Driver:
+        if name not in self.config.jobs.pipelines:
+            raise UnknownPipeline(f"no pipeline {name!r} is declared in jobs.pipelines")
+        consumer = self.consumer.get(name) if self.consumer else None
+        if consumer is not None:
+            return consumer.driver
+        if self.jobs_sink is not None and self.jobs_sink.driver.pipeline == name:
+            return self.jobs_sink.driver
+        if name not in self.jobs_drivers:
+            from mailpipe.jobs.runner import pipeline_driver
+
+            self.jobs_drivers[name] = pipeline_driver(self.config, name)
+        return self.jobs_drivers[name]
+
+    def _consumer(self, name: str) -> PipelineConsumer:
+        consumer = self.consumer.get(name) if self.consumer else None
+        if consumer is None:
+            raise UnknownPipeline(f"pipeline {name!r} is not consumed by this process")
+        return consumer
+
+    async def pipeline_stats(self, name: str) -> dict[str, Any]:
+        driver = self._driver(name)
+        await driver.connect()
+        stats = (await driver.stats()).as_dict()
+        consumer = self.consumer.get(name) if self.consumer else None
+        stats.update(consumed=consumer is not None,
+                     paused=consumer.paused if consumer else False)
+        return stats
+
+    async def pipelines(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.config.jobs.pipelines:
+            try:
+                out.append(await self.pipeline_stats(name))
+            except DriverError as exc:
+                out.append({"pipeline": name, "error": str(exc)})
+        return out
+
+    def pause_pipeline(self, name: str) -> None:
+        self._consumer(name).pause()
+
+    def resume_pipeline(self, name: str) -> None:
+        self._consumer(name).resume()
+
+    async def purge_pipeline(self, name: str) -> int:
+        driver = self._driver(name)
+        await driver.connect()
+        return await driver.purge()
+
+    async def close_jobs_drivers(self) -> None:
+        for driver in self.jobs_drivers.values():
+            with contextlib.suppress(Exception):
+                await driver.close()

@@ -13,9 +13,9 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from mailpipe.admin import NoWorkerPool
+from mailpipe.admin import AdminMixin, JobsAdminMixin
 from mailpipe.capture.attachments import AttachmentStorage, run_sweeper
 from mailpipe.capture.message import EventOptions
 from mailpipe.capture.server import CaptureServer
@@ -28,6 +28,9 @@ from mailpipe.store.sqlite import SQLiteStore, StoreSink
 from mailpipe.workers.pool import PoolError
 
 if TYPE_CHECKING:
+    from mailpipe.jobs.base import Driver
+    from mailpipe.jobs.consumer import JobsConsumer
+    from mailpipe.jobs.sink import JobsSink
     from mailpipe.workers.pool import WorkerPool
 
 log = logging.getLogger("mailpipe")
@@ -37,47 +40,16 @@ class StartupError(Exception):
     """A part cannot start (for example a worker command that does not run)."""
 
 
-class AdminMixin:
-    """`AdminOps` (see admin.py) over a running Mailpipe."""
-
-    pool: WorkerPool | None
-    capture: CaptureServer
-
-    def _pool(self) -> WorkerPool:
-        if self.pool is None:
-            raise NoWorkerPool("no worker pool configured (set server.command)")
-        return self.pool
-
-    def workers(self) -> list[dict[str, Any]]:
-        return self._pool().info()
-
-    async def add_worker(self) -> dict[str, Any]:
-        return await self._pool().add_worker()
-
-    async def remove_worker(self) -> dict[str, Any] | None:
-        return await self._pool().remove_worker()
-
-    async def reset_workers(self) -> int:
-        return await self._pool().reset()
-
-    def connections(self) -> list[dict[str, Any]]:
-        return [session.info() for session in self.capture.sessions()]
-
-    def close_connection(self, uuid: str) -> bool:
-        for session in self.capture.sessions():
-            if session.id == uuid:
-                session.request_close()
-                return True
-        return False
-
-
-class Mailpipe(AdminMixin):
+class Mailpipe(AdminMixin, JobsAdminMixin):
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
         self.data_dir = Path(config.data_dir)
         self.store: SQLiteStore | None = None
         self.pool: WorkerPool | None = None
+        self.jobs_sink: JobsSink | None = None
+        self.consumer: JobsConsumer | None = None
+        self.jobs_drivers: dict[str, Driver] = {}
         self.dispatcher = Dispatcher(self._make_sinks(), self.metrics)
         storage = config.smtp.attachment_storage
         self.attachments = AttachmentStorage(
@@ -101,8 +73,13 @@ class Mailpipe(AdminMixin):
 
     def _make_sinks(self) -> list[Sink]:
         sinks: list[Sink] = []
-        if self.config.server.command or (self.config.smtp.pool and self.config.smtp.pool.command):
+        if self.config.delivers_to_workers():
             sinks.append(self._make_worker_sink())
+        if self.config.delivers_to_jobs():
+            from mailpipe.jobs.runner import build_jobs_sink
+
+            self.jobs_sink = build_jobs_sink(self.config, self.metrics)
+            sinks.append(self.jobs_sink)
         if self.config.store.enabled:
             store_cfg = self.config.store
             self.store = SQLiteStore(
@@ -140,11 +117,22 @@ class Mailpipe(AdminMixin):
         except PoolError as exc:
             raise StartupError(f"worker pool: {exc}") from exc
         await self.capture.start()
+        if self.config.jobs.consume:
+            await self._start_consumer()
         if self.config.http.enabled:
             await self._start_http()
         if self.attachments.mode == "tempfile":
             interval = max(1.0, min(60.0, self.attachments.cleanup_after / 4))
             self._tasks.append(asyncio.create_task(run_sweeper(self.attachments, interval)))
+
+    async def _start_consumer(self) -> None:
+        from mailpipe.jobs.runner import build_consumer
+
+        self.consumer = build_consumer(self.config, self.config.jobs.consume, self.metrics)
+        try:
+            await self.consumer.start()
+        except PoolError as exc:
+            raise StartupError(f"jobs worker pool: {exc}") from exc
 
     async def _start_http(self) -> None:
         from mailpipe.web.app import HttpAuth, create_app, start_http
@@ -172,6 +160,9 @@ class Mailpipe(AdminMixin):
     async def shutdown(self) -> None:
         log.info("shutting down: finishing messages in flight")
         await self.capture.stop(self.config.shutdown_timeout)
+        if self.consumer is not None:
+            await self.consumer.stop(self.config.shutdown_timeout)
+        await self.close_jobs_drivers()
         for task in self._tasks:
             task.cancel()
         if self._http_runner is not None:

@@ -78,6 +78,30 @@ class Metrics:
         self.worker_errors = Counter(
             "mailpipe_worker_errors", "Error frames answered by workers", registry=r
         )
+        p = ["pipeline"]
+        self.jobs_pushed = Counter("mailpipe_jobs_pushed", "Jobs handed to the pusher", p,
+                                   registry=r)
+        self.jobs_confirmed = Counter("mailpipe_jobs_confirmed", "Jobs the broker confirmed",
+                                      p, registry=r)
+        self.jobs_push_failed = Counter("mailpipe_jobs_push_failed", "Jobs whose push failed",
+                                        p, registry=r)
+        self.jobs_batch_size = Histogram(
+            "mailpipe_jobs_batch_size", "Jobs per pushed batch", p,
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000), registry=r,
+        )
+        self.jobs_push_latency = Histogram(
+            "mailpipe_jobs_push_latency_seconds", "Time from a batch's push to its confirmation",
+            p, buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.jobs_consumed = Counter("mailpipe_jobs_consumed", "Jobs delivered to consumers",
+                                     p, registry=r)
+        self.jobs_acked = Counter("mailpipe_jobs_acked", "Jobs acked", p, registry=r)
+        self.jobs_nacked = Counter("mailpipe_jobs_nacked", "Jobs nacked and requeued", p,
+                                   registry=r)
+        self.jobs_dead = Counter("mailpipe_jobs_dead_lettered", "Jobs dead-lettered", p,
+                                 registry=r)
+        self.jobs_depth = Gauge("mailpipe_jobs_queue_depth", "Jobs waiting in the pipeline", p,
+                                registry=r)
         self.store_messages = Gauge(
             "mailpipe_store_messages", "Messages held in the store", registry=r
         )

@@ -19,6 +19,7 @@ from typing import Any
 
 from mailpipe.config import PoolConfig, ServerConfig
 from mailpipe.metrics import Metrics
+from mailpipe.workers.goridge import CODEC_JSON
 from mailpipe.workers.process import (
     Connection,
     WorkerError,
@@ -180,13 +181,15 @@ class WorkerPool:
 
     # ---- borrowing -----------------------------------------------------------------
 
-    async def exec(self, context: bytes, body: bytes) -> WorkerResponse:
+    async def exec(self, context: bytes, body: bytes, flags: int = CODEC_JSON) -> WorkerResponse:
         """Run one request on a free worker. Raises PoolError or WorkerError."""
         while True:
             worker = await self._acquire()
             started = time.perf_counter()
             try:
-                response = await worker.exec(context, body, self.config.effective_exec_ttl or None)
+                response = await worker.exec(
+                    context, body, self.config.effective_exec_ttl or None, flags
+                )
             except WorkerStopped:
                 self._retire(worker, "asked to stop")
                 continue  # RoadRunner sends the same request to another worker

@@ -183,7 +183,8 @@ class WorkerProcess:
                 return
             log.info("%s", line.decode("utf-8", "replace").rstrip(), extra={"worker": self.pid})
 
-    async def exec(self, context: bytes, body: bytes, timeout: float | None) -> WorkerResponse:
+    async def exec(self, context: bytes, body: bytes, timeout: float | None,
+                   flags: int = CODEC_JSON) -> WorkerResponse:
         """One request, one answer. Raises WorkerError (the worker is then unusable) or
         WorkerStopped (it asked to be replaced; the request was not handled)."""
         if self.conn is None:
@@ -191,7 +192,7 @@ class WorkerProcess:
         self.state = WorkerState.WORKING
         self.num_execs += 1
         try:
-            response = await asyncio.wait_for(self._exchange(context, body), timeout)
+            response = await asyncio.wait_for(self._exchange(context, body, flags), timeout)
         except TimeoutError:
             self.mark_invalid(f"exec_ttl of {timeout}s exceeded")
             self.kill()
@@ -208,9 +209,9 @@ class WorkerProcess:
         self.state = WorkerState.READY
         return response
 
-    async def _exchange(self, context: bytes, body: bytes) -> WorkerResponse:
+    async def _exchange(self, context: bytes, body: bytes, flags: int) -> WorkerResponse:
         assert self.conn is not None
-        await self.conn.send(encode_payload(context, body, flags=CODEC_JSON))
+        await self.conn.send(encode_payload(context, body, flags=flags))
         while True:
             frame = await self.conn.receive()
             if frame.is_error:

@@ -1,0 +1,54 @@
+"""Building the jobs parts from the config: the SMTP side's sink and the consumers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mailpipe.config import Config
+from mailpipe.jobs.base import Driver
+from mailpipe.jobs.consumer import JobsConsumer, PipelineConsumer
+from mailpipe.jobs.drivers import make_driver
+from mailpipe.jobs.sink import JobsSink
+from mailpipe.metrics import Metrics
+from mailpipe.workers.pool import WorkerPool
+
+
+def pipeline_driver(config: Config, name: str) -> Driver:
+    return make_driver(name, config.jobs.pipelines[name], data_dir=Path(config.data_dir))
+
+
+def build_jobs_sink(config: Config, metrics: Metrics) -> JobsSink:
+    assert config.smtp.jobs is not None
+    driver = pipeline_driver(config, config.smtp.jobs.pipeline)
+    return JobsSink(driver, config.smtp.jobs, metrics)
+
+
+def build_consumer(config: Config, names: list[str], metrics: Metrics) -> JobsConsumer:
+    """Consumers for `names` sharing one pool of jobs workers (RR_MODE=jobs)."""
+    rpc = f"http://{config.http.addr}" if config.http.enabled else None
+    pool = WorkerPool(config.jobs.pool, config.server, metrics=metrics, mode="jobs",
+                      rpc_address=rpc)
+    consumers = {}
+    for name in names:
+        options = config.jobs.pipelines[name].config
+        dead = pipeline_driver(config, options.dead_letter) if options.dead_letter else None
+        consumers[name] = PipelineConsumer(pipeline_driver(config, name), options, pool,
+                                           metrics=metrics, dead_letter=dead)
+    return JobsConsumer(consumers, pool)
+
+
+async def run_consumer(config: Config, names: list[str], metrics: Metrics) -> None:
+    """`mailpipe jobs consume`: drain pipelines until SIGINT/SIGTERM, then stop in order."""
+    import asyncio
+    import signal
+
+    consumer = build_consumer(config, names, metrics)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await consumer.start()
+    try:
+        await stop.wait()
+    finally:
+        await consumer.stop(config.shutdown_timeout)

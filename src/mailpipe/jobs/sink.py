@@ -1,0 +1,69 @@
+"""The jobs pipeline as a sink: each email becomes one job, in RoadRunner's push format."""
+
+from __future__ import annotations
+
+import contextlib
+
+from mailpipe.config import SMTPJobsConfig
+from mailpipe.event import CapturedEmail
+from mailpipe.jobs.base import JOB_NAME, Driver, DriverError, Job
+from mailpipe.jobs.producer import BatchPusher
+from mailpipe.metrics import Metrics
+from mailpipe.sinks.base import DELIVER, Sink, SinkError
+
+
+class JobsSink(Sink):
+    name = "jobs"
+    required = True
+    stage = DELIVER
+
+    def __init__(self, driver: Driver, config: SMTPJobsConfig, metrics: Metrics) -> None:
+        self.driver = driver
+        self.config = config
+        self.pusher = BatchPusher(
+            driver,
+            batch_size=config.batch_size,
+            flush_interval=config.flush_interval,
+            push_timeout=config.push_timeout,
+            metrics=metrics,
+        )
+        self.headers = {
+            key: value if isinstance(value, list) else [value]
+            for key, value in config.headers.items()
+        }
+
+    async def start(self) -> None:
+        # A broker that is down at start is like one that goes down later: emails get 451
+        # until it is back; mailpipe itself starts and serves the rest.
+        with contextlib.suppress(DriverError):
+            await self.driver.connect()
+
+    async def close(self) -> None:
+        await self.pusher.close()
+        await self.driver.close()
+
+    def job_for(self, email: CapturedEmail) -> Job:
+        return Job(
+            id=email.uuid,
+            payload=email.json(),
+            name=JOB_NAME,
+            headers={"uuid": [email.uuid], **self.headers},
+            pipeline=self.config.pipeline,
+            priority=self.config.priority,
+            delay=self.config.delay,
+            auto_ack=self.config.auto_ack,
+        )
+
+    async def submit(self, email: CapturedEmail) -> None:
+        try:
+            await self.pusher.push(self.job_for(email))
+        except DriverError as exc:
+            raise SinkError(str(exc)) from exc
+        email.outcomes["job"] = {"id": email.uuid, "pipeline": self.config.pipeline,
+                                 "driver": self.driver.name}
+
+    def health(self) -> dict[str, object]:
+        status = dict(self.driver.health())
+        if self.pusher.last_error:
+            status.update(ok=False, last_error=self.pusher.last_error)
+        return status
