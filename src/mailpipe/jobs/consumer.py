@@ -169,6 +169,8 @@ class PipelineConsumer:
             job = delivery.job
             job.headers = {**job.headers, "x-dead-reason": [reason],
                            "x-dead-from": [self.driver.pipeline]}
+            job.pipeline = self.dead_letter_driver.pipeline
+            job.delay = 0.0
             await self.dead_letter_driver.connect()
             await self.dead_letter_driver.push_batch([job])
             await self.driver.ack(delivery)

@@ -177,6 +177,22 @@ if #held > 0 then return 0 end
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
 
+# Drop consumers that hold nothing and were not seen for ARGV[2] ms: processes that died
+# after their entries were reclaimed. Harmless if one was alive: XREADGROUP recreates it.
+# KEYS: stream. ARGV: group, idle_ms.
+_PRUNE_LUA = """
+local removed = 0
+for _, info in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local f = {}
+  for i = 1, #info, 2 do f[info[i]] = info[i + 1] end
+  if f['pending'] == 0 and f['idle'] > tonumber(ARGV[2]) then
+    removed = removed + redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+  end
+end
+return removed
+"""
+_PRUNE_IDLE_MS = 3_600_000
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -228,6 +244,7 @@ class RedisDriver(Driver):
         self._settle_script = client.register_script(_SETTLE_LUA)
         self._purge_script = client.register_script(_PURGE_LUA)
         self._forget_script = client.register_script(_FORGET_LUA)
+        self._prune_script = client.register_script(_PRUNE_LUA)
         self._client = client
         return client
 
@@ -237,6 +254,8 @@ class RedisDriver(Driver):
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        await self._prune_script(keys=[self.stream], args=[self.group, _PRUNE_IDLE_MS],
+                                 client=client)
         self._declared = True
 
     async def _run(self, what: str, op: Callable[[Redis], Awaitable[T]],
