@@ -30,6 +30,7 @@ from mailpipe.jobs.base import Delivery, Driver, DriverError, Job, PipelineStats
 class _Entry:
     seq: int
     job: Job
+    rank: int  # the order of delivery: the job's priority, or the pipeline's for 0
     available_at: float  # monotonic; while reserved, the end of the reservation
     state: str = "ready"  # ready | reserved | dead
     attempts: int = 0
@@ -49,17 +50,18 @@ class _Queue:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.entries: dict[int, _Entry] = {}  # live and dead, by seq
-        self.ready: list[tuple[int, int, int]] = []  # (priority, seq, version)
+        self.ready: list[tuple[int, int, int]] = []  # (rank, seq, version)
         self.waiting: list[tuple[float, int, int]] = []  # (available_at, seq, version)
         self.listeners: set[Callable[[], None]] = set()
         self._seq = itertools.count(1)
 
-    def push(self, jobs: list[Job], now: float) -> None:
+    def push(self, jobs: list[Job], now: float, default_priority: int) -> None:
         with self.lock:
             for job in jobs:
                 # A copy: what the producer does with its Job afterwards is not the queue's.
                 job = replace(job, headers={k: list(v) for k, v in job.headers.items()})
-                entry = _Entry(next(self._seq), job, now + max(job.delay, 0.0))
+                rank = job.priority or default_priority
+                entry = _Entry(next(self._seq), job, rank, now + max(job.delay, 0.0))
                 self.entries[entry.seq] = entry
                 self._schedule(entry, now)
 
@@ -137,7 +139,7 @@ class _Queue:
     def _schedule(self, entry: _Entry, now: float) -> None:
         entry.version += 1
         if entry.available_at <= now:
-            heapq.heappush(self.ready, (entry.job.priority, entry.seq, entry.version))
+            heapq.heappush(self.ready, (entry.rank, entry.seq, entry.version))
         else:
             heapq.heappush(self.waiting, (entry.available_at, entry.seq, entry.version))
 
@@ -148,7 +150,7 @@ class _Queue:
             _, seq, version = heapq.heappop(self.waiting)
             entry = self.entries.get(seq)
             if entry is not None and entry.version == version:
-                heapq.heappush(self.ready, (entry.job.priority, seq, version))
+                heapq.heappush(self.ready, (entry.rank, seq, version))
 
 
 _QUEUES: dict[tuple[str, str], _Queue] = {}
@@ -190,7 +192,7 @@ class MemoryDriver(Driver):
 
     async def push_batch(self, jobs: list[Job]) -> None:
         self._check()
-        self._queue.push(jobs, time.monotonic())
+        self._queue.push(jobs, time.monotonic(), self.options.priority)
         self._queue.notify()
 
     async def receive(self, max_items: int, timeout: float) -> list[Delivery]:

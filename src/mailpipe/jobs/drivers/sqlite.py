@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     pipeline TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT 'ready' CHECK (state IN ('ready', 'reserved', 'dead')),
-    priority INTEGER NOT NULL,
+    priority INTEGER NOT NULL,  -- the order of delivery: the job's, or the pipeline's for 0
     available_at REAL NOT NULL,
     reserved_until REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     payload BLOB NOT NULL,
     headers BLOB NOT NULL,
     job_pipeline TEXT NOT NULL,
+    job_priority INTEGER NOT NULL,
     delay REAL NOT NULL,
     auto_ack INTEGER NOT NULL,
     pushed_at REAL NOT NULL,
@@ -70,7 +71,8 @@ CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (pipeline, id) WHERE state = 'dead'
 
 INSERT = (
     "INSERT INTO jobs (pipeline, priority, available_at, job_id, name, payload, headers,"
-    " job_pipeline, delay, auto_ack, pushed_at) VALUES (?, ?, ? + ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " job_pipeline, job_priority, delay, auto_ack, pushed_at)"
+    " VALUES (?, ?, ? + ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # The probe lets an idle poll stay a plain read: no write lock taken when there is nothing.
 PROBE = (
@@ -84,7 +86,8 @@ WHERE id IN (
     WHERE pipeline = :pipeline AND state != 'dead' AND available_at <= :now
     ORDER BY priority, id LIMIT :limit
 )
-RETURNING id, attempts, priority, job_id, name, payload, headers, job_pipeline, delay, auto_ack
+RETURNING id, attempts, priority, job_id, name, payload, headers, job_pipeline, job_priority,
+    delay, auto_ack
 """
 REQUEUE = (
     "UPDATE jobs SET state = 'ready', available_at = ?, reserved_until = NULL"
@@ -103,8 +106,8 @@ SELECT
 FROM jobs WHERE pipeline = :pipeline
 """
 DEAD = (
-    "SELECT id, attempts, priority, job_id, name, payload, headers, job_pipeline, delay,"
-    " auto_ack, reason, dead_at FROM jobs WHERE pipeline = ? AND state = 'dead'"
+    "SELECT id, attempts, priority, job_id, name, payload, headers, job_pipeline, job_priority,"
+    " delay, auto_ack, reason, dead_at FROM jobs WHERE pipeline = ? AND state = 'dead'"
     " ORDER BY id LIMIT ?"
 )
 
@@ -281,7 +284,7 @@ class SQLiteDriver(Driver):
             write=False,
         )
         return [
-            {"job": _job(row), "attempts": row[1], "reason": row[10], "dead_at": row[11]}
+            {"job": _job(row), "attempts": row[1], "reason": row[11], "dead_at": row[12]}
             for row in rows
         ]
 
@@ -298,9 +301,11 @@ class SQLiteDriver(Driver):
     # ---- helpers on the loop -------------------------------------------------------------
 
     def _row(self, job: Job) -> tuple[Any, ...]:
+        # Lower priority values go first; 0 takes the pipeline's (as RoadRunner's jobs do).
+        rank = int(job.priority) or self.opts.priority
         return (
-            self.pipeline, int(job.priority), float(job.delay), str(job.id), str(job.name),
-            bytes(job.payload), orjson.dumps(job.headers), str(job.pipeline),
+            self.pipeline, rank, float(job.delay), str(job.id), str(job.name),
+            bytes(job.payload), orjson.dumps(job.headers), str(job.pipeline), int(job.priority),
             float(job.delay), int(bool(job.auto_ack)),
         )
 
@@ -441,7 +446,7 @@ class SQLiteDriver(Driver):
 def _job(row: Any) -> Job:
     return Job(
         id=row[3], payload=bytes(row[5]), name=row[4], headers=orjson.loads(row[6]),
-        pipeline=row[7], priority=row[2], delay=row[8], auto_ack=bool(row[9]),
+        pipeline=row[7], priority=row[8], delay=row[9], auto_ack=bool(row[10]),
     )
 
 
