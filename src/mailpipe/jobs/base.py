@@ -83,6 +83,8 @@ class Delivery:
             "queue": self.queue or self.job.pipeline,
             "headers": self.job.headers or None,
             "pipeline": self.job.pipeline,
+            # Additive (RoadRunner sends no such field; its PHP client ignores unknown ones).
+            "attempt": self.attempt,
         })
 
 
