@@ -347,8 +347,9 @@ def test_hooks_answer_each_job(kind: str, spawn: Callable[..., ConsumerProc],
     assert [e["answer"] for e in entries] == ["ack", "nack-requeue", "nack", "fail"]
     assert {e["pid"] for e in entries} == {pid}
     assert entries[0]["id"] == "00000000-0000-4000-8000-000000000001"
+    assert entries[1].pop("attempt", 1) == 1  # logged by consumers that read it
     assert entries[1] == {"pid": pid, "id": UUID, "subject": "x [fail]",
-                          "answer": "nack-requeue", "attempt": 1}
+                          "answer": "nack-requeue"}
 
 
 @pytest.mark.parametrize("kind", HOOK_KINDS)
