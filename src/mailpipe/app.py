@@ -153,7 +153,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
             if auth_cfg
             else None
         )
-        app = create_app(self.store, self.metrics, health=self.health, auth=auth)
+        app = create_app(self.store, self.metrics, health=self.health, auth=auth, admin=self)
         self._http_runner = await start_http(app, host, port)
         log.info("HTTP API on http://%s:%d", host, port)
 
