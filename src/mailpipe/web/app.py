@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mailpipe.admin import AdminOps
 from mailpipe.metrics import Metrics
 from mailpipe.store.sqlite import SQLiteStore, StoreClosedError
 
@@ -92,8 +93,12 @@ def create_app(
     *,
     health: Callable[[], dict[str, Any]] | None = None,
     auth: HttpAuth | None = None,
+    admin: AdminOps | None = None,
 ) -> web.Application:
-    """The API app; with the store disabled (None) only health, metrics and OpenAPI remain."""
+    """The API app; with the store disabled (None) only health, metrics and OpenAPI remain.
+    The admin routes (workers, connections, stop) are always there; without `admin` they 404."""
+    from mailpipe.web.admin import AdminRoutes  # it builds on this module's ApiError
+
     middlewares: list[Middleware] = [_errors_as_json]
     if auth is not None:
         middlewares.append(_auth_middleware(auth))
@@ -107,6 +112,7 @@ def create_app(
             web.get("/healthz", service.healthz),
             web.get("/metrics", service.metrics_text),
             web.get("/api/openapi.json", service.openapi),
+            *AdminRoutes(admin).routes(),
         ]
     )
     if store is not None:

@@ -1,0 +1,103 @@
+"""The admin routes: the worker pool, the live SMTP sessions and stopping the process.
+
+They sit beside the messages API under the same auth and act only through `AdminOps`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from mailpipe.admin import AdminOps, NoWorkerPool
+from mailpipe.web.app import ApiError
+
+log = logging.getLogger(__name__)
+
+NO_POOL = "no worker pool configured (set server.command)"
+NO_ADMIN = "the admin API is not available in this server"
+# Long enough for the 202 to leave before the shutdown begins.
+STOP_DELAY = 0.05
+
+
+class AdminRoutes:
+    """Handlers over one `AdminOps`; with None every route answers 404."""
+
+    def __init__(self, ops: AdminOps | None) -> None:
+        self._ops = ops
+        self._stopping = False
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/api/v1/workers", self.list_workers),
+            web.post("/api/v1/workers", self.add_worker),
+            web.delete("/api/v1/workers", self.remove_worker),
+            web.post("/api/v1/workers/reset", self.reset_workers),
+            web.get("/api/v1/connections", self.list_connections),
+            web.delete("/api/v1/connections/{uuid}", self.close_connection),
+            web.post("/api/v1/stop", self.stop),
+        ]
+
+    @property
+    def ops(self) -> AdminOps:
+        if self._ops is None:
+            raise ApiError(404, NO_ADMIN)
+        return self._ops
+
+    # ---- workers ------------------------------------------------------------------------
+
+    async def list_workers(self, request: web.Request) -> web.Response:
+        try:
+            return _json({"workers": self.ops.workers()})
+        except NoWorkerPool:
+            raise ApiError(404, NO_POOL) from None
+
+    async def add_worker(self, request: web.Request) -> web.Response:
+        try:
+            worker = await self.ops.add_worker()
+        except NoWorkerPool:
+            raise ApiError(404, NO_POOL) from None
+        except Exception as exc:
+            log.exception("admin API: adding a worker failed")
+            raise ApiError(500, f"cannot start a worker: {exc}") from None
+        return _json(worker, status=201)
+
+    async def remove_worker(self, request: web.Request) -> web.Response:
+        try:
+            worker = await self.ops.remove_worker()
+        except NoWorkerPool:
+            raise ApiError(404, NO_POOL) from None
+        if worker is None:
+            raise ApiError(409, "no worker left to remove")
+        return _json(worker)
+
+    async def reset_workers(self, request: web.Request) -> web.Response:
+        try:
+            return _json({"reset": await self.ops.reset_workers()})
+        except NoWorkerPool:
+            raise ApiError(404, NO_POOL) from None
+
+    # ---- connections and the process ----------------------------------------------------
+
+    async def list_connections(self, request: web.Request) -> web.Response:
+        return _json({"connections": self.ops.connections()})
+
+    async def close_connection(self, request: web.Request) -> web.Response:
+        if not self.ops.close_connection(request.match_info["uuid"]):
+            raise ApiError(404, "connection not found")
+        return web.Response(status=204)
+
+    async def stop(self, request: web.Request) -> web.Response:
+        ops = self.ops
+        if not self._stopping:  # a second request must not count as a second signal
+            self._stopping = True
+            asyncio.get_running_loop().call_later(STOP_DELAY, ops.stop)
+            log.info("stop requested through the admin API",
+                     extra={"remote": request.remote or ""})
+        return _json({"stopping": True}, status=202)
+
+
+def _json(data: Any, *, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
