@@ -335,14 +335,17 @@ class SMTPConnection:
         self._run()
         return self._take_events()
 
-    def reply_to_message(self, reply: Reply, *, close_after: bool = False) -> list[Event]:
+    def reply_to_message(self, reply: Reply, *, close_after: bool = False,
+                         close_reply: Reply | None = None) -> list[Event]:
+        """Answer the message awaiting its verdict; with close_after, then end the session
+        with `close_reply` (221 Bye unless given, e.g. a 421 when the server is closing)."""
         if self._state != _WAIT_REPLY:
             if self._state == _CLOSED:
                 return []
             raise RuntimeError("no message is awaiting a reply")
         self._send(reply.encode())
         if close_after:
-            self._close(_R_BYE)
+            self._close(close_reply.encode() if close_reply else _R_BYE)
         else:
             self._state = _CMD
             self._run()

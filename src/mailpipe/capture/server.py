@@ -37,6 +37,7 @@ log = logging.getLogger("mailpipe.capture")
 
 REPLY_RETRY = Reply(451, "4.3.0 Temporary failure, please retry")
 REPLY_TOO_MANY = Reply(421, "4.7.0 Too many connections, try again later")
+REPLY_CLOSING = Reply(421, "4.3.2 Closing connection")
 
 
 def format_addr(peer: object) -> str:
@@ -366,8 +367,11 @@ class SMTPSession(asyncio.Protocol):
     def _reply(self, reply: Reply) -> None:
         if self.transport is None or self.transport.is_closing():
             return
+        # Closed by the server (shutdown, admin): 421 after the reply; by a worker's CLOSE: 221.
+        closing = REPLY_CLOSING if self._closing else None
         close_after = self._closing or self._closing_after_reply
-        self._handle(self.conn.reply_to_message(reply, close_after=close_after))
+        self._handle(self.conn.reply_to_message(reply, close_after=close_after,
+                                                close_reply=closing))
         self._update_reading()
 
     async def _start_tls(self) -> None:
