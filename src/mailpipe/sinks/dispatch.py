@@ -8,7 +8,7 @@ import time
 
 from mailpipe.event import CapturedEmail
 from mailpipe.metrics import Metrics
-from mailpipe.sinks.base import Sink
+from mailpipe.sinks.base import Sink, SinkError
 
 log = logging.getLogger("mailpipe.sinks")
 
@@ -68,8 +68,9 @@ class Dispatcher:
             await sink.submit(email)
         except Exception as exc:
             self._failures[sink.name].inc()
+            # Expected failures (a broker down, a worker dead) are one line; bugs get a trace.
             log.error("sink %s failed: %s", sink.name, exc, extra={"uuid": email.uuid},
-                      exc_info=not isinstance(exc, OSError))
+                      exc_info=not isinstance(exc, SinkError | OSError))
             return False
         self._latency[sink.name].observe(time.perf_counter() - started)
         return True

@@ -152,7 +152,8 @@ class WorkerPool:
         except WorkerStartError as exc:
             raise PoolError(str(exc)) from None
         self._make_idle(first)
-        await asyncio.gather(*(self._spawn_into_pool() for _ in range(self.target - 1)))
+        # The command works: workers that die at start from now on are retried with backoff.
+        await self._start_many(self.target - 1)
         self._supervisor = asyncio.create_task(self._supervise())
         log.info("worker pool ready", extra={"workers": len(self.workers),
                                              "command": " ".join(self.command)})
@@ -262,12 +263,13 @@ class WorkerPool:
             self._background(self._replenish())
         self._changed()
 
-    async def _replenish(self) -> None:
+    async def _replenish(self, first_delay: float = 0.0) -> None:
         """Bring the pool back to its target size, backing off while workers fail to start."""
         if self._replenishing:
             return
         self._replenishing = True
         try:
+            await asyncio.sleep(first_delay)
             while not self._stopping and len(self.workers) < self.target:
                 try:
                     await self._spawn_into_pool()
@@ -345,16 +347,36 @@ class WorkerPool:
         old = list(self.workers)
         for worker in old:
             worker.retire_when_idle = True
-        fresh = await asyncio.wait_for(
-            asyncio.gather(*(self._spawn() for _ in range(self.target))),
-            self.config.reset_timeout,
-        )
+        started = await self._start_many(self.target, make_idle=False)
         for worker in list(self._idle):
             if worker in old:
                 self._retire(worker, None, replace=False)
-        for worker in fresh:
+        for worker in started:
             self._make_idle(worker)
         return len(old)
+
+    async def _start_many(self, count: int, *, make_idle: bool = True) -> list[WorkerProcess]:
+        """Start `count` workers at once; those that fail to start are retried in the
+        background with backoff, so a flaky start never leaves the pool short for good."""
+        results = await asyncio.wait_for(
+            asyncio.gather(*(self._spawn() for _ in range(count)), return_exceptions=True),
+            self.config.reset_timeout,
+        )
+        started = [r for r in results if isinstance(r, WorkerProcess)]
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, WorkerStartError):
+                raise result
+        if make_idle:
+            for worker in started:
+                self._make_idle(worker)
+        failures = [r for r in results if isinstance(r, WorkerStartError)]
+        if failures:
+            delay = RESTART_BACKOFF[0]
+            for failure in failures:
+                log.error("%s; retrying in %.2fs", failure, delay)
+            self._failures = 1
+            self._background(self._replenish(first_delay=delay))
+        return started
 
     # ---- supervisor ----------------------------------------------------------------
 

@@ -236,14 +236,17 @@ class WorkerProcess:
         return self.process is not None and self.process.returncode is None
 
     async def stop(self, timeout: float) -> None:
-        """The stop control frame, then SIGTERM, then SIGKILL, each given its share of time."""
+        """The stop control frame, then SIGTERM, then SIGKILL, all within `timeout`: most of
+        it for a clean exit, the rest for SIGTERM; SIGKILL is immediate."""
         self.state = WorkerState.STOPPING
+        deadline = time.monotonic() + timeout
         if self.conn is not None and self.alive:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.conn.send(encode_control({"stop": True})), 1.0)
-        if not await self._wait_exit(timeout):
+                await asyncio.wait_for(self.conn.send(encode_control({"stop": True})),
+                                       min(1.0, timeout))
+        if not await self._wait_exit(max(0.0, deadline - time.monotonic()) * 0.75):
             self._signal(signal.SIGTERM)
-            if not await self._wait_exit(min(timeout, 5.0)):
+            if not await self._wait_exit(max(0.05, deadline - time.monotonic())):
                 self.kill()
                 await self._wait_exit(5.0)
         self._finish()
