@@ -25,6 +25,10 @@ class UnknownPipeline(Exception):
     """A jobs pipeline that is not declared, or not consumed by this process."""
 
 
+class NotConsumed(UnknownPipeline):
+    """A declared pipeline that this process does not consume (pause and resume need one)."""
+
+
 class AdminOps(Protocol):
     def workers(self) -> list[dict[str, Any]]:
         """Each worker: pid, status (ready/working/invalid/...), num_execs, created_at (RFC 3339),
@@ -65,7 +69,8 @@ class AdminOps(Protocol):
         ...
 
     def pause_pipeline(self, name: str) -> None:
-        """Stop taking jobs from a pipeline this process consumes. Raises UnknownPipeline."""
+        """Stop taking jobs from a pipeline this process consumes. Raises UnknownPipeline,
+        NotConsumed (its subclass) for a declared pipeline this process does not consume."""
         ...
 
     def resume_pipeline(self, name: str) -> None:
@@ -121,9 +126,12 @@ class JobsAdminMixin:
     jobs_sink: JobsSink | None
     jobs_drivers: dict[str, Driver]
 
-    def _driver(self, name: str) -> Driver:
+    def _declared(self, name: str) -> None:
         if name not in self.config.jobs.pipelines:
             raise UnknownPipeline(f"no pipeline {name!r} is declared in jobs.pipelines")
+
+    def _driver(self, name: str) -> Driver:
+        self._declared(name)
         consumer = self.consumer.get(name) if self.consumer else None
         if consumer is not None:
             return consumer.driver
@@ -136,9 +144,11 @@ class JobsAdminMixin:
         return self.jobs_drivers[name]
 
     def _consumer(self, name: str) -> PipelineConsumer:
+        self._declared(name)
         consumer = self.consumer.get(name) if self.consumer else None
         if consumer is None:
-            raise UnknownPipeline(f"pipeline {name!r} is not consumed by this process")
+            raise NotConsumed(f"pipeline {name!r} is not consumed by this process "
+                              "(not in its jobs.consume)")
         return consumer
 
     async def pipeline_stats(self, name: str) -> dict[str, Any]:

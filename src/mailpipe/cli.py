@@ -12,9 +12,10 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import click
@@ -42,38 +43,59 @@ def main() -> None:
     """mailpipe: an SMTP capture server for developers."""
 
 
-@main.command()
-@click.option("-c", "--config", "config_file", metavar="FILE",
-              help="Config file (default: mailpipe.yaml or .rr.yaml in this directory).")
-@click.option("--smtp", metavar="HOST:PORT", help="SMTP listen address (smtp.addr).")
-@click.option("--http", metavar="HOST:PORT", help="HTTP API listen address (http.addr).")
-@click.option("--data-dir", metavar="DIR", help="Where the store and spool files live.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"],
-                                               case_sensitive=False))
-@click.option("--log-format", type=click.Choice(["console", "json"], case_sensitive=False))
-@click.option("--jsonl", metavar="PATH", help="Also write each event as a JSON line ('-': stdout).")
-def serve(config_file: str | None, smtp: str | None, http: str | None, data_dir: str | None,
-          log_level: str | None, log_format: str | None, jsonl: str | None) -> None:
-    """Capture email: SMTP in, events to the store, the API and the configured sinks."""
+CONFIG_HELP = "Config file (default: mailpipe.yaml or .rr.yaml in this directory)."
+log_level_option = click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+log_format_option = click.option(
+    "--log-format", type=click.Choice(["console", "json"], case_sensitive=False))
+
+
+def _load(config_file: str | None,
+          overrides: dict[str, Any] | None = None) -> tuple[Config, Path | None]:
+    """The config, or exit 2 with the one line naming what is wrong."""
+    try:
+        return load_config(config_file, overrides)
+    except ConfigError as exc:
+        _fail(str(exc), code=2)
+
+
+def _overrides(pairs: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
-    for key, value in (("smtp.addr", smtp), ("http.addr", http), ("data_dir", data_dir),
-                       ("log.level", log_level), ("log.format", log_format),
-                       ("sinks.jsonl.path", jsonl)):
+    for key, value in pairs:
         if value is not None:
             _set(overrides, key, value)
-    try:
-        config, path = load_config(config_file, overrides)
-    except ConfigError as exc:
-        click.echo(f"mailpipe: {exc}", err=True)
-        sys.exit(2)
+    return overrides
 
-    from mailpipe.app import Mailpipe, StartupError, install_uvloop
+
+def _start_logging(config: Config, path: Path | None, **extra: Any) -> None:
+    """Logging as configured, uvloop when installed, and the starting line."""
+    from mailpipe.app import install_uvloop
     from mailpipe.logs import setup_logging
 
     setup_logging(config.log.level, config.log.format)
     uvloop = install_uvloop()
     log.info("mailpipe %s starting", __version__,
-             extra={"config": str(path) if path else "defaults", "uvloop": uvloop})
+             extra={"config": str(path) if path else "defaults", "uvloop": uvloop, **extra})
+
+
+@main.command()
+@click.option("-c", "--config", "config_file", metavar="FILE", help=CONFIG_HELP)
+@click.option("--smtp", metavar="HOST:PORT", help="SMTP listen address (smtp.addr).")
+@click.option("--http", metavar="HOST:PORT", help="HTTP API listen address (http.addr).")
+@click.option("--data-dir", metavar="DIR", help="Where the store and spool files live.")
+@log_level_option
+@log_format_option
+@click.option("--jsonl", metavar="PATH", help="Also write each event as a JSON line ('-': stdout).")
+def serve(config_file: str | None, smtp: str | None, http: str | None, data_dir: str | None,
+          log_level: str | None, log_format: str | None, jsonl: str | None) -> None:
+    """Capture email: SMTP in, events to the store, the API and the configured sinks."""
+    config, path = _load(config_file, _overrides(
+        (("smtp.addr", smtp), ("http.addr", http), ("data_dir", data_dir),
+         ("log.level", log_level), ("log.format", log_format), ("sinks.jsonl.path", jsonl))))
+
+    from mailpipe.app import Mailpipe, StartupError
+
+    _start_logging(config, path)
     try:
         asyncio.run(Mailpipe(config).run())
     except OSError as exc:
@@ -93,11 +115,7 @@ def serve(config_file: str | None, smtp: str | None, http: str | None, data_dir:
 @click.option("-c", "--config", "config_file", metavar="FILE")
 def check_config(config_file: str | None) -> None:
     """Validate the configuration and print it as mailpipe sees it."""
-    try:
-        config, path = load_config(config_file)
-    except ConfigError as exc:
-        click.echo(f"mailpipe: {exc}", err=True)
-        sys.exit(2)
+    config, path = _load(config_file)
     import yaml
 
     click.echo(f"# from {path or 'defaults'}")
@@ -128,9 +146,9 @@ class AdminClient:
         return json.loads(data) if data else None
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"mailpipe: {message}", err=True)
-    sys.exit(1)
+    sys.exit(code)
 
 
 def _error_message(exc: urllib.error.HTTPError) -> str:
@@ -162,11 +180,7 @@ def _auth_header(config: Config | None, token: str | None) -> dict[str, str]:
 def _client(config_file: str | None, api: str | None, token: str | None) -> AdminClient:
     config: Config | None = None
     if api is None or token is None:
-        try:
-            config, _ = load_config(config_file)
-        except ConfigError as exc:
-            click.echo(f"mailpipe: {exc}", err=True)
-            sys.exit(2)
+        config, _ = _load(config_file)
     if api is None:
         assert config is not None
         if not config.http.enabled:
@@ -363,3 +377,143 @@ def stop(client: AdminClient, as_json: bool) -> None:
     """Shut a running mailpipe down gracefully, as SIGTERM does."""
     data = client.call("POST", "/api/v1/stop")
     _emit(data, as_json, "mailpipe is stopping")
+
+
+# ---- jobs: the consumer process, and the pipelines of a running mailpipe -----------------
+
+
+@main.group()
+def jobs() -> None:
+    """Consume jobs pipelines; list, pause, resume or purge those of a running mailpipe."""
+
+
+def _dead_letter_targets(config: Config) -> set[str]:
+    return {name for pipeline in config.jobs.pipelines.values()
+            if (name := pipeline.config.dead_letter) is not None}
+
+
+def _pipelines_to_consume(config: Config, given: tuple[str, ...]) -> list[str]:
+    """The PIPELINE arguments, else jobs.consume, else every declared pipeline but the
+    dead-letter ones; exits 2 for an undeclared name, nothing to consume or no command."""
+    declared = config.jobs.pipelines
+    for name in given:
+        if name not in declared:
+            _fail(f"jobs consume: pipeline {name!r} is not declared in jobs.pipelines", code=2)
+    names = list(dict.fromkeys(given)) or config.jobs.consume
+    if not names:
+        dead = _dead_letter_targets(config)
+        names = [name for name in declared if name not in dead]
+    if not names:
+        _fail("jobs consume: no pipeline is declared in jobs.pipelines", code=2)
+    if not (config.jobs.pool.command or config.server.command):
+        _fail("jobs consume: no consumer command: set jobs.pool.command (or server.command)",
+              code=2)
+    return names
+
+
+@jobs.command("consume")
+@click.argument("pipelines", nargs=-1, metavar="[PIPELINE]...")
+@click.option("-c", "--config", "config_file", metavar="FILE", help=CONFIG_HELP)
+@log_level_option
+@log_format_option
+def jobs_consume(pipelines: tuple[str, ...], config_file: str | None, log_level: str | None,
+                 log_format: str | None) -> None:
+    """Run the jobs worker pool (jobs.pool) on pipelines, without SMTP, until SIGINT/SIGTERM.
+
+    Without PIPELINE: the config's jobs.consume, else every declared pipeline except the
+    dead-letter ones. On a signal it stops pulling, lets the jobs in hand finish (up to
+    shutdown_timeout) and exits 0; the rest stay with the broker."""
+    config, path = _load(config_file, _overrides(
+        (("log.level", log_level), ("log.format", log_format))))
+    names = _pipelines_to_consume(config, pipelines)
+
+    from mailpipe.jobs.runner import run_consumer
+    from mailpipe.metrics import Metrics
+    from mailpipe.workers.pool import PoolError
+
+    _start_logging(config, path, pipelines=names)
+    try:
+        asyncio.run(run_consumer(config, names, Metrics()))
+    except PoolError as exc:
+        _fail(f"cannot start the jobs worker pool: {exc}")
+    except KeyboardInterrupt:
+        pass
+
+
+def _pipeline_path(name: str, suffix: str = "") -> str:
+    return f"/api/v1/jobs/pipelines/{urllib.parse.quote(name, safe='')}{suffix}"
+
+
+PIPELINE_COLUMNS = ("Pipeline", "Driver", "Queue", "Ready", "Delayed", "Reserved", "Dead",
+                    "Consumed", "Paused")
+PIPELINE_KEYS = ("pipeline", "driver", "queue", "ready", "delayed", "reserved", "dead")
+
+
+def _pipeline_row(pipeline: dict[str, Any]) -> list[str]:
+    if "error" in pipeline:  # its broker did not answer
+        return [str(pipeline.get("pipeline")), *["-"] * 8, str(pipeline["error"])]
+    row = [str(pipeline.get(key, "-")) for key in PIPELINE_KEYS]
+    return [*row, *("yes" if pipeline.get(key) else "no" for key in ("consumed", "paused")), ""]
+
+
+def _pipelines_table(pipelines: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+
+    errors = any("error" in pipeline for pipeline in pipelines)
+    table = Table(*PIPELINE_COLUMNS, *(["Error"] if errors else []))
+    for column in table.columns[3:7]:
+        column.justify = "right"
+    for pipeline in pipelines:
+        table.add_row(*_pipeline_row(pipeline)[:len(table.columns)])
+    return table
+
+
+@jobs.command("list")
+@admin_options
+def jobs_list(client: AdminClient, as_json: bool) -> None:
+    """Every declared pipeline: driver, queue, depth, consumed and paused here."""
+    data = client.call("GET", "/api/v1/jobs/pipelines")
+    _show_list(data, "pipelines", as_json, _pipelines_table)
+
+
+@jobs.command("stats")
+@click.argument("pipeline", required=False)
+@admin_options
+def jobs_stats(client: AdminClient, as_json: bool, pipeline: str | None) -> None:
+    """One pipeline's jobs: ready, delayed, reserved, dead (every pipeline without PIPELINE)."""
+    if pipeline is None:
+        data = client.call("GET", "/api/v1/jobs/pipelines")
+        _show_list(data, "pipelines", as_json, _pipelines_table)
+        return
+    data = client.call("GET", _pipeline_path(pipeline))
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        _console().print(_pipelines_table([data]))
+
+
+@jobs.command("pause")
+@click.argument("pipeline")
+@admin_options
+def jobs_pause(client: AdminClient, as_json: bool, pipeline: str) -> None:
+    """Stop taking jobs from a pipeline the server consumes (jobs.consume); pushing goes on."""
+    client.call("POST", _pipeline_path(pipeline, "/pause"))
+    _emit({"pipeline": pipeline, "paused": True}, as_json, f"paused pipeline {pipeline}")
+
+
+@jobs.command("resume")
+@click.argument("pipeline")
+@admin_options
+def jobs_resume(client: AdminClient, as_json: bool, pipeline: str) -> None:
+    """Take jobs from a paused pipeline again."""
+    client.call("POST", _pipeline_path(pipeline, "/resume"))
+    _emit({"pipeline": pipeline, "paused": False}, as_json, f"resumed pipeline {pipeline}")
+
+
+@jobs.command("purge")
+@click.argument("pipeline")
+@admin_options
+def jobs_purge(client: AdminClient, as_json: bool, pipeline: str) -> None:
+    """Delete the pipeline's jobs not yet acked (ready, delayed, reserved); dead letters stay."""
+    data = client.call("DELETE", _pipeline_path(pipeline, "/jobs"))
+    _emit(data, as_json, f"purged {data['purged']} jobs from pipeline {pipeline}")

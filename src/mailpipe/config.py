@@ -471,6 +471,9 @@ class Config(BaseSettings):
         for name in self.jobs.consume:
             if name not in pipelines:
                 raise ValueError(f"jobs.consume: {name!r} is not declared in jobs.pipelines")
+        if self.jobs.consume and not (self.jobs.pool.command or self.server.command):
+            raise ValueError("jobs.consume: consumers need a command: set jobs.pool.command "
+                             "or server.command")
         for name, pipeline in pipelines.items():
             dead = pipeline.config.dead_letter
             if dead is not None and dead not in pipelines:

@@ -1,17 +1,21 @@
-"""The admin routes: the worker pool, the live SMTP sessions and stopping the process.
+"""The admin routes: the worker pool, the live SMTP sessions, the jobs pipelines and stopping
+the process.
 
 They sit beside the messages API under the same auth and act only through `AdminOps`."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from mailpipe.admin import AdminOps, NoWorkerPool
+from mailpipe.admin import AdminOps, NotConsumed, NoWorkerPool, UnknownPipeline
+from mailpipe.jobs.base import DriverError
 from mailpipe.web.app import ApiError
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,11 @@ class AdminRoutes:
             web.get("/api/v1/connections", self.list_connections),
             web.delete("/api/v1/connections/{uuid}", self.close_connection),
             web.post("/api/v1/stop", self.stop),
+            web.get("/api/v1/jobs/pipelines", self.list_pipelines),
+            web.get("/api/v1/jobs/pipelines/{name}", self.pipeline_stats),
+            web.post("/api/v1/jobs/pipelines/{name}/pause", self.pause_pipeline),
+            web.post("/api/v1/jobs/pipelines/{name}/resume", self.resume_pipeline),
+            web.delete("/api/v1/jobs/pipelines/{name}/jobs", self.purge_pipeline),
         ]
 
     @property
@@ -97,6 +106,42 @@ class AdminRoutes:
             log.info("stop requested through the admin API",
                      extra={"remote": request.remote or ""})
         return _json({"stopping": True}, status=202)
+
+    # ---- jobs pipelines -----------------------------------------------------------------
+
+    async def list_pipelines(self, request: web.Request) -> web.Response:
+        return _json({"pipelines": await self.ops.pipelines()})
+
+    async def pipeline_stats(self, request: web.Request) -> web.Response:
+        with _pipeline_errors():
+            return _json(await self.ops.pipeline_stats(request.match_info["name"]))
+
+    async def pause_pipeline(self, request: web.Request) -> web.Response:
+        with _pipeline_errors():
+            self.ops.pause_pipeline(request.match_info["name"])
+        return web.Response(status=204)
+
+    async def resume_pipeline(self, request: web.Request) -> web.Response:
+        with _pipeline_errors():
+            self.ops.resume_pipeline(request.match_info["name"])
+        return web.Response(status=204)
+
+    async def purge_pipeline(self, request: web.Request) -> web.Response:
+        with _pipeline_errors():
+            return _json({"purged": await self.ops.purge_pipeline(request.match_info["name"])})
+
+
+@contextlib.contextmanager
+def _pipeline_errors() -> Iterator[None]:
+    """NotConsumed -> 409, UnknownPipeline -> 404, DriverError (the broker) -> 503."""
+    try:
+        yield
+    except NotConsumed as exc:
+        raise ApiError(409, str(exc)) from None
+    except UnknownPipeline as exc:
+        raise ApiError(404, str(exc)) from None
+    except DriverError as exc:
+        raise ApiError(503, f"broker unavailable: {exc}") from None
 
 
 def _json(data: Any, *, status: int = 200) -> web.Response:
