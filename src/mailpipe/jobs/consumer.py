@@ -69,10 +69,15 @@ class PipelineConsumer:
     """Pulls one pipeline's deliveries and hands each to the pool."""
 
     def __init__(self, driver: Driver, options: PipelineOptions, pool: WorkerPool, *,
-                 metrics: Metrics, dead_letter: Driver | None = None) -> None:
+                 metrics: Metrics, dead_letter: Driver | None = None,
+                 workers: asyncio.Semaphore | None = None) -> None:
         self.driver = driver
         self.options = options
         self.pool = pool
+        # One slot per worker, shared by every pipeline on the pool: a job is taken from the
+        # broker only when a worker is free for it, so none waits here while its visibility
+        # timeout runs out (it would then be delivered again, to us or to another consumer).
+        self.workers = workers or asyncio.Semaphore(max(1, pool.target))
         self.dead_letter_driver = dead_letter
         self.paused = False
         self._resumed = asyncio.Event()
@@ -107,27 +112,42 @@ class PipelineConsumer:
 
     async def _poll(self) -> None:
         backoff = 0.1
-        limit = max(1, self.options.prefetch)
         while True:
             await self._resumed.wait()
-            # Never hold more deliveries than can be worked on: the rest stay with the
-            # broker, where another consumer can take them.
-            while len(self._tasks) >= limit:
-                await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            slots = await self._take_slots()
             try:
                 await self.driver.connect()
-                deliveries = await self.driver.receive(limit - len(self._tasks), 1.0)
+                deliveries = await self.driver.receive(slots, 1.0)
             except DriverError as exc:
+                self._give_back(slots)
                 log.error("receiving from %s failed: %s; retrying in %.1fs",
                           self.driver.pipeline, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            except BaseException:
+                self._give_back(slots)
+                raise
             backoff = 0.1
+            self._give_back(slots - len(deliveries))
             for delivery in deliveries:
                 task = asyncio.create_task(self._handle(delivery))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(lambda _: self.workers.release())
+
+    async def _take_slots(self) -> int:
+        """Wait for one free worker, then take every other free one, up to prefetch."""
+        await self.workers.acquire()
+        taken = 1
+        while taken < self.options.prefetch and not self.workers.locked():
+            await self.workers.acquire()
+            taken += 1
+        return taken
+
+    def _give_back(self, count: int) -> None:
+        for _ in range(count):
+            self.workers.release()
 
     async def _handle(self, delivery: Delivery) -> None:
         try:

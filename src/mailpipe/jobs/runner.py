@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from mailpipe.config import Config
@@ -29,17 +30,17 @@ def build_consumer(config: Config, names: list[str], metrics: Metrics) -> JobsCo
     pool = WorkerPool(config.jobs.pool, config.server, metrics=metrics, mode="jobs",
                       rpc_address=rpc)
     consumers = {}
+    workers = asyncio.Semaphore(max(1, pool.target))
     for name in names:
         options = config.jobs.pipelines[name].config
         dead = pipeline_driver(config, options.dead_letter) if options.dead_letter else None
         consumers[name] = PipelineConsumer(pipeline_driver(config, name), options, pool,
-                                           metrics=metrics, dead_letter=dead)
+                                           metrics=metrics, dead_letter=dead, workers=workers)
     return JobsConsumer(consumers, pool)
 
 
 async def run_consumer(config: Config, names: list[str], metrics: Metrics) -> None:
     """`mailpipe jobs consume`: drain pipelines until SIGINT/SIGTERM, then stop in order."""
-    import asyncio
     import signal
 
     consumer = build_consumer(config, names, metrics)

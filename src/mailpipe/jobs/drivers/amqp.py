@@ -21,11 +21,11 @@ which counts as one return: there, deliveries lost to crashed consumers are unde
 
 Visibility: RabbitMQ gives an unacked message back as soon as the consumer's channel or
 connection closes (a crashed or killed process), which is sooner than any timeout. A consumer
-that is alive but stuck is handled here: a message (handed out by receive() or still in the
-prefetch buffer) not settled within `visibility_timeout` is given back by this driver, which also
-cancels its consumer until the next receive() so that the broker does not push it straight back.
-A handed-out one is nacked (an attempt; a later ack of it raises DriverError), a prefetched one
-is republished with its attempt count unchanged. The broker's `consumer_timeout` (30 min by
+that is alive but stuck is handled here: a message handed out by receive() and not settled
+within `visibility_timeout` is given back by this driver, which also cancels its consumer until
+the next receive() so that the broker does not push it straight back. The handed-out one is
+nacked (an attempt; a later ack of it raises DriverError); what still waits in the prefetch
+buffer is republished with its attempt count unchanged. The broker's `consumer_timeout` (30 min by
 default, per queue only from 3.12) maps to this loosely: it closes the whole channel. Keep
 `prefetch` near the number of workers, or prefetched jobs wait (up to visibility_timeout) for a
 busy process while others idle.
@@ -213,10 +213,13 @@ class AMQPDriver(Driver):
             url, timeout=self.op_timeout, client_properties={"connection_name": name}
         )
         conn.close_callbacks.add(functools.partial(self._on_close, self._generation))
-        self._pub = await conn.channel(publisher_confirms=True, on_return_raises=True)
-        self._sub = await conn.channel(publisher_confirms=False)
-        await self._sub.set_qos(prefetch_count=self.opts.prefetch)
-        await self._declare(self._pub)
+        pub = await conn.channel(publisher_confirms=True, on_return_raises=True)
+        sub = await conn.channel(publisher_confirms=False)
+        await sub.set_qos(prefetch_count=self.opts.prefetch)
+        await self._declare(pub)
+        # Only now does _healthy() hold: a caller racing this connect must not publish
+        # before the exchange is declared.
+        self._pub, self._sub = pub, sub
         self._delay_queues.clear()  # declared again before their next use on this connection
         if self._consuming:
             await self._start_consumer()
@@ -362,10 +365,6 @@ class AMQPDriver(Driver):
         if generation != self._generation:
             return  # from a connection already given up: the broker requeues it
         reservation = _Reservation(message, generation)
-        timeout = self.opts.visibility_timeout
-        if timeout and timeout > 0:
-            loop = asyncio.get_running_loop()
-            reservation.timer = loop.call_later(timeout, self._expire, reservation)
         self._reserved.add(reservation)
         self._buffer.put_nowait(reservation)
 
@@ -384,6 +383,7 @@ class AMQPDriver(Driver):
         # stuck, or it was abandoned): stop the broker pushing jobs here until the next
         # receive(), before giving this one back, or it could come straight back here.
         await self._pause_consumer()
+        self._recycle_buffered()
         if not reservation.handed_out:
             # Prefetched but never handed out: not an attempt. Counted, it would bounce until
             # max_attempts without ever running.
@@ -391,6 +391,22 @@ class AMQPDriver(Driver):
                 await asyncio.wait_for(self._recycle(reservation), self.op_timeout)
                 return
         with contextlib.suppress(Exception):  # if the channel is gone, the broker requeued it
+            await asyncio.wait_for(reservation.message.nack(requeue=True), self.op_timeout)
+
+    def _recycle_buffered(self) -> None:
+        """A stuck consumer also gives back what waits in its prefetch buffer, unattempted."""
+        for waiting in [r for r in self._reserved if not r.handed_out and not r.settled]:
+            waiting.expired = True
+            self._reserved.discard(waiting)
+            task = asyncio.get_running_loop().create_task(self._give_back_unattempted(waiting))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _give_back_unattempted(self, reservation: _Reservation) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._recycle(reservation), self.op_timeout)
+            return
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(reservation.message.nack(requeue=True), self.op_timeout)
 
     async def _recycle(self, reservation: _Reservation) -> None:
@@ -443,6 +459,12 @@ class AMQPDriver(Driver):
         if item.expired or item.settled or item.generation != self._generation:
             return  # given back already (visibility timeout, lost connection)
         item.handed_out = True
+        # The visibility clock runs from the hand-over: a job waiting in the prefetch buffer of
+        # a live consumer is not being worked on late, it is queued (and the consumer asks only
+        # for as many jobs as it has free workers).
+        timeout = self.opts.visibility_timeout
+        if timeout and timeout > 0:
+            item.timer = asyncio.get_running_loop().call_later(timeout, self._expire, item)
         message = item.message
         deliveries.append(Delivery(self._job(message), attempt_of(message), item, self.queue))
 

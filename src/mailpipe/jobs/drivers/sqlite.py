@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 import sqlite3
 import threading
 import time
@@ -38,6 +37,7 @@ import orjson
 
 from mailpipe.config import PipelineOptions, SQLitePipelineOptions
 from mailpipe.jobs.base import Delivery, Driver, DriverError, Job, PipelineStats
+from mailpipe.store.writer import GroupCommitWriter
 
 BUSY_TIMEOUT_MS = 5000  # waiting for another process's write lock; then DriverError
 OP_TIMEOUT = BUSY_TIMEOUT_MS / 1000 + 5.0  # a stuck disk must not hang a caller forever
@@ -113,7 +113,6 @@ DEAD = (
 
 # An operation runs in the SQLite thread: (connection, the transaction's clock) -> result.
 OpFn = Callable[[sqlite3.Connection, float], Any]
-_STOP = object()
 
 # Drivers of this process by (file, pipeline): a commit that makes jobs available wakes all of
 # their receivers at once instead of leaving them to the next poll.
@@ -124,8 +123,6 @@ _LOCAL_LOCK = threading.Lock()
 @dataclass(slots=True)
 class _Op:
     fn: OpFn
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
     write: bool
     wakes: bool  # makes jobs available now: wake this process's receivers after the commit
 
@@ -140,13 +137,18 @@ class SQLiteDriver(Driver):
         self.opts: SQLitePipelineOptions = options
         self.path = Path(options.path) if options.path else Path(data_dir) / "jobs.db"
         self._key = (str(self.path.resolve()), pipeline)
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._writer: GroupCommitWriter[_Op] = GroupCommitWriter(
+            f"mailpipe-jobs-{pipeline}",
+            self._execute,
+            batch_max=BATCH_MAX,
+            closed=lambda: DriverError(f"sqlite pipeline {self.pipeline!r} is closed"),
+            failed=self._failed,
+            teardown=self._disconnect,
+        )
         self._conn: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup = asyncio.Event()
         self._running = False
-        self._last_error: str | None = None
         self.counters = {"commits": 0, "pushed": 0, "max_ops_per_commit": 0}
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -156,11 +158,7 @@ class SQLiteDriver(Driver):
             return
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
-        self._queue = queue.SimpleQueue()
-        self._thread = threading.Thread(
-            target=self._thread_main, name=f"mailpipe-jobs-{self.pipeline}", daemon=True
-        )
-        self._thread.start()
+        await self._writer.start()
         self._running = True
         try:
             await self._call(lambda conn, now: None, write=False)  # opens and declares
@@ -176,18 +174,16 @@ class SQLiteDriver(Driver):
         self._running = False  # set first: nothing can be queued behind the stop marker
         with _LOCAL_LOCK:
             _LOCAL.get(self._key, weakref.WeakSet()).discard(self)
-        self._queue.put(_STOP)
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        await self._writer.stop()
         self._wake()  # receivers still waiting return at once
 
     def health(self) -> dict[str, Any]:
-        alive = self._running and self._thread is not None and self._thread.is_alive()
+        alive = self._running and self._writer.alive
         return {
-            "ok": alive and self._last_error is None,
+            "ok": alive and self._writer.last_error is None,
             "driver": self.name,
             "path": str(self.path),
-            "last_error": self._last_error,
+            "last_error": self._writer.last_error,
         }
 
     # ---- the Driver interface ------------------------------------------------------------
@@ -335,11 +331,8 @@ class SQLiteDriver(Driver):
     async def _call(self, fn: OpFn, *, write: bool, wakes: bool = False) -> Any:
         if not self._running or self._loop is None:
             raise DriverError(f"sqlite pipeline {self.pipeline!r} is not connected")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put(_Op(fn, future, loop, write, wakes))
         try:
-            return await asyncio.wait_for(future, OP_TIMEOUT)
+            return await asyncio.wait_for(self._writer.submit(_Op(fn, write, wakes)), OP_TIMEOUT)
         except TimeoutError:
             raise DriverError(
                 f"sqlite pipeline {self.pipeline!r}: no answer from {self.path} "
@@ -352,48 +345,16 @@ class SQLiteDriver(Driver):
 
     # ---- the SQLite thread ---------------------------------------------------------------
 
-    def _thread_main(self) -> None:
-        try:
-            while True:
-                first = self._queue.get()
-                if first is _STOP:
-                    return
-                batch, stop = self._drain([first])
-                self._execute(batch)
-                if stop:
-                    return
-        finally:
-            self._disconnect()
-            self._fail_leftovers()
-
-    def _drain(self, batch: list[_Op]) -> tuple[list[_Op], bool]:
-        """Add whatever else is already queued, without waiting for more."""
-        while len(batch) < BATCH_MAX:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return batch, False
-            if item is _STOP:
-                return batch, True
-            batch.append(item)
-        return batch, False
-
-    def _execute(self, batch: list[_Op]) -> None:
-        try:
-            results = self._transaction(self._connection(), batch)
-        except Exception as exc:
-            self._last_error = f"{type(exc).__name__}: {exc}"
-            if not _is_busy(exc):
-                self._disconnect()  # reopened by the next batch: recovers a replaced file
-            error = DriverError(f"sqlite pipeline {self.pipeline!r} ({self.path}): {exc}")
-            for op in batch:
-                _resolve(op, error)
-            return
-        self._last_error = None
-        for op, result in zip(batch, results, strict=True):
-            _resolve(op, result)
+    def _execute(self, batch: list[_Op]) -> list[Any]:
+        results = self._transaction(self._connection(), batch)
         if any(op.wakes for op in batch):
             _wake_local(self._key)
+        return results
+
+    def _failed(self, exc: Exception, batch: list[_Op]) -> BaseException:
+        if not _is_busy(exc):
+            self._disconnect()  # reopened by the next batch: recovers a replaced file
+        return DriverError(f"sqlite pipeline {self.pipeline!r} ({self.path}): {exc}")
 
     def _transaction(self, conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
         now = time.time()  # wall clock: reservations are compared across processes
@@ -433,15 +394,6 @@ class SQLiteDriver(Driver):
                 self._conn.close()
             self._conn = None
 
-    def _fail_leftovers(self) -> None:
-        # Empty after a clean close (close() stops new ops first); after a crash of the loop
-        # this keeps callers from waiting for ever.
-        error = DriverError(f"sqlite pipeline {self.pipeline!r} is closed")
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is not _STOP:
-                _resolve(item, error)
-
 
 def _job(row: Any) -> Job:
     return Job(
@@ -452,19 +404,6 @@ def _job(row: Any) -> Job:
 
 def _is_busy(exc: Exception) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc).lower()
-
-
-def _resolve(op: _Op, result: Any) -> None:
-    def settle() -> None:
-        if op.future.done():  # the caller gave up (timeout, cancellation)
-            return
-        if isinstance(result, BaseException):
-            op.future.set_exception(result)
-        else:
-            op.future.set_result(result)
-
-    with contextlib.suppress(RuntimeError):  # the caller's loop is gone
-        op.loop.call_soon_threadsafe(settle)
 
 
 def _wake_local(key: tuple[str, str]) -> None:
