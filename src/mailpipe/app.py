@@ -124,6 +124,18 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
         if self.attachments.mode == "tempfile":
             interval = max(1.0, min(60.0, self.attachments.cleanup_after / 4))
             self._tasks.append(asyncio.create_task(run_sweeper(self.attachments, interval)))
+        self._watch_jobs()
+
+    def _watch_jobs(self) -> None:
+        drivers = {c.driver.pipeline: c.driver for c in
+                   (self.consumer.consumers.values() if self.consumer else [])}
+        if self.jobs_sink is not None:
+            drivers.setdefault(self.jobs_sink.driver.pipeline, self.jobs_sink.driver)
+        if drivers:
+            from mailpipe.jobs.runner import watch_queue_depth
+
+            watcher = watch_queue_depth(list(drivers.values()), self.metrics)
+            self._tasks.append(asyncio.create_task(watcher))
 
     async def _start_consumer(self) -> None:
         from mailpipe.jobs.runner import build_consumer

@@ -6,12 +6,27 @@ import asyncio
 from pathlib import Path
 
 from mailpipe.config import Config
-from mailpipe.jobs.base import Driver
+from mailpipe.jobs.base import Driver, DriverError
 from mailpipe.jobs.consumer import JobsConsumer, PipelineConsumer
 from mailpipe.jobs.drivers import make_driver
 from mailpipe.jobs.sink import JobsSink
 from mailpipe.metrics import Metrics
 from mailpipe.workers.pool import WorkerPool
+
+DEPTH_INTERVAL = 5.0
+
+
+async def watch_queue_depth(drivers: list[Driver], metrics: Metrics,
+                            interval: float = DEPTH_INTERVAL) -> None:
+    """Keep `mailpipe_jobs_queue_depth` current: jobs ready or delayed in each pipeline."""
+    while True:
+        for driver in drivers:
+            try:
+                stats = await driver.stats()
+            except DriverError:
+                continue  # the broker is down: /healthz says so; keep the last figure
+            metrics.jobs_depth.labels(driver.pipeline).set(stats.ready + stats.delayed)
+        await asyncio.sleep(interval)
 
 
 def pipeline_driver(config: Config, name: str) -> Driver:
@@ -49,7 +64,10 @@ async def run_consumer(config: Config, names: list[str], metrics: Metrics) -> No
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await consumer.start()
+    drivers = [c.driver for c in consumer.consumers.values()]
+    depth = asyncio.create_task(watch_queue_depth(drivers, metrics))
     try:
         await stop.wait()
     finally:
+        depth.cancel()
         await consumer.stop(config.shutdown_timeout)
