@@ -28,7 +28,8 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -149,13 +150,17 @@ class Server:
         except OSError:
             return False
 
+    def http_get(self, path: str) -> bytes:
+        """mailpipe only: GET a path of its HTTP API."""
+        url = f"http://{HOST}:{self.http_port}{path}"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return bytes(response.read())
+
     def stored_total(self) -> int | None:
         """mailpipe only: the store's message count from the API."""
         if self.http_port is None:
             return None
-        url = f"http://{HOST}:{self.http_port}/api/v1/messages?limit=1"
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return int(json.load(response)["total"])
+        return int(json.loads(self.http_get("/api/v1/messages?limit=1"))["total"])
 
     def stop(self, timeout: float = 20.0) -> int | None:
         if self.proc is None or self.exit_code is not None:
@@ -180,44 +185,38 @@ class Server:
         return " | ".join(line.strip() for line in self.log_lines()[-lines:]) or "(no output)"
 
 
+def mailpipe_config() -> dict[str, Any]:
+    """A store big enough that retention deletes nothing (the count check), room for --big's
+    1000 connections and 20 MB messages, a short shutdown."""
+    return {
+        "shutdown_timeout": "10s",
+        "smtp": {"max_connections": 5000, "max_message_size": "64MB"},
+        "store": {"max_messages": 10_000_000},
+    }
+
+
+def mailpipe_server(name: str, workdir: Path, config: dict[str, Any]) -> Server:
+    """`python -m mailpipe serve` from this checkout with `config`, on free ports."""
+    smtp_port, http_port = free_port(), free_port()
+    config_path = workdir / "mailpipe.yaml"
+    config_path.write_text(json.dumps(config))  # JSON is YAML
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPIPE_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    argv = [
+        sys.executable, "-m", "mailpipe", "serve",
+        "-c", str(config_path),
+        "--smtp", f"{HOST}:{smtp_port}",
+        "--http", f"{HOST}:{http_port}",
+        "--data-dir", str(workdir / "data"),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    return Server(name, argv, workdir, smtp_port, http_port, env)
+
+
 def make_server(name: str, workdir: Path) -> Server:
-    smtp_port = free_port()
     if name == "mailpipe":
-        http_port = free_port()
-        data_dir = workdir / "data"
-        config = workdir / "mailpipe.yaml"
-        # JSON is YAML. A store big enough that retention deletes nothing (the count check),
-        # room for --big's 1000 connections and 20 MB messages, a short shutdown.
-        config.write_text(
-            json.dumps(
-                {
-                    "shutdown_timeout": "10s",
-                    "smtp": {"max_connections": 5000, "max_message_size": "64MB"},
-                    "store": {"max_messages": 10_000_000},
-                }
-            )
-        )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPIPE_")}
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(REPO / "src"), env.get("PYTHONPATH")])
-        )
-        argv = [
-            sys.executable,
-            "-m",
-            "mailpipe",
-            "serve",
-            "-c",
-            str(config),
-            "--smtp",
-            f"{HOST}:{smtp_port}",
-            "--http",
-            f"{HOST}:{http_port}",
-            "--data-dir",
-            str(data_dir),
-            "--log-level",
-            "warning",
-        ]
-        return Server(name, argv, workdir, smtp_port, http_port, env)
+        return mailpipe_server(name, workdir, mailpipe_config())
+    smtp_port = free_port()
     if name == "aiosmtpd":
         argv = [sys.executable, str(AIOSMTPD_SINK), HOST, str(smtp_port)]
         return Server(name, argv, workdir, smtp_port)
@@ -282,15 +281,37 @@ def group_spec(
 
 
 @dataclass
-class Row:
+class LoadRow:
+    """What a row of every benchmark's table has; `summarize_rounds` fills most of it."""
+
     target: str
     scenario: str
+    _: KW_ONLY
     emails: int = 0
     failed: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     emails_per_s: float = float("nan")
     p50_ms: float = float("nan")
     p99_ms: float = float("nan")
+    stored: int | None = None
+    rounds: list[dict[str, float]] = field(default_factory=list)
+    note: str = ""
+
+    # The columns every table has, after the target's.
+    HEADERS = ("emails", "failed", "emails/s", "p50 ms", "p99 ms")
+
+    def cells(self) -> list[str]:
+        return [
+            fmt(self.emails),
+            fmt(self.failed),
+            fmt(self.emails_per_s, 0),
+            fmt(self.p50_ms, 2),
+            fmt(self.p99_ms, 2),
+        ]
+
+
+@dataclass
+class Row(LoadRow):
     max_ms: float = float("nan")
     cpu_s: float = float("nan")
     cpu_s_per_1000: float = float("nan")
@@ -298,13 +319,10 @@ class Row:
     peak_rss_mb: float = float("nan")
     client_cpu_pct: float = float("nan")
     peak_connections: int = 0
-    stored: int | None = None
     exit_code: int | None = None
     log_lines: int = 0
     log_sample: list[str] = field(default_factory=list)
-    rounds: list[dict[str, float]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
-    note: str = ""
 
 
 def fmt(value: float | int | None, digits: int = 1) -> str:
@@ -340,11 +358,7 @@ def print_load_table(title: str, rows: list[Row], with_connections: bool = False
     print(f"\n== {title}")
     headers = [
         "target",
-        "emails",
-        "failed",
-        "emails/s",
-        "p50 ms",
-        "p99 ms",
+        *LoadRow.HEADERS,
         "CPU-s/1000",
         "idle RSS MB",
         "peak RSS MB",
@@ -362,11 +376,7 @@ def print_load_table(title: str, rows: list[Row], with_connections: bool = False
             continue
         cells = [
             row.target,
-            fmt(row.emails),
-            fmt(row.failed),
-            fmt(row.emails_per_s, 0),
-            fmt(row.p50_ms, 2),
-            fmt(row.p99_ms, 2),
+            *row.cells(),
             fmt(row.cpu_s_per_1000, 3),
             fmt(row.idle_rss_mb),
             fmt(row.peak_rss_mb),
@@ -398,13 +408,46 @@ def print_notes(rows: list[Row]) -> None:
             verdict = "OK" if row.stored == row.emails else "MISMATCH (lost or extra emails)"
             notes.append(f"stored {row.stored}, sent {sent}, got 250 {row.emails}: {verdict}")
         if row.failures:
-            notes.append("failures " + ", ".join(f"{k} x{v}" for k, v in row.failures.items()))
+            notes.append(failures_note(row.failures))
         if row.exit_code not in (None, 0, -signal.SIGTERM):
             notes.append(f"exit status {row.exit_code} after SIGTERM")
         if row.log_lines:
             notes.append(f"{row.log_lines} log lines, e.g. {row.log_sample}")
-        if notes:
-            print(f"  {row.target}: " + "; ".join(notes))
+        print_row_notes(row.target, notes)
+
+
+def summarize_rounds(row: LoadRow, results: list[LoadResult]) -> list[dict[str, Any]]:
+    """Fill a row from the rounds of one load: totals over all rounds, emails/s and latency
+    of the median round (by emails/s). Returns the rounds' "load" groups."""
+    groups = [result.group() for result in results]
+    row.emails = sum(g["ok"] for g in groups)
+    row.failed = sum(g["failed"] for g in groups)
+    for g in groups:
+        for key, count in g["failures"].items():
+            row.failures[key] = row.failures.get(key, 0) + count
+    row.rounds = [
+        {
+            "emails_per_s": g["emails_per_s"],
+            "p50_ms": g["latency_ms"]["p50"],
+            "p99_ms": g["latency_ms"]["p99"],
+            "wall_s": g["wall_s"],
+        }
+        for g in groups
+    ]
+    median = sorted(groups, key=lambda g: g["emails_per_s"])[len(groups) // 2]
+    row.emails_per_s = median["emails_per_s"]
+    row.p50_ms = median["latency_ms"]["p50"]
+    row.p99_ms = median["latency_ms"]["p99"]
+    return groups
+
+
+def failures_note(failures: dict[str, int]) -> str:
+    return "failures " + ", ".join(f"{k} x{v}" for k, v in failures.items())
+
+
+def print_row_notes(target: str, notes: list[str]) -> None:
+    if notes:
+        print(f"  {target}: " + "; ".join(notes))
 
 
 # ---- scenarios --------------------------------------------------------------------------------
@@ -426,19 +469,32 @@ def finish_server(row: Row, server: Server) -> None:
     row.log_sample = [text for text, _ in Counter(line[-160:] for line in lines).most_common(3)]
 
 
+def start_server(
+    name: str, root: Path, make: Callable[[Path], Server]
+) -> tuple[Server | None, str]:
+    """The server `make` builds in a fresh work dir under `root`, started and settled; or None
+    and a note saying why it did not start."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+    try:
+        server = make(workdir)
+        server.start()
+    except StartError as exc:
+        return None, f"did not start: {exc}"[:600]
+    time.sleep(0.5)  # let it settle before the idle reading
+    return server, ""
+
+
+def failure_note(exc: Exception) -> str:
+    """For a row whose run raised: reported in the table, and the next target goes on."""
+    return f"run failed: {type(exc).__name__}: {exc}"[:600]
+
+
 def started(name: str, scenario: str, root: Path) -> tuple[Server | None, Row]:
     row = Row(target=name, scenario=scenario)
     if name == "smtp-sink" and not SMTP_SINK.exists():
         row.note = f"skipped: {SMTP_SINK} not installed (Debian package postfix)"
         return None, row
-    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
-    server = make_server(name, workdir)
-    try:
-        server.start()
-    except StartError as exc:
-        row.note = f"did not start: {exc}"[:600]
-        return None, row
-    time.sleep(0.5)  # let it settle before the idle reading
+    server, row.note = start_server(name, root, lambda workdir: make_server(name, workdir))
     return server, row
 
 
@@ -451,33 +507,15 @@ def bench_load(name: str, mode: str, args: argparse.Namespace, root: Path) -> Ro
         idle_kb = read_status_kb(server.pid, "VmRSS")
         spec = [group_spec("load", args.connections, args.messages, args.size, mode)]
         results = [run_load(server, spec, args.timeout) for _ in range(args.rounds)]
-        groups = [result.group() for result in results]
-        row.emails = sum(g["ok"] for g in groups)
-        row.failed = sum(g["failed"] for g in groups)
-        for g in groups:
-            for key, count in g["failures"].items():
-                row.failures[key] = row.failures.get(key, 0) + count
-        row.rounds = [
-            {
-                "emails_per_s": g["emails_per_s"],
-                "p50_ms": g["latency_ms"]["p50"],
-                "p99_ms": g["latency_ms"]["p99"],
-                "wall_s": g["wall_s"],
-            }
-            for g in groups
-        ]
-        median = sorted(groups, key=lambda g: g["emails_per_s"])[len(groups) // 2]
-        row.emails_per_s = median["emails_per_s"]
-        row.p50_ms = median["latency_ms"]["p50"]
-        row.p99_ms = median["latency_ms"]["p99"]
+        groups = summarize_rounds(row, results)
         row.max_ms = max(g["latency_ms"]["max"] for g in groups)
         wall = sum(r.client["wall_s"] for r in results)
         row.client_cpu_pct = 100 * sum(r.client["client_cpu_s"] for r in results) / wall
         row.peak_connections = max(r.client["peak_connections"] for r in results)
         fill_process_stats(row, server, idle_kb, sum(r.server_cpu_s for r in results))
         row.stored = server.stored_total()
-    except Exception as exc:  # report it in the table and go on with the next target
-        row.note = f"run failed: {type(exc).__name__}: {exc}"[:600]
+    except Exception as exc:
+        row.note = failure_note(exc)
     finally:
         finish_server(row, server)
     return row
@@ -510,7 +548,7 @@ def bench_connections(name: str, args: argparse.Namespace, root: Path) -> Row:
                 f"connections (goal < {BIG_CONNECTIONS_RSS_GOAL_MB} MB): {verdict}"
             )
     except Exception as exc:
-        row.note = f"run failed: {type(exc).__name__}: {exc}"[:600]
+        row.note = failure_note(exc)
     finally:
         finish_server(row, server)
     return row
@@ -570,7 +608,7 @@ def bench_big_messages(name: str, args: argparse.Namespace, root: Path) -> Row:
             },
         }
     except Exception as exc:
-        row.note = f"run failed: {type(exc).__name__}: {exc}"[:600]
+        row.note = failure_note(exc)
     finally:
         finish_server(row, server)
     return row
@@ -636,17 +674,43 @@ def filesystem_of(path: Path) -> str:
     return fstype
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def bench_parser(doc: str, targets: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The options every benchmark script shares; each adds its own."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--connections", type=int, default=100, help="concurrent connections")
     parser.add_argument("--messages", type=int, default=20, help="emails per connection")
     parser.add_argument("--size", type=int, default=1024, help="bytes per email")
-    parser.add_argument("--mode", choices=("reuse", "new", "both"), default="both")
     parser.add_argument(
-        "--targets", default=",".join(TARGETS), help=f"comma-separated, from {','.join(TARGETS)}"
+        "--targets", default=",".join(targets), help=f"comma-separated, from {','.join(targets)}"
     )
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per load run")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    return parser
+
+
+def parse_bench_args(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    targets: tuple[str, ...],
+    positive: list[str],
+) -> argparse.Namespace:
+    """Parse, check the targets (into `args.target_list`) and the options that must be >= 1."""
+    args = parser.parse_args(argv)
+    args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(args.target_list) - set(targets)
+    if unknown:
+        parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    if min(getattr(args, name) for name in positive) < 1:
+        names = [f"--{name}" for name in positive]
+        parser.error(f"{', '.join(names[:-1])} and {names[-1]} must be positive")
+    return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = bench_parser(__doc__, TARGETS)
+    parser.add_argument("--mode", choices=("reuse", "new", "both"), default="both")
     parser.add_argument(
         "--rounds",
         type=int,
@@ -664,22 +728,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=5,
         help=f"emails per connection in the {BIG_CONNECTIONS}-connection scenario",
     )
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per load run")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    args = parser.parse_args(argv)
-    args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(args.target_list) - set(TARGETS)
-    if unknown:
-        parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
-    if min(args.connections, args.messages, args.rounds, args.size) < 1:
-        parser.error("--connections, --messages, --rounds and --size must be positive")
-    return args
+    return parse_bench_args(parser, argv, TARGETS, ["connections", "messages", "rounds", "size"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    raise_fd_limit()
-    root = Path(tempfile.mkdtemp(prefix="mailpipe-bench-"))
+def announce(root: Path) -> tuple[str, dict[str, Any]]:
+    """Print the command line and the machine (its temp file system: `root`'s); return both
+    for the JSON report."""
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     machine = {
         "nproc": os.cpu_count(),
@@ -693,6 +747,14 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: nproc={machine['nproc']} python={machine['python']} cpu={machine['cpu']} "
         f"({machine['platform']}; data dirs on {machine['temp_fs']})"
     )
+    return command, machine
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_fd_limit()
+    root = Path(tempfile.mkdtemp(prefix="mailpipe-bench-"))
+    command, machine = announce(root)
     print(
         f"load: {args.connections} connections x {args.messages} emails x {args.size} bytes, "
         f"{args.rounds} round(s) per server, median round shown; PIPELINING client on uvloop"
@@ -729,12 +791,17 @@ def main(argv: list[str] | None = None) -> int:
             report["results"].extend(asdict(row) for row in rows)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    write_report(report, started_at, args.json)
+    return 0
+
+
+def write_report(report: dict[str, Any], started_at: float, path: str | None) -> None:
+    """Print the total time and add it to the report; with --json, write the report there."""
     report["elapsed_s"] = time.monotonic() - started_at
     print(f"\n(total {report['elapsed_s']:.0f}s)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
-        print(f"results written to {args.json}")
-    return 0
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"results written to {path}")
 
 
 def cpu_model() -> str:

@@ -31,35 +31,40 @@ emails of mailpipe and of its worker processes. Each email is checked to have re
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shlex
 import shutil
 import sys
 import tempfile
 import time
-import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ingest import (  # a sibling script, not a package
-    HOST,
     REPO,
+    LoadRow,
     Server,
     StartError,
-    cpu_model,
+    announce,
+    bench_parser,
     cpu_seconds,
-    filesystem_of,
+    failure_note,
+    failures_note,
     fmt,
-    free_port,
     group_spec,
+    mailpipe_config,
+    mailpipe_server,
+    parse_bench_args,
+    print_row_notes,
     print_table,
     raise_fd_limit,
     run_load,
+    start_server,
+    summarize_rounds,
+    write_report,
 )
 
 TARGETS = ("store", "python", "php")
@@ -74,72 +79,26 @@ for email in worker:
     worker.respond_continue()
 """
 
-# A no-op worker in plain PHP (no composer): RoadRunner's protocol over STDIN/STDOUT, as
-# examples/php/goridge_worker.php speaks it, minus everything but the answer.
-PHP_NOOP = r"""<?php
+# A no-op worker in plain PHP (no composer): RoadRunner's protocol over STDIN/STDOUT with the
+# frame code of examples/php/goridge_worker.php, minus everything but the answer.
+PHP_NOOP = """<?php
 declare(strict_types=1);
 
-function frame(int $flags, string $payload, array $options = []): string
-{
-    $head = pack('CCV', 0x10 | (3 + count($options)), $flags, strlen($payload));
-    return $head . pack('VCC', crc32($head), 0, 0) . ($options ? pack('V*', ...$options) : '')
-        . $payload;
-}
+require getenv('GORIDGE_PHP');
 
-function read_exactly(int $size): ?string
-{
-    $data = '';
-    while (strlen($data) < $size) {
-        $chunk = fread(STDIN, $size - strlen($data));
-        if ($chunk === false || $chunk === '') {
-            if (feof(STDIN)) {
-                return null;
-            }
-            continue;
-        }
-        $data .= $chunk;
-    }
-    return $data;
-}
-
-$continue = frame(0, 'CONTINUE', [8]);
-while (($header = read_exactly(12)) !== null) {
-    $h = unpack('Cb0/Cflags/Vlength', $header);
-    $rest = 4 * (($h['b0'] & 0x0F) - 3) + $h['length'];
-    $data = $rest > 0 ? read_exactly($rest) : '';
-    if ($data === null) {
-        exit(0);
-    }
-    if ($h['flags'] & 0x01) {
-        $command = json_decode(substr($data, -$h['length']), true);
-        if (!empty($command['stop'])) {
-            exit(0);
-        }
-        fwrite(STDOUT, frame(0x01, json_encode(['pid' => getmypid()])));
-        continue;
-    }
-    fwrite(STDOUT, $continue);
+while (next_request() !== null) {
+    respond('CONTINUE');
 }
 """
+GORIDGE_PHP = REPO / "examples" / "php" / "goridge.php"
 
 
 @dataclass
-class Row:
-    target: str
-    scenario: str
+class Row(LoadRow):
     workers: int = 0
-    emails: int = 0
-    failed: int = 0
-    failures: dict[str, int] = field(default_factory=dict)
-    emails_per_s: float = float("nan")
-    p50_ms: float = float("nan")
-    p99_ms: float = float("nan")
     server_cpu_per_1000: float = float("nan")
     workers_cpu_per_1000: float = float("nan")
     worker_execs: int | None = None
-    stored: int | None = None
-    rounds: list[dict[str, float]] = field(default_factory=list)
-    note: str = ""
 
 
 def children(pid: int) -> set[int]:
@@ -167,14 +126,8 @@ def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
 
-def get_text(server: Server, path: str) -> str:
-    url = f"http://{HOST}:{server.http_port}{path}"
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return response.read().decode()
-
-
 def worker_execs(server: Server) -> int:
-    for line in get_text(server, "/metrics").splitlines():
+    for line in server.http_get("/metrics").decode().splitlines():
         if line.startswith("mailpipe_worker_exec_seconds_count"):
             return int(float(line.split()[-1]))
     return 0
@@ -182,41 +135,23 @@ def worker_execs(server: Server) -> int:
 
 def make_mailpipe(target: str, workers: int, workdir: Path) -> Server:
     """mailpipe configured as ingest.py configures it, plus the worker pool for `target`."""
-    smtp_port, http_port = free_port(), free_port()
-    config: dict[str, Any] = {
-        "shutdown_timeout": "10s",
-        "smtp": {"max_connections": 5000, "max_message_size": "64MB"},
-        "store": {"max_messages": 10_000_000},
-    }
+    config = mailpipe_config()
+    server: dict[str, Any] | None = None
     if target == "python":
         script = workdir / "noop_worker.py"
         script.write_text(PYTHON_NOOP)
-        command = [sys.executable, str(script)]
+        server = {"command": [sys.executable, str(script)]}
     elif target == "php":
         php = shutil.which("php")
         if php is None:
             raise StartError("php is not installed (Debian package php-cli)")
         script = workdir / "noop_worker.php"
         script.write_text(PHP_NOOP)
-        command = [php, str(script)]
-    else:
-        command = None
-    if command is not None:
-        config["server"] = {"command": command}
+        server = {"command": [php, str(script)], "env": {"GORIDGE_PHP": str(GORIDGE_PHP)}}
+    if server is not None:
+        config["server"] = server
         config["smtp"]["pool"] = {"num_workers": workers, "allocate_timeout": "120s"}
-    config_path = workdir / "mailpipe.yaml"
-    config_path.write_text(json.dumps(config))  # JSON is YAML
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPIPE_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
-    argv = [
-        sys.executable, "-m", "mailpipe", "serve",
-        "-c", str(config_path),
-        "--smtp", f"{HOST}:{smtp_port}",
-        "--http", f"{HOST}:{http_port}",
-        "--data-dir", str(workdir / "data"),
-        "--log-level", "warning",
-    ]  # fmt: skip
-    return Server(target, argv, workdir, smtp_port, http_port, env)
+    return mailpipe_server(target, workdir, config)
 
 
 def measure(
@@ -227,21 +162,7 @@ def measure(
     execs_before = worker_execs(server)
     stored_before = server.stored_total() or 0
     results = [run_load(server, groups, timeout) for _ in range(rounds)]
-    loads = [result.group() for result in results]
-    row.emails = sum(g["ok"] for g in loads)
-    row.failed = sum(g["failed"] for g in loads)
-    for g in loads:
-        for key, count in g["failures"].items():
-            row.failures[key] = row.failures.get(key, 0) + count
-    row.rounds = [
-        {"emails_per_s": g["emails_per_s"], "p50_ms": g["latency_ms"]["p50"],
-         "p99_ms": g["latency_ms"]["p99"]}
-        for g in loads
-    ]  # fmt: skip
-    median = sorted(loads, key=lambda g: g["emails_per_s"])[len(loads) // 2]
-    row.emails_per_s = median["emails_per_s"]
-    row.p50_ms = median["latency_ms"]["p50"]
-    row.p99_ms = median["latency_ms"]["p99"]
+    summarize_rounds(row, results)
     if row.emails:
         row.server_cpu_per_1000 = sum(r.server_cpu_s for r in results) / row.emails * 1000
         if row.workers:
@@ -256,15 +177,11 @@ def bench_target(target: str, args: argparse.Namespace, root: Path) -> tuple[Row
     workers = 0 if target == "store" else args.workers
     load = Row(target, "load", workers)
     solo = Row(target, "solo", workers)
-    workdir = Path(tempfile.mkdtemp(prefix=f"{target}-", dir=root))
-    try:
-        server = make_mailpipe(target, workers, workdir)
-        server.start()
-    except StartError as exc:
-        load.note = solo.note = f"did not start: {exc}"[:600]
+    server, note = start_server(target, root, lambda d: make_mailpipe(target, workers, d))
+    if server is None:
+        load.note = solo.note = note
         return load, solo
     try:
-        time.sleep(0.5)  # let it settle
         warmup = [group_spec("load", 10, 10, args.size, "reuse")]
         run_load(server, warmup, args.timeout)  # imports, caches, JIT-free but still
         spec = [group_spec("load", args.connections, args.messages, args.size, "reuse")]
@@ -272,8 +189,8 @@ def bench_target(target: str, args: argparse.Namespace, root: Path) -> tuple[Row
         if args.solo:
             solo_spec = [group_spec("load", 1, args.solo, args.size, "reuse")]
             measure(server, solo, solo_spec, args.rounds, args.timeout)
-    except Exception as exc:  # report it in the table and go on with the next target
-        load.note = f"run failed: {type(exc).__name__}: {exc}"[:600]
+    except Exception as exc:
+        load.note = failure_note(exc)
     finally:
         code = server.stop()
         if code not in (0, None):
@@ -287,11 +204,7 @@ def print_rows(title: str, rows: list[Row]) -> None:
     headers = [
         "target",
         "workers",
-        "emails",
-        "failed",
-        "emails/s",
-        "p50 ms",
-        "p99 ms",
+        *LoadRow.HEADERS,
         "vs store",
         "added p50 ms",
         "mailpipe CPU-s/1000",
@@ -306,11 +219,7 @@ def print_rows(title: str, rows: list[Row]) -> None:
         table.append([
             row.target,
             fmt(row.workers),
-            fmt(row.emails),
-            fmt(row.failed),
-            fmt(row.emails_per_s, 0),
-            fmt(row.p50_ms, 2),
-            fmt(row.p99_ms, 2),
+            *row.cells(),
             "-" if ratio != ratio else f"{ratio:.2f}x",
             "-" if added != added else f"{added:+.3f}",
             fmt(row.server_cpu_per_1000, 3),
@@ -324,9 +233,8 @@ def print_rows(title: str, rows: list[Row]) -> None:
         if row.worker_execs is not None and row.worker_execs != row.emails + row.failed:
             notes.append(f"worker execs {row.worker_execs} != {row.emails + row.failed} emails")
         if row.failures:
-            notes.append("failures " + ", ".join(f"{k} x{v}" for k, v in row.failures.items()))
-        if notes:
-            print(f"  {row.target}: " + "; ".join(notes))
+            notes.append(failures_note(row.failures))
+        print_row_notes(row.target, notes)
 
 
 def verdicts(load: list[Row], solo: list[Row]) -> list[str]:
@@ -352,42 +260,21 @@ def verdicts(load: list[Row], solo: list[Row]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = bench_parser(__doc__, TARGETS)
     parser.add_argument("--workers", type=int, default=4, help="workers per pool")
-    parser.add_argument("--connections", type=int, default=100, help="concurrent connections")
-    parser.add_argument("--messages", type=int, default=20, help="emails per connection")
-    parser.add_argument("--size", type=int, default=1024, help="bytes per email")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per scenario; median shown")
     parser.add_argument(
         "--solo", type=int, default=500, help="emails sent one by one on one connection (0: skip)"
     )
-    parser.add_argument(
-        "--targets", default=",".join(TARGETS), help=f"comma-separated, from {','.join(TARGETS)}"
-    )
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per load run")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    args = parser.parse_args(argv)
-    args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(args.target_list) - set(TARGETS)
-    if unknown:
-        parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
-    if min(args.workers, args.connections, args.messages, args.rounds, args.size) < 1:
-        parser.error("--workers, --connections, --messages, --rounds and --size must be positive")
-    return args
+    positive = ["workers", "connections", "messages", "rounds", "size"]
+    return parse_bench_args(parser, argv, TARGETS, positive)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_fd_limit()
     root = Path(tempfile.mkdtemp(prefix="mailpipe-bench-workers-"))
-    command = shlex.join([Path(sys.executable).name, *sys.argv])
-    print(f"command: {command}")
-    print(
-        f"machine: nproc={os.cpu_count()} python={platform.python_version()} "
-        f"cpu={cpu_model()} ({platform.platform()}; data dirs on {filesystem_of(root)})"
-    )
+    command, machine = announce(root)
     php = shutil.which("php")
     if php and "php" in args.target_list:
         version = os.popen(f"{shlex.quote(php)} -r 'echo PHP_VERSION;'").read().strip()
@@ -413,18 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     if lines:
         print()
         print("\n".join(lines))
-    elapsed = time.monotonic() - started_at
-    print(f"\n(total {elapsed:.0f}s)")
-    if args.json:
-        report = {
-            "command": command,
-            "args": vars(args),
-            "elapsed_s": elapsed,
-            "load": [asdict(r) for r in load_rows],
-            "solo": [asdict(r) for r in solo_rows],
-        }
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
-        print(f"results written to {args.json}")
+    report = {
+        "command": command,
+        "machine": machine,
+        "args": vars(args),
+        "load": [asdict(r) for r in load_rows],
+        "solo": [asdict(r) for r in solo_rows],
+    }
+    write_report(report, started_at, args.json)
     return 0
 
 

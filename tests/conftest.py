@@ -12,13 +12,19 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from mailpipe.event import CapturedEmail
+from mailpipe.metrics import Metrics
+from mailpipe.store.sqlite import SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -201,3 +207,59 @@ def mailpipe_factory(tmp_path: Path) -> Iterator[Callable[..., MailpipeServer]]:
 def mailpipe(mailpipe_factory: Callable[..., MailpipeServer]) -> MailpipeServer:
     """A mailpipe with defaults (memory attachments, raw included in events)."""
     return mailpipe_factory({"smtp": {"include_raw": True}})
+
+
+# ---- captured emails and the store ------------------------------------------------------------
+
+
+def make_email(
+    subject: str | None = "Hello",
+    *,
+    mail_from: str = "app@example.com",
+    to: tuple[str, ...] = ("user@example.org",),
+    header_from: str = "App <app@example.com>",
+    text: str | None = "Plain body",
+    html: str | None = None,
+    received_at: datetime | None = None,
+    raw: bytes | None = None,
+    uuid: str | None = None,
+    attachments: list[dict[str, Any]] | None = None,
+) -> CapturedEmail:
+    """A small event that follows email-event.schema.json, built by hand."""
+    when = (received_at or datetime.now(UTC)).isoformat().replace("+00:00", "Z")
+    raw = raw if raw is not None else f"Subject: {subject}\r\n\r\n{text}\r\n".encode()
+    headers = {"FROM": header_from, "To": ", ".join(to)}
+    if subject is not None:
+        headers["Subject"] = subject
+    event: dict[str, Any] = {
+        "event": "EMAIL_RECEIVED",
+        "uuid": uuid or str(uuidlib.uuid4()),
+        "remote_addr": "127.0.0.1:50000",
+        "received_at": when,
+        "envelope": {"from": mail_from, "to": list(to), "helo": "client.test"},
+        "authentication": {
+            "attempted": False,
+            "mechanism": None,
+            "username": None,
+            "password": None,
+        },
+        "message": {
+            "headers": headers,
+            "body": text if text is not None else (html or ""),
+            "text": text,
+            "html": html,
+            "subject": subject,
+            "size": len(raw),
+        },
+        "attachments": attachments or [],
+    }
+    return CapturedEmail(event=event, raw=raw)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    """A started SQLiteStore in tmp_path, with metrics."""
+    s = SQLiteStore(tmp_path / "store.db", metrics=Metrics())
+    await s.start()
+    yield s
+    await s.close()

@@ -10,16 +10,12 @@ the PHP consumer and the server are checked against each other.
 from __future__ import annotations
 
 import json
-import os
-import select
 import smtplib
 import socket
-import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -28,6 +24,7 @@ import orjson
 import pytest
 
 from conftest import ROOT, require_tool
+from goridge_peer import TIMEOUT, PeerProc, spawner
 from mailpipe.jobs.base import Delivery, Job
 from mailpipe.jobs.consumer import Verdict, verdict_for
 from mailpipe.worker import UNANSWERED, Consumer, WorkerProtocolError
@@ -41,7 +38,6 @@ from mailpipe.workers.goridge import (
 from mailpipe.workers.process import WorkerResponse
 
 EXAMPLES = ROOT / "examples"
-TIMEOUT = 10.0
 UUID = "6f1c2b7e-3d4a-4c5b-9e8f-0a1b2c3d4e5f"
 HEADERS = {"uuid": [UUID], "x-app": ["demo"]}
 HEADERS_JSON = orjson.dumps(HEADERS).decode()
@@ -98,45 +94,6 @@ def fail_body(message: str, requeue: bool = True, delay: int = 0) -> bytes:
 # --------------------------------------------------------------------------- test-side server
 
 
-class Channel:
-    """Frames over a pair of byte functions, with a timeout on every read."""
-
-    def __init__(self, fileno: int, read: Callable[[], bytes], write: Callable[[bytes], None]):
-        self.fileno = fileno
-        self._read = read
-        self._write = write
-        self.decoder = FrameDecoder()
-
-    def send(self, data: bytes) -> None:
-        self._write(data)
-
-    def recv(self, timeout: float = TIMEOUT) -> Frame:
-        deadline = time.monotonic() + timeout
-        while (frame := self.decoder.next_frame()) is None:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.fileno], [], [], left)[0]:
-                raise TimeoutError("no frame from the consumer")
-            data = self._read()
-            if not data:
-                raise EOFError("the consumer closed its output")
-            self.decoder.feed(data)
-        return frame
-
-    def handshake(self) -> int:
-        self.send(encode_control({"pid": os.getpid()}))
-        frame = self.recv()
-        assert frame.is_control and frame.options == ()
-        pid = frame.json()["pid"]  # type: ignore[index]
-        assert isinstance(pid, int) and pid > 0
-        return pid
-
-    def deliver(self, delivery: Delivery, driver: str = "sqlite") -> Frame:
-        """One job, sent as mailpipe's PipelineConsumer._run sends it."""
-        self.send(encode_payload(delivery.context(driver), delivery.job.payload,
-                                 flags=CODEC_RAW))
-        return self.recv()
-
-
 def body_of(frame: Frame) -> bytes:
     """The jobs answer: flags 0, one option = 0 (empty context), JSON in the body."""
     assert not frame.is_error and not frame.is_control, frame
@@ -152,22 +109,6 @@ def verdict(frame: Frame) -> Verdict:
         return verdict_for(WorkerResponse(1, error=frame.payload.decode()))
     context, body = frame.split()
     return verdict_for(WorkerResponse(1, context, body))
-
-
-@dataclass
-class ConsumerProc:
-    proc: subprocess.Popen[bytes]
-    chan: Channel
-    stderr_path: Path
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        """The server's stop control frame: the consumer must exit 0."""
-        self.chan.send(encode_control({"stop": True}))
-        return self.proc.wait(TIMEOUT)
 
 
 ASYNC_CONSUMER = textwrap.dedent(
@@ -275,35 +216,8 @@ def consumer_command(kind: str, tmp_path: Path) -> list[str]:
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., ConsumerProc]]:
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(kind: str, **env: str) -> ConsumerProc:
-        stderr_path = tmp_path / f"{kind}-{len(procs)}.stderr"
-        child_env = {**os.environ, "RR_RELAY": "pipes", "RR_MODE": "jobs",
-                     "PYTHONUNBUFFERED": "1", **env}
-        with stderr_path.open("wb") as stderr:
-            proc = subprocess.Popen(consumer_command(kind, tmp_path), stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=stderr, env=child_env)
-        procs.append(proc)
-        assert proc.stdin is not None and proc.stdout is not None
-        stdin, out = proc.stdin, proc.stdout
-
-        def write(data: bytes) -> None:
-            stdin.write(data)
-            stdin.flush()
-
-        chan = Channel(out.fileno(), lambda: os.read(out.fileno(), 65536), write)
-        return ConsumerProc(proc, chan, stderr_path)
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(5)
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                pipe.close()
+def spawn(tmp_path: Path) -> Iterator[Callable[..., PeerProc]]:
+    yield from spawner(tmp_path, lambda kind: consumer_command(kind, tmp_path), "jobs", "consumer")
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
@@ -319,7 +233,7 @@ ACK_BODY = {"python": b'{"type":2,"data":{}}', "async": b'{"type":2,"data":{}}',
 
 
 @pytest.mark.parametrize("kind", HOOK_KINDS)
-def test_hooks_answer_each_job(kind: str, spawn: Callable[..., ConsumerProc],
+def test_hooks_answer_each_job(kind: str, spawn: Callable[..., PeerProc],
                                tmp_path: Path) -> None:
     log = tmp_path / "jobs.log"
     consumer = spawn(kind, MAILPIPE_TEST_LOG=str(log))
@@ -353,7 +267,7 @@ def test_hooks_answer_each_job(kind: str, spawn: Callable[..., ConsumerProc],
 
 
 @pytest.mark.parametrize("kind", HOOK_KINDS)
-def test_crash_mid_job_exits_without_answer(kind: str, spawn: Callable[..., ConsumerProc],
+def test_crash_mid_job_exits_without_answer(kind: str, spawn: Callable[..., PeerProc],
                                             tmp_path: Path) -> None:
     log = tmp_path / "jobs.log"
     consumer = spawn(kind, MAILPIPE_TEST_LOG=str(log))
@@ -365,7 +279,7 @@ def test_crash_mid_job_exits_without_answer(kind: str, spawn: Callable[..., Cons
 
 
 @pytest.mark.parametrize("kind", HOOK_KINDS)
-def test_sleep_hook(kind: str, spawn: Callable[..., ConsumerProc]) -> None:
+def test_sleep_hook(kind: str, spawn: Callable[..., PeerProc]) -> None:
     consumer = spawn(kind)
     consumer.chan.handshake()
     started = time.monotonic()
@@ -377,7 +291,7 @@ def test_sleep_hook(kind: str, spawn: Callable[..., ConsumerProc]) -> None:
 
 @pytest.mark.parametrize("kind", ["python", "async"])
 def test_process_fails_a_raising_handler_with_requeue(
-        kind: str, spawn: Callable[..., ConsumerProc]) -> None:
+        kind: str, spawn: Callable[..., PeerProc]) -> None:
     consumer = spawn(kind)
     consumer.chan.handshake()
     frame = consumer.chan.deliver(make_delivery("x [raise]"))
@@ -392,7 +306,7 @@ def test_process_fails_a_raising_handler_with_requeue(
     assert "RuntimeError: refused: x [raise]" in stderr
 
 
-def test_python_example_requeue_hook_and_stderr(spawn: Callable[..., ConsumerProc]) -> None:
+def test_python_example_requeue_hook_and_stderr(spawn: Callable[..., PeerProc]) -> None:
     consumer = spawn("python")
     consumer.chan.handshake()
     frame = consumer.chan.deliver(make_delivery("x [requeue]"))
@@ -406,7 +320,7 @@ def test_python_example_requeue_hook_and_stderr(spawn: Callable[..., ConsumerPro
 
 
 @pytest.mark.parametrize("kind", [*HOOK_KINDS, "action"])
-def test_closed_relay_ends_the_consumer(kind: str, spawn: Callable[..., ConsumerProc]) -> None:
+def test_closed_relay_ends_the_consumer(kind: str, spawn: Callable[..., PeerProc]) -> None:
     consumer = spawn(kind)
     consumer.chan.handshake()
     assert consumer.proc.stdin is not None
@@ -456,7 +370,7 @@ def expected_body(call: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
 
 
 @pytest.mark.parametrize("kind", ["action", "async-action"])
-def test_sdk_answers_match_the_server(kind: str, spawn: Callable[..., ConsumerProc]) -> None:
+def test_sdk_answers_match_the_server(kind: str, spawn: Callable[..., PeerProc]) -> None:
     consumer = spawn(kind)
     consumer.chan.handshake()
     for call, kwargs, body, expected in ANSWERS:
@@ -469,7 +383,7 @@ def test_sdk_answers_match_the_server(kind: str, spawn: Callable[..., ConsumerPr
 
 @pytest.mark.parametrize("kind", ["action", "async-action"])
 def test_unanswered_job_is_nacked_with_requeue(kind: str,
-                                               spawn: Callable[..., ConsumerProc]) -> None:
+                                               spawn: Callable[..., PeerProc]) -> None:
     consumer = spawn(kind)
     consumer.chan.handshake()
     skipped = consumer.chan.deliver(action_delivery("skip"))
@@ -482,7 +396,7 @@ def test_unanswered_job_is_nacked_with_requeue(kind: str,
 
 
 @pytest.mark.parametrize("kind", ["action", "python", "php"])
-def test_bad_request_gets_an_error_frame(kind: str, spawn: Callable[..., ConsumerProc]) -> None:
+def test_bad_request_gets_an_error_frame(kind: str, spawn: Callable[..., PeerProc]) -> None:
     consumer = spawn(kind)
     consumer.chan.handshake()
     consumer.chan.send(encode_payload(b"not json", b"{}", flags=CODEC_RAW))
@@ -493,7 +407,7 @@ def test_bad_request_gets_an_error_frame(kind: str, spawn: Callable[..., Consume
     assert consumer.stop() == 0
 
 
-def test_consumer_warns_outside_jobs_mode(spawn: Callable[..., ConsumerProc]) -> None:
+def test_consumer_warns_outside_jobs_mode(spawn: Callable[..., PeerProc]) -> None:
     consumer = spawn("action", RR_MODE="smtp")
     consumer.chan.handshake()
     assert consumer.stop() == 0

@@ -8,68 +8,17 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid as uuidlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import make_email
 from mailpipe.event import CapturedEmail
 from mailpipe.metrics import Metrics
 from mailpipe.store.sqlite import SQLiteStore, StoreClosedError, StoreSink
-
-
-def make_email(
-    subject: str | None = "Hello",
-    *,
-    mail_from: str = "app@example.com",
-    to: tuple[str, ...] = ("user@example.org",),
-    header_from: str = "App <app@example.com>",
-    text: str | None = "Plain body",
-    html: str | None = None,
-    received_at: datetime | None = None,
-    raw: bytes | None = None,
-    uuid: str | None = None,
-) -> CapturedEmail:
-    """A small event that follows email-event.schema.json, built by hand."""
-    when = (received_at or datetime.now(UTC)).isoformat().replace("+00:00", "Z")
-    raw = raw if raw is not None else f"Subject: {subject}\r\n\r\n{text}\r\n".encode()
-    headers = {"FROM": header_from, "To": ", ".join(to)}
-    if subject is not None:
-        headers["Subject"] = subject
-    event: dict[str, Any] = {
-        "event": "EMAIL_RECEIVED",
-        "uuid": uuid or str(uuidlib.uuid4()),
-        "remote_addr": "127.0.0.1:50000",
-        "received_at": when,
-        "envelope": {"from": mail_from, "to": list(to), "helo": "client.test"},
-        "authentication": {
-            "attempted": False,
-            "mechanism": None,
-            "username": None,
-            "password": None,
-        },
-        "message": {
-            "headers": headers,
-            "body": text if text is not None else (html or ""),
-            "text": text,
-            "html": html,
-            "subject": subject,
-            "size": len(raw),
-        },
-        "attachments": [],
-    }
-    return CapturedEmail(event=event, raw=raw)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(tmp_path / "store.db", metrics=Metrics())
-    await s.start()
-    yield s
-    await s.close()
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import SMTP
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -20,44 +19,10 @@ import jsonschema
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from mailpipe.event import CapturedEmail
+from conftest import make_email
 from mailpipe.metrics import Metrics
 from mailpipe.store.sqlite import SQLiteStore
 from mailpipe.web.app import HttpAuth, create_app, start_http, stop_http
-
-
-def make_email(
-    subject: str = "Hello",
-    *,
-    text: str = "Plain body",
-    raw: bytes | None = None,
-    attachments: list[dict[str, Any]] | None = None,
-) -> CapturedEmail:
-    """A small event that follows email-event.schema.json, built by hand."""
-    raw = raw if raw is not None else f"Subject: {subject}\r\n\r\n{text}\r\n".encode()
-    event: dict[str, Any] = {
-        "event": "EMAIL_RECEIVED",
-        "uuid": str(uuidlib.uuid4()),
-        "remote_addr": "127.0.0.1:50000",
-        "received_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        "envelope": {"from": "app@example.com", "to": ["user@example.org"], "helo": "c.test"},
-        "authentication": {
-            "attempted": False,
-            "mechanism": None,
-            "username": None,
-            "password": None,
-        },
-        "message": {
-            "headers": {"From": "App <app@example.com>", "Subject": subject},
-            "body": text,
-            "text": text,
-            "html": None,
-            "subject": subject,
-            "size": len(raw),
-        },
-        "attachments": attachments or [],
-    }
-    return CapturedEmail(event=event, raw=raw)
 
 
 def described(name: str, content_type: str, data: bytes) -> dict[str, Any]:
@@ -69,14 +34,6 @@ def described(name: str, content_type: str, data: bytes) -> dict[str, Any]:
         "sha256": hashlib.sha256(data).hexdigest(),
         "content": base64.b64encode(data).decode(),
     }
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(tmp_path / "store.db", metrics=Metrics())
-    await s.start()
-    yield s
-    await s.close()
 
 
 @pytest.fixture

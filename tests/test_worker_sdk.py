@@ -12,20 +12,19 @@ import hashlib
 import io
 import json
 import os
-import select
 import socket
 import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import ROOT, require_tool
+from goridge_peer import TIMEOUT, PeerProc, accept_channel, spawner
 from mailpipe.worker import (
     Email,
     Worker,
@@ -35,10 +34,8 @@ from mailpipe.worker import (
 from mailpipe.workers.goridge import (
     BYTE10_PONG,
     BYTE10_STOP,
-    CODEC_JSON,
     CONTROL,
     Frame,
-    FrameDecoder,
     FrameError,
     encode_control,
     encode_frame,
@@ -47,7 +44,6 @@ from mailpipe.workers.goridge import (
 )
 
 EXAMPLES = ROOT / "examples"
-TIMEOUT = 10.0
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -134,75 +130,11 @@ def make_event(subject: str | None = "hello", **overrides: Any) -> dict[str, Any
 # --------------------------------------------------------------------------- test-side server
 
 
-class Channel:
-    """Frames over a pair of byte functions, with a timeout on every read."""
-
-    def __init__(self, fileno: int, read: Callable[[], bytes], write: Callable[[bytes], None]):
-        self.fileno = fileno
-        self._read = read
-        self._write = write
-        self.decoder = FrameDecoder()
-
-    def send(self, data: bytes) -> None:
-        self._write(data)
-
-    def recv(self, timeout: float = TIMEOUT) -> Frame:
-        deadline = time.monotonic() + timeout
-        while (frame := self.decoder.next_frame()) is None:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.fileno], [], [], left)[0]:
-                raise TimeoutError("no frame from the worker")
-            data = self._read()
-            if not data:
-                raise EOFError("the worker closed its output")
-            self.decoder.feed(data)
-        return frame
-
-    def expect_eof(self, timeout: float = TIMEOUT) -> None:
-        with pytest.raises(EOFError):
-            self.recv(timeout)
-
-    def handshake(self, expected_pid: int | None) -> int:
-        self.send(encode_control({"pid": os.getpid()}))
-        frame = self.recv()
-        assert frame.is_control, frame
-        assert frame.options == ()
-        pid = frame.json()["pid"]  # type: ignore[index]
-        assert isinstance(pid, int) and pid > 0
-        if expected_pid is not None:
-            assert pid == expected_pid
-        return pid
-
-    def request(self, event: dict[str, Any], raw: bytes = b"") -> Frame:
-        self.send(encode_payload(json.dumps(event).encode(), raw, flags=CODEC_JSON))
-        return self.recv()
-
-
 def answer(frame: Frame) -> bytes:
     """The response context (CONTINUE/CLOSE), checking the response layout on the way."""
     assert not frame.is_error and not frame.is_control, frame
     assert frame.flags == 0 and len(frame.options) == 1
     return frame.split()[0]
-
-
-@dataclass
-class WorkerProc:
-    proc: subprocess.Popen[bytes]
-    chan: Channel
-    stderr_path: Path
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def wait(self, timeout: float = TIMEOUT) -> int:
-        return self.proc.wait(timeout)
-
-
-def worker_env(relay: str = "pipes", **extra: str) -> dict[str, str]:
-    env = {**os.environ, "RR_RELAY": relay, "RR_MODE": "smtp", "PYTHONUNBUFFERED": "1"}
-    env.update(extra)
-    return env
 
 
 ASYNC_WORKER = textwrap.dedent(
@@ -280,38 +212,8 @@ def worker_command(kind: str, tmp_path: Path) -> list[str]:
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., WorkerProc]]:
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(kind: str, **env: str) -> WorkerProc:
-        stderr_path = tmp_path / f"{kind}-{len(procs)}.stderr"
-        with stderr_path.open("wb") as stderr:
-            proc = subprocess.Popen(
-                worker_command(kind, tmp_path),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                env=worker_env(**env),
-            )
-        procs.append(proc)
-        assert proc.stdin is not None and proc.stdout is not None
-        stdin, stdout = proc.stdin, proc.stdout
-
-        def write(data: bytes) -> None:
-            stdin.write(data)
-            stdin.flush()
-
-        chan = Channel(stdout.fileno(), lambda: os.read(stdout.fileno(), 65536), write)
-        return WorkerProc(proc, chan, stderr_path)
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(5)
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                pipe.close()
+def spawn(tmp_path: Path) -> Iterator[Callable[..., PeerProc]]:
+    yield from spawner(tmp_path, lambda kind: worker_command(kind, tmp_path), "smtp", "worker")
 
 
 WORKERS = ["python", "php", "async"]
@@ -321,7 +223,7 @@ WORKERS = ["python", "php", "async"]
 
 
 @pytest.mark.parametrize("kind", WORKERS)
-def test_handshake_and_answers(kind: str, spawn: Callable[..., WorkerProc]) -> None:
+def test_handshake_and_answers(kind: str, spawn: Callable[..., PeerProc]) -> None:
     worker = spawn(kind)
     worker.chan.handshake(worker.proc.pid)
 
@@ -346,7 +248,7 @@ def test_handshake_and_answers(kind: str, spawn: Callable[..., WorkerProc]) -> N
 
 
 @pytest.mark.parametrize("kind", WORKERS)
-def test_print_does_not_corrupt_frames(kind: str, spawn: Callable[..., WorkerProc]) -> None:
+def test_print_does_not_corrupt_frames(kind: str, spawn: Callable[..., PeerProc]) -> None:
     worker = spawn(kind)
     worker.chan.handshake(worker.proc.pid)
     assert answer(worker.chan.request(make_event("noisy [print]"))) == b"CONTINUE"
@@ -358,7 +260,7 @@ def test_print_does_not_corrupt_frames(kind: str, spawn: Callable[..., WorkerPro
 
 
 @pytest.mark.parametrize("kind", WORKERS)
-def test_worker_initiated_stop(kind: str, spawn: Callable[..., WorkerProc]) -> None:
+def test_worker_initiated_stop(kind: str, spawn: Callable[..., PeerProc]) -> None:
     worker = spawn(kind)
     worker.chan.handshake(worker.proc.pid)
     assert answer(worker.chan.request(make_event("first"))) == b"CONTINUE"
@@ -372,7 +274,7 @@ def test_worker_initiated_stop(kind: str, spawn: Callable[..., WorkerProc]) -> N
 
 
 @pytest.mark.parametrize("kind", WORKERS)
-def test_pid_again_and_stray_stream_frames(kind: str, spawn: Callable[..., WorkerProc]) -> None:
+def test_pid_again_and_stray_stream_frames(kind: str, spawn: Callable[..., PeerProc]) -> None:
     worker = spawn(kind)
     pid = worker.chan.handshake(worker.proc.pid)
     assert answer(worker.chan.request(make_event("one"))) == b"CONTINUE"
@@ -388,7 +290,7 @@ def test_pid_again_and_stray_stream_frames(kind: str, spawn: Callable[..., Worke
 
 
 @pytest.mark.parametrize("kind", WORKERS)
-def test_eof_on_stdin_ends_the_worker(kind: str, spawn: Callable[..., WorkerProc]) -> None:
+def test_eof_on_stdin_ends_the_worker(kind: str, spawn: Callable[..., PeerProc]) -> None:
     worker = spawn(kind)
     worker.chan.handshake(worker.proc.pid)
     assert worker.proc.stdin is not None
@@ -397,7 +299,7 @@ def test_eof_on_stdin_ends_the_worker(kind: str, spawn: Callable[..., WorkerProc
 
 
 @pytest.mark.parametrize("kind", ["python", "php"])
-def test_crash_and_test_log(kind: str, spawn: Callable[..., WorkerProc], tmp_path: Path) -> None:
+def test_crash_and_test_log(kind: str, spawn: Callable[..., PeerProc], tmp_path: Path) -> None:
     log = tmp_path / "emails.jsonl"
     worker = spawn(kind, MAILPIPE_TEST_LOG=str(log), MAILPIPE_TEST_SLEEP_MS="20")
     worker.chan.handshake(worker.proc.pid)
@@ -423,7 +325,7 @@ def test_crash_and_test_log(kind: str, spawn: Callable[..., WorkerProc], tmp_pat
     assert lines[1]["subject"] == "b [close]"
 
 
-def test_typed_email_view(spawn: Callable[..., WorkerProc]) -> None:
+def test_typed_email_view(spawn: Callable[..., PeerProc]) -> None:
     worker = spawn("echo")
     worker.chan.handshake(worker.proc.pid)
     frame = worker.chan.request(make_event("Café report"), RAW)
@@ -459,17 +361,10 @@ def test_typed_email_view(spawn: Callable[..., WorkerProc]) -> None:
 # --------------------------------------------------------------------------- socket relays
 
 
-def accept_channel(server: socket.socket) -> tuple[socket.socket, Channel]:
-    server.settimeout(TIMEOUT)
-    conn, _ = server.accept()
-    conn.settimeout(TIMEOUT)
-    return conn, Channel(conn.fileno(), lambda: conn.recv(65536), conn.sendall)
-
-
 @pytest.mark.parametrize("kind", ["python", "async", "echo"])
 @pytest.mark.parametrize("family", ["tcp", "unix"])
 def test_socket_relay(
-    kind: str, family: str, tmp_path: Path, spawn: Callable[..., WorkerProc]
+    kind: str, family: str, tmp_path: Path, spawn: Callable[..., PeerProc]
 ) -> None:
     if family == "tcp":
         server = socket.create_server(("127.0.0.1", 0))

@@ -10,15 +10,12 @@ writer commits.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import html
 import queue
 import re
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +26,7 @@ import orjson
 from mailpipe.event import CapturedEmail
 from mailpipe.metrics import Metrics
 from mailpipe.sinks.base import Sink
+from mailpipe.store.writer import GroupCommitWriter
 
 T = TypeVar("T")
 
@@ -81,11 +79,7 @@ class StoreClosedError(RuntimeError):
 class _Op:
     kind: Literal["insert", "delete", "clear"]
     arg: Any
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
 
-
-_STOP = object()
 
 # Aliases, because inside SQLiteStore the name `list` is the method, not the builtin.
 Batch = list[_Op]
@@ -118,12 +112,22 @@ class SQLiteStore:
         self.batch_max = batch_max
         self.metrics = metrics
         self.stats: dict[str, int] = {"commits": 0, "written": 0, "failed": 0, "max_batch": 0}
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._writer: GroupCommitWriter[_Op] = GroupCommitWriter(
+            "mailpipe-store-writer",
+            self._write_batch,
+            batch_max=batch_max,
+            closed=lambda: StoreClosedError("store writer stopped"),
+            failed=self._batch_failed,
+            setup=self._open_writer,
+            teardown=self._close_writer,
+            # Without writes, age retention still has to run now and then.
+            idle=self._prune_only,
+            idle_timeout=None if max_age is None else min(max_age / 2, MAX_PRUNE_INTERVAL),
+        )
+        self._conn: sqlite3.Connection | None = None  # the writer's, used in its thread only
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._running = False
         self._messages = 0
-        self._last_error: str | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -131,19 +135,13 @@ class SQLiteStore:
         if self._running:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=self._writer_main, args=(ready,), name="mailpipe-store-writer", daemon=True
-        )
-        self._thread.start()
-        await asyncio.wrap_future(ready)
+        await self._writer.start()
         try:
             # Readers are opened after the writer has switched the file to WAL.
             for _ in range(READERS):
                 self._readers.put(await asyncio.to_thread(self._open_reader))
         except BaseException:
-            self._queue.put(_STOP)
-            await asyncio.to_thread(self._thread.join)
+            await self._writer.stop()
             self._close_readers()
             raise
         self._running = True
@@ -153,9 +151,7 @@ class SQLiteStore:
             return
         # Set first: add() runs on the loop, so nothing can be queued behind the stop marker.
         self._running = False
-        self._queue.put(_STOP)
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        await self._writer.stop()
         self._close_readers()
 
     def _close_readers(self) -> None:
@@ -163,13 +159,13 @@ class SQLiteStore:
             self._readers.get_nowait().close()
 
     def health(self) -> dict[str, object]:
-        alive = self._running and self._thread is not None and self._thread.is_alive()
+        alive = self._running and self._writer.alive
         return {
-            "ok": alive and self._last_error is None,
+            "ok": alive and self._writer.last_error is None,
             "messages": self._messages,
-            "pending": self._queue.qsize(),
+            "pending": self._writer.pending,
             "commits": self.stats["commits"],
-            "last_error": self._last_error,
+            "last_error": self._writer.last_error,
         }
 
     # ---- writes (through the writer thread) ----------------------------------------------
@@ -185,12 +181,9 @@ class SQLiteStore:
         return int(await self._submit("clear", None))
 
     async def _submit(self, kind: Literal["insert", "delete", "clear"], arg: Any) -> Any:
-        if not self._running or self._thread is None or not self._thread.is_alive():
+        if not self._running or not self._writer.alive:
             raise StoreClosedError("store is not running")
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.put(_Op(kind, arg, future, loop))
-        return await future
+        return await self._writer.submit(_Op(kind, arg))
 
     # ---- reads (pool of read connections, off the loop) ----------------------------------
 
@@ -268,77 +261,32 @@ class SQLiteStore:
 
     # ---- the writer thread ---------------------------------------------------------------
 
-    def _writer_main(self, ready: concurrent.futures.Future[None]) -> None:
-        try:
-            conn = self._open_writer()
-        except BaseException as exc:
-            ready.set_exception(exc)
-            return
-        ready.set_result(None)
-        try:
-            self._writer_loop(conn)
-        finally:
-            conn.close()
-            self._fail_leftovers()
-
-    def _fail_leftovers(self) -> None:
-        # Empty after a clean close (close() stops new ops first); after a crash of the loop
-        # this keeps callers from waiting forever.
-        leftovers: Batch = []
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is not _STOP:
-                leftovers.append(item)
-        _resolve(leftovers, [StoreClosedError("store writer stopped")] * len(leftovers))
-
-    def _open_writer(self) -> sqlite3.Connection:
+    def _open_writer(self) -> None:
         conn = self._connect()
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-        conn.executescript(SCHEMA)
-        self._messages = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
-        self._last_age_prune = -1e9
-        self._transaction(conn, [])  # apply retention to what an earlier run left
-        return conn
-
-    def _writer_loop(self, conn: sqlite3.Connection) -> None:
-        timeout = None if self.max_age is None else min(self.max_age / 2, MAX_PRUNE_INTERVAL)
-        while True:
-            try:
-                first = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                self._prune_only(conn)
-                continue
-            if first is _STOP:
-                return
-            batch, stop = self._drain([first])
-            self._write_batch(conn, batch)
-            if stop:
-                return
-
-    def _drain(self, batch: Batch) -> tuple[Batch, bool]:
-        """Add whatever else is already queued, without waiting for more."""
-        while len(batch) < self.batch_max:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return batch, False
-            if item is _STOP:
-                return batch, True
-            batch.append(item)
-        return batch, False
-
-    def _write_batch(self, conn: sqlite3.Connection, batch: Batch) -> None:
         try:
-            results = self._transaction(conn, batch)
-        except Exception as exc:
-            self._last_error = f"{type(exc).__name__}: {exc}"
-            self.stats["failed"] += len(batch)
-            _resolve(batch, [exc] * len(batch))
-            return
-        self._last_error = None
-        self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
-        _resolve(batch, results)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.executescript(SCHEMA)
+            self._messages = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+            self._last_age_prune = -1e9
+            self._transaction(conn, [])  # apply retention to what an earlier run left
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _close_writer(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _write_batch(self, batch: Batch) -> Results:
+        assert self._conn is not None
+        return self._transaction(self._conn, batch)
+
+    def _batch_failed(self, exc: Exception, batch: Batch) -> BaseException:
+        self.stats["failed"] += len(batch)
+        return exc
 
     def _apply(self, conn: sqlite3.Connection, op: _Op) -> Any:
         if op.kind == "insert":
@@ -353,11 +301,9 @@ class SQLiteStore:
         self._messages -= deleted
         return deleted
 
-    def _prune_only(self, conn: sqlite3.Connection) -> None:
-        try:
-            self._transaction(conn, [])
-        except Exception as exc:
-            self._last_error = f"{type(exc).__name__}: {exc}"
+    def _prune_only(self) -> None:
+        assert self._conn is not None
+        self._transaction(self._conn, [])
 
     def _transaction(self, conn: sqlite3.Connection, batch: Batch) -> Results:
         """Apply the batch and retention in one transaction; one result per op.
@@ -385,6 +331,7 @@ class SQLiteStore:
             raise
         if batch:  # retention-only transactions are not counted
             self.stats["commits"] += 1
+            self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
         self.stats["written"] += sum(1 for op in batch if op.kind == "insert")
         if self.metrics is not None:
             self.metrics.store_messages.set(self._messages)
@@ -430,29 +377,6 @@ class StoreSink(Sink):
 
 
 # ---- helpers ------------------------------------------------------------------------------
-
-
-
-
-def _resolve(batch: list[_Op], results: list[Any]) -> None:
-    """Hand results back to each waiting loop with one wake-up per loop, not per op."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
-    for op, result in zip(batch, results, strict=True):
-        by_loop.setdefault(op.loop, []).append((op.future, result))
-    for loop, pairs in by_loop.items():
-        # A loop that has gone away has nobody left waiting.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_settle, pairs)
-
-
-def _settle(pairs: Iterable[tuple[asyncio.Future[Any], Any]]) -> None:
-    for future, result in pairs:
-        if future.done():  # the caller was cancelled; the write stands regardless
-            continue
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
 
 
 def _row(email: CapturedEmail) -> tuple[Any, ...]:
