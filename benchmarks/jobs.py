@@ -50,14 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ingest import (  # a sibling script, not a package
     HOST,
-    REPO,
     Server,
     StartError,
     cpu_model,
     filesystem_of,
     fmt,
-    free_port,
     group_spec,
+    mailpipe_config,
+    mailpipe_server,
     print_table,
     raise_fd_limit,
     run_load,
@@ -190,28 +190,11 @@ async def remove_pipeline(driver: str, name: str, workdir: Path) -> None:
 
 
 def make_mailpipe(label: str, workdir: Path, jobs: dict[str, Any] | None) -> Server:
-    smtp_port, http_port = free_port(), free_port()
-    config: dict[str, Any] = {
-        "shutdown_timeout": "10s",
-        "smtp": {"max_connections": 5000, "max_message_size": "64MB"},
-        "store": {"max_messages": 10_000_000},
-    }
+    config = mailpipe_config()
     if jobs is not None:
         config["smtp"]["jobs"] = jobs["smtp"]
         config["jobs"] = {"pipelines": jobs["pipelines"]}
-    config_path = workdir / "mailpipe.yaml"
-    config_path.write_text(json.dumps(config))  # JSON is YAML
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPIPE_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
-    argv = [
-        sys.executable, "-m", "mailpipe", "serve",
-        "-c", str(config_path),
-        "--smtp", f"{HOST}:{smtp_port}",
-        "--http", f"{HOST}:{http_port}",
-        "--data-dir", str(workdir / "data"),
-        "--log-level", "warning",
-    ]  # fmt: skip
-    return Server(label, argv, workdir, smtp_port, http_port, env)
+    return mailpipe_server(label, workdir, config)
 
 
 def metrics_text(server: Server) -> str:
