@@ -100,9 +100,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
         from mailpipe.workers.sink import WorkerSink
 
         config = self.config
-        rpc = f"http://{config.http.addr}" if config.http.enabled else None
         self.pool = WorkerPool(config.smtp.pool or PoolConfig(), config.server,
-                               metrics=self.metrics, mode="smtp", rpc_address=rpc)
+                               metrics=self.metrics, mode="smtp", rpc_address=config.admin_url)
         return WorkerSink(self.pool, self.metrics, include_raw=config.smtp.include_raw)
 
     def health(self) -> dict[str, object]:

@@ -496,6 +496,11 @@ class Config(BaseSettings):
         return self.smtp.delivery in ("jobs", "both")
 
     @property
+    def admin_url(self) -> str | None:
+        """The admin API's address, given to workers as RR_RPC."""
+        return f"http://{self.http.addr}" if self.http.enabled else None
+
+    @property
     def store_path(self) -> Path:
         return Path(self.store.path) if self.store.path else Path(self.data_dir) / "mailpipe.db"
 

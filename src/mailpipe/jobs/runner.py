@@ -41,9 +41,8 @@ def build_jobs_sink(config: Config, metrics: Metrics) -> JobsSink:
 
 def build_consumer(config: Config, names: list[str], metrics: Metrics) -> JobsConsumer:
     """Consumers for `names` sharing one pool of jobs workers (RR_MODE=jobs)."""
-    rpc = f"http://{config.http.addr}" if config.http.enabled else None
     pool = WorkerPool(config.jobs.pool, config.server, metrics=metrics, mode="jobs",
-                      rpc_address=rpc)
+                      rpc_address=config.admin_url)
     consumers = {}
     workers = asyncio.Semaphore(max(1, pool.target))
     for name in names:
