@@ -206,11 +206,22 @@ async def test_contract_many_jobs_none_lost_none_twice(driver_factory: DriverFac
     jobs = [make_job(i) for i in range(2000)]
     for start in range(0, len(jobs), 100):
         await producer.push_batch(jobs[start:start + 100])
+    await drain_all_once(consumers, jobs, timeout=60)
+
+
+async def drain_all_once(consumers: list[Driver], jobs: list[Job], timeout: float,
+                         *also: Awaitable[Any]) -> list[Delivery]:
+    """Drain `jobs` with every consumer at once (beside `also`, e.g. the producer still
+    pushing) and check each job came exactly once, with its payload intact."""
     got: list[Delivery] = []
-    await asyncio.gather(*(drain(c, len(jobs), timeout=60, got=got) for c in consumers))
+    await asyncio.gather(*also, *(drain(c, len(jobs), timeout=timeout, got=got)
+                                  for c in consumers))
     await asyncio.sleep(0.5)  # anything delivered twice would show up now
     for consumer in consumers:
         got.extend(await consumer.receive(100, 0.2))
     ids = [d.job.id for d in got]
     assert len(ids) == len(set(ids)), "a job was delivered twice"
     assert set(ids) == {j.id for j in jobs}, f"{len(jobs) - len(set(ids))} jobs lost"
+    payloads = {j.id: j.payload for j in jobs}
+    assert all(d.job.payload == payloads[d.job.id] for d in got)
+    return got

@@ -140,6 +140,19 @@ def cram_digest(password: str, challenge: bytes) -> str:
     return hmac.new(password.encode("utf-8"), challenge, "md5").hexdigest()
 
 
+def check_auth(event: dict[str, Any], mechanism: str, user: str, password: str) -> None:
+    """The credentials the client sent are in the event (CRAM-MD5: as the digest)."""
+    if mechanism == "CRAM-MD5":
+        check_cram(event, user, password)
+    else:
+        assert event["authentication"] == {
+            "attempted": True,
+            "mechanism": mechanism,
+            "username": user,
+            "password": password,
+        }
+
+
 def check_cram(event: dict[str, Any], user: str, password: str) -> None:
     auth = event["authentication"]
     assert auth["attempted"] is True
@@ -467,15 +480,7 @@ async def test_aiosmtplib_auth(server: MailpipeServer, api: Api, mechanism: str)
         assert errors == {}
     event = await asyncio.to_thread(api.only)
     assert event["message"]["subject"] == f"aiosmtplib {mechanism}"
-    if mechanism == "CRAM-MD5":
-        check_cram(event, user, password)
-    else:
-        assert event["authentication"] == {
-            "attempted": True,
-            "mechanism": mechanism,
-            "username": user,
-            "password": password,
-        }
+    check_auth(event, mechanism, user, password)
 
 
 async def test_aiosmtplib_smtputf8_and_helo(server: MailpipeServer, api: Api) -> None:
@@ -687,15 +692,7 @@ def test_swaks_auth(server: MailpipeServer, api: Api, mechanism: str) -> None:
     )  # fmt: skip
     event = api.only()
     assert event["message"]["subject"] == f"swaks {mechanism}"
-    if mechanism == "CRAM-MD5":
-        check_cram(event, user, password)
-    else:
-        assert event["authentication"] == {
-            "attempted": True,
-            "mechanism": mechanism,
-            "username": user,
-            "password": password,
-        }
+    check_auth(event, mechanism, user, password)
 
 
 def test_swaks_attach_file(server: MailpipeServer, api: Api, tmp_path: Path) -> None:
@@ -966,15 +963,7 @@ def test_phpmailer_keepalive(
         names = {name.lower() for name, _ in message_doc["header_list"]}
         assert "bcc" not in names
         assert message_doc["headers"]["Cc"] == f"cc{i}@example.test"
-        if auth_type == "CRAM-MD5":
-            check_cram(event, user, password)
-        else:
-            assert event["authentication"] == {
-                "attempted": True,
-                "mechanism": auth_type,
-                "username": user,
-                "password": password,
-            }
+        check_auth(event, auth_type, user, password)
     api.check_attachments(
         events[0], [("rapport annuel 📊.bin", report, "application/octet-stream")]
     )

@@ -24,7 +24,7 @@ import pytest
 
 from conftest import IN_CI, ROOT, free_port
 from jobs_contract import *  # noqa: F403  (the contract's tests run in this module)
-from jobs_contract import DriverFactory, drain, make_job, receive_one
+from jobs_contract import DriverFactory, drain, drain_all_once, make_job, receive_one
 from mailpipe.config import AMQPPipelineOptions
 from mailpipe.jobs.base import Delivery, DriverError, Job
 from mailpipe.jobs.drivers.amqp import AMQPDriver, delay_ms
@@ -518,16 +518,7 @@ async def test_ten_thousand_jobs_none_lost_none_twice(pipeline: Pipeline) -> Non
         for batch in batches:
             await producer.push_batch(batch)
 
-    got: list[Delivery] = []
-    await asyncio.gather(push(), *(drain(c, len(jobs), timeout=90, got=got) for c in consumers))
-    await asyncio.sleep(0.5)
-    for consumer in consumers:
-        got.extend(await consumer.receive(100, 0.2))
-    ids = [d.job.id for d in got]
-    assert len(ids) == len(set(ids)), "a job was delivered twice"
-    assert set(ids) == {j.id for j in jobs}
-    payloads = {j.id: j.payload for j in jobs}
-    assert all(d.job.payload == payloads[d.job.id] for d in got)
+    await drain_all_once(consumers, jobs, 90, push())
     assert (await producer.stats()).ready == 0
 
 
