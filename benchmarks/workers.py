@@ -7,7 +7,7 @@
 Three mailpipe configurations, each a fresh `python -m mailpipe serve` process:
 
 - store:  the capture core alone (SMTP, parsing, SQLite commit before the 250), no workers;
-- python: the same plus a pool of N no-op workers on the Python SDK (`mailpipe.worker`);
+- python: the same plus a pool of N no-op workers on the Python SDK (`mailpipe.sdk`);
 - php:    the same plus a pool of N no-op workers in plain php-cli speaking Goridge directly.
 
 Every email then makes one round trip to a worker (event JSON in the context, empty body) before
@@ -72,7 +72,7 @@ ADDED_LATENCY_GOAL_MS = 0.3
 
 # A no-op worker on the Python SDK: answer CONTINUE to every email.
 PYTHON_NOOP = """\
-from mailpipe.worker import Worker
+from mailpipe.sdk import Worker
 
 worker = Worker.create()
 for email in worker:

@@ -35,7 +35,7 @@ import re
 import sys
 import time
 
-from mailpipe.worker import Consumer, ReceivedJob
+from mailpipe.sdk import Consumer, ReceivedJob
 
 LOG = os.environ.get("MAILPIPE_TEST_LOG")
 SLEEP_MS = float(os.environ.get("MAILPIPE_TEST_SLEEP_MS") or 0)

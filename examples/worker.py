@@ -23,7 +23,7 @@ import re
 import sys
 import time
 
-from mailpipe.worker import Worker
+from mailpipe.sdk import Worker
 
 LOG = os.environ.get("MAILPIPE_TEST_LOG")
 SLEEP_MS = float(os.environ.get("MAILPIPE_TEST_SLEEP_MS") or 0)

@@ -27,7 +27,7 @@ from conftest import ROOT, require_tool
 from goridge_peer import TIMEOUT, PeerProc, spawner
 from mailpipe.jobs.base import Delivery, Job
 from mailpipe.jobs.consumer import Verdict, verdict_for
-from mailpipe.worker import UNANSWERED, Consumer, WorkerProtocolError
+from mailpipe.sdk import UNANSWERED, Consumer, WorkerProtocolError
 from mailpipe.workers.goridge import (
     CODEC_RAW,
     Frame,
@@ -118,7 +118,7 @@ ASYNC_CONSUMER = textwrap.dedent(
     import os
     import re
 
-    from mailpipe.worker import AsyncConsumer, AsyncReceivedJob
+    from mailpipe.sdk import AsyncConsumer, AsyncReceivedJob
 
     LOG = os.environ.get("MAILPIPE_TEST_LOG")
 
@@ -167,7 +167,7 @@ ACTION_CONSUMER = textwrap.dedent(
     """
     import json
 
-    from mailpipe.worker import Consumer
+    from mailpipe.sdk import Consumer
 
     consumer = Consumer.create()
     for job in consumer:
@@ -183,7 +183,7 @@ ASYNC_ACTION_CONSUMER = textwrap.dedent(
     import asyncio
     import json
 
-    from mailpipe.worker import AsyncConsumer
+    from mailpipe.sdk import AsyncConsumer
 
 
     async def main() -> None:

@@ -25,7 +25,7 @@ import pytest
 
 from conftest import ROOT, require_tool
 from goridge_peer import TIMEOUT, PeerProc, accept_channel, spawner
-from mailpipe.worker import (
+from mailpipe.sdk import (
     Email,
     Worker,
     WorkerProtocolError,
@@ -142,7 +142,7 @@ ASYNC_WORKER = textwrap.dedent(
     import asyncio
     import os
 
-    from mailpipe.worker import AsyncWorker
+    from mailpipe.sdk import AsyncWorker
 
 
     async def main() -> None:
@@ -173,7 +173,7 @@ ECHO_WORKER = textwrap.dedent(
     """
     import json
 
-    from mailpipe.worker import Worker
+    from mailpipe.sdk import Worker
 
     worker = Worker.create()
     for email in worker:
@@ -503,3 +503,14 @@ def test_php_worker_script_not_found(tmp_path: Path) -> None:
     with pytest.raises(FrameError, match="not found") as info:
         read_frame_sync(io.BytesIO(proc.stdout))
     assert "missing.php" in str(info.value)
+
+
+def test_old_sdk_import_name_is_the_same_module() -> None:
+    """`mailpipe.worker` was the SDK's first name; code written against it keeps working."""
+    import mailpipe.sdk
+    import mailpipe.worker
+
+    assert mailpipe.worker is mailpipe.sdk
+    from mailpipe.worker import Consumer, Worker
+
+    assert Worker is mailpipe.sdk.Worker and Consumer is mailpipe.sdk.Consumer

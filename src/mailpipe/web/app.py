@@ -97,7 +97,7 @@ def create_app(
 ) -> web.Application:
     """The API app; with the store disabled (None) only health, metrics and OpenAPI remain.
     The admin routes (workers, connections, stop) are always there; without `admin` they 404."""
-    from mailpipe.web.admin import AdminRoutes  # it builds on this module's ApiError
+    from mailpipe.admin.routes import AdminRoutes  # it builds on this module's ApiError
 
     middlewares: list[Middleware] = [_errors_as_json]
     if auth is not None:

@@ -45,7 +45,7 @@ class NoFreeWorker(PoolError):
     """Every worker stayed busy for allocate_timeout."""
 
 
-class SocketRelay:
+class WorkerListener:
     """`relay: tcp://...` or `unix://...`: workers connect to us; the pid in their handshake
     says which spawned process a connection belongs to."""
 
@@ -122,7 +122,7 @@ class WorkerPool:
         self.workers: list[WorkerProcess] = []
         self._idle: deque[WorkerProcess] = deque()
         self._waiters: deque[asyncio.Future[WorkerProcess]] = deque()
-        self._relay = SocketRelay(server.relay) if server.relay != "pipes" else None
+        self._relay = WorkerListener(server.relay) if server.relay != "pipes" else None
         self._failures = 0
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from mailpipe.admin import AdminOps, NotConsumed, NoWorkerPool, UnknownPipeline
+from mailpipe.admin.ops import AdminOps, NotConsumed, NoWorkerPool, UnknownPipeline
 from mailpipe.jobs.base import DriverError
 from mailpipe.web.app import ApiError
 
