@@ -1,11 +1,11 @@
-"""A clone of the repository alone must be enough: nothing in it may point at `../shared`.
+"""A clone of the repository alone must be enough: nothing in it may point outside of it.
 
-The project was built beside a reference folder, `shared` next to the checkout, that a user
-who clones the repository does not have. Its schema and test messages live here now
-(mailpipe/schema/, tests/data/corpus/); this test keeps any file from reaching back for it,
-whether by a relative path in a doc or a path put together in code, and collects the whole
-suite from a clone with nothing beside it (the committed state: git clones HEAD). `.ci/run`
-runs the suite itself from such a clone.
+The project was built beside a reference folder next to the checkout (named by `_NAME`
+below), which a user who clones the repository does not have. Its schema and test messages
+live here now (mailpipe/schema/, tests/data/corpus/). These tests keep any file from reaching
+back for it, by a relative path in a doc or a path put together in code, and collect the
+whole suite from a clone with nothing beside it (the committed state: git clones HEAD).
+`.ci/run` runs the suite itself from such a clone.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import pytest
 from conftest import ROOT
 
 _NAME = "sha" + "red"  # spelt apart so that this file does not match itself
-# `../shared` (either slash), `shared/spec/...` or `shared/corpus/...` as written in docs, and
-# a path built in code: `ROOT.parent / "shared"`, `joinpath('shared')`, `os.path.join(x, "shared")`.
+# The folder as written in docs (`../NAME`, either slash; `NAME/spec/...`, `NAME/corpus/...`)
+# and a path built in code (`ROOT.parent / "NAME"`, `joinpath('NAME')`, `join(x, "NAME")`).
 REFERENCE = re.compile(
     rf"\.\.[/\\]{_NAME}\b|\b{_NAME}/(spec|corpus|hooks)\b|[/(,]\s*[\"']{_NAME}[\"']".encode()
 )
