@@ -28,8 +28,14 @@ def test_schema_file_is_in_the_package_and_a_valid_2020_12_schema() -> None:
     Draft202012Validator.check_schema(schema)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert schema["required"] == [
-        "event", "uuid", "remote_addr", "received_at",
-        "envelope", "authentication", "message", "attachments",
+        "event",
+        "uuid",
+        "remote_addr",
+        "received_at",
+        "envelope",
+        "authentication",
+        "message",
+        "attachments",
     ]
 
 
@@ -58,8 +64,9 @@ def send_and_fetch(server: MailpipeServer) -> dict[str, Any]:
     message = EmailMessage()
     message["Subject"] = "schema check"
     message.set_content("body")
-    message.add_attachment(b"\x00\x01", maintype="application", subtype="octet-stream",
-                           filename="a.bin")
+    message.add_attachment(
+        b"\x00\x01", maintype="application", subtype="octet-stream", filename="a.bin"
+    )
     with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=15) as client:
         client.login("user", "pass")
         client.send_message(message, "from@example.test", ["to@example.test"])

@@ -36,11 +36,14 @@ def repository_files() -> list[Path]:
     if shutil.which("git") and (ROOT / ".git").exists():
         listed = subprocess.run(
             ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=ROOT, capture_output=True, check=True,
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
         ).stdout
         return [ROOT / name for name in listed.decode().split("\0") if name]
     return [
-        path for path in ROOT.rglob("*")
+        path
+        for path in ROOT.rglob("*")
         if path.is_file() and not SKIPPED_DIRS.intersection(path.relative_to(ROOT).parts)
     ]
 
@@ -98,7 +101,11 @@ def test_the_suite_collects_from_a_clone_with_nothing_beside_it(tmp_path: Path) 
     env = {**os.environ, "PYTHONPATH": str(clone / "src")}
     collected = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only"],
-        cwd=clone, env=env, capture_output=True, text=True, timeout=110,
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
     )
     assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
     assert " collected" in collected.stdout.splitlines()[-1]
