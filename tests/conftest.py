@@ -24,12 +24,15 @@ import yaml
 
 from mailpipe.event import CapturedEmail
 from mailpipe.metrics import Metrics
+from mailpipe.schema import event_schema as packaged_event_schema
 from mailpipe.store.sqlite import SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-SCHEMA_PATH = SHARED / "spec" / "email-event.schema.json"
-CORPUS = SHARED / "corpus"
+# Messages real mailers (PHPMailer, Symfony Mailer) put on the wire, and what each must become.
+CORPUS = ROOT / "tests" / "data" / "corpus"
+CORPUS_MANIFEST: list[dict[str, Any]] = [
+    json.loads(line) for line in (CORPUS / "manifest.jsonl").read_text().splitlines()
+]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -52,7 +55,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def event_schema() -> dict[str, Any]:
-    return json.loads(SCHEMA_PATH.read_text())
+    """The schema shipped in the package, the one GET /api/v1/schema serves."""
+    return packaged_event_schema()
 
 
 @pytest.fixture(scope="session")
