@@ -27,6 +27,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -521,8 +522,10 @@ def ratio(new: float, old: float) -> float:
 
 
 def compare_rows(rows: list[Row], new: str, old: str) -> dict[str, dict[str, float]]:
-    """new/old per metric: the ratio of the two rows (median rounds), and the lowest and highest
-    ratio of the rounds paired as they ran (each round of `new` right after its `old` one)."""
+    """new/old per metric. The rounds are paired as they ran (round i of each, next to each
+    other): the median of their ratios, and the lowest and highest. On a busy machine the rate
+    swings between rounds far more than between two targets in one round, so the paired ratio
+    is steadier than a ratio of the two tables' median rounds. RSS has no rounds: its ratio."""
     by_name = {row.target: row for row in rows}
     new_row, old_row = by_name[new], by_name[old]
     nan = float("nan")
@@ -534,7 +537,11 @@ def compare_rows(rows: list[Row], new: str, old: str) -> dict[str, dict[str, flo
             if key is not None
         ]
         result[label] = {
-            "ratio": ratio(getattr(new_row, attr), getattr(old_row, attr)),
+            "ratio": (
+                statistics.median(pairs)
+                if pairs
+                else ratio(getattr(new_row, attr), getattr(old_row, attr))
+            ),
             "round_min": min(pairs, default=nan),
             "round_max": max(pairs, default=nan),
         }
@@ -548,8 +555,8 @@ def print_comparison(
         f"\n== mailpipe / {baseline.target}: this checkout as a ratio of {baseline.ref} "
         f"({baseline.short}), new / old\n"
         "emails/s above 1.00x: new is faster; every other metric below 1.00x: new costs less.\n"
-        "Ratio of the median rounds; in brackets the lowest and highest ratio of one round of "
-        "new to the round of old just before it."
+        "Each round of new is divided by the round of old run next to it: the median of these "
+        "ratios, in brackets the lowest and highest."
     )
     table = []
     for label, _, _ in COMPARED:
@@ -696,7 +703,8 @@ class Running:
 def bench_mode(mode: str, args: argparse.Namespace, root: Path) -> list[Row]:
     """The main table: every target started fresh (with --steady-state each mailpipe's store
     filled to its limit first), then `rounds` runs of C connections x M messages. Each round
-    runs the targets one after the other, so a slow spell of the machine hits all alike."""
+    runs the targets one after the other, so a slow spell of the machine hits all alike, and
+    every other round in reverse order (A B, B A, A B, ...), so no target always goes first."""
     max_messages = args.max_messages if args.steady_state else RETENTION_OFF
     rows: list[Row] = []
     runs: list[Running] = []
@@ -710,8 +718,10 @@ def bench_mode(mode: str, args: argparse.Namespace, root: Path) -> list[Row]:
         if args.steady_state:
             active = [run for run in active if fill_store(run, max_messages, args)]
         spec = [group_spec("load", args.connections, args.messages, args.size, mode)]
-        for _ in range(args.rounds):
-            active = [run for run in active if run_round(run, spec, args.timeout)]
+        for round_number in range(args.rounds):
+            in_turn = active if round_number % 2 == 0 else active[::-1]
+            failed = [run for run in in_turn if not run_round(run, spec, args.timeout)]
+            active = [run for run in active if run not in failed]
         for run in active:
             summarize_load(run)
     finally:
@@ -747,6 +757,8 @@ def fill_store(run: Running, max_messages: int, args: argparse.Namespace) -> boo
 def run_round(run: Running, spec: list[dict[str, Any]], timeout: float) -> bool:
     """One measured round against one target; False (and a note) if it failed, and the target
     then sits out the other rounds."""
+    # Write back what the previous round left dirty, so that it does not slow this one's fsyncs.
+    os.sync()
     try:
         run.results.append(run_load(run.server, spec, timeout))
     except Exception as exc:
