@@ -737,3 +737,14 @@ async def test_run_sweeper_sweeps_until_cancelled(tmp_path: Path) -> None:
 async def test_run_sweeper_rejects_a_non_positive_interval() -> None:
     with pytest.raises(ValueError, match="positive"):
         await run_sweeper(AttachmentStorage(), interval=0)
+
+
+def test_the_sdk_gets_back_the_exact_bytes_of_a_non_utf8_message() -> None:
+    """8-bit mail that is not UTF-8 travels as Latin-1 text in the event: a worker's
+    `Email.raw` must still be the bytes the client sent."""
+    from mailpipe.sdk import Email
+
+    raw = b"Subject: caf\xe9\r\nContent-Type: text/plain; charset=latin-1\r\n\r\nd\xe9j\xe0 vu\r\n"
+    event = build(raw)
+    assert event["message"]["raw_encoding"] == "latin-1"
+    assert Email.from_event(event).raw == raw

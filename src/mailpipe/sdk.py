@@ -264,9 +264,14 @@ class Email:
 
 
 def _raw_from_event(message: Mapping[str, Any]) -> bytes:
+    """The exact bytes received: mailpipe writes `raw` as UTF-8 text when the bytes are valid
+    UTF-8, else as Latin-1 text (one code point a byte); base64 is accepted too."""
     text = message["raw"]
-    if message.get("raw_encoding") == "base64":
+    encoding = message.get("raw_encoding") or "utf-8"
+    if encoding == "base64":
         return base64.b64decode(text)
+    if encoding == "latin-1":
+        return text.encode("latin-1")
     return text.encode("utf-8", "surrogateescape")
 
 
