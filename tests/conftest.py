@@ -267,3 +267,23 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     await s.start()
     yield s
     await s.close()
+
+
+# ---- CPython's email test corpus ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cpython_email_files() -> list[Path]:
+    """The messages of CPython's own email tests (test/test_email/data, binary ones included).
+
+    Skipped where the interpreter was installed without its test package, failed under CI."""
+    import sysconfig
+
+    data = Path(sysconfig.get_paths()["stdlib"]) / "test" / "test_email" / "data"
+    files = sorted(p for p in data.glob("*") if p.is_file()) if data.is_dir() else []
+    if not files:
+        message = f"CPython's email test corpus is not installed ({data})"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return files
