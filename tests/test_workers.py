@@ -421,6 +421,38 @@ def test_worker_initiated_stop_hands_the_email_to_another_worker(
     assert client.send("after a stop").code == 250
 
 
+@pytest.mark.parametrize("retries", [None, 1], ids=["default", "one"])
+def test_an_email_every_worker_stops_on_is_poison_451_and_the_pool_serves_on(
+    mailpipe_factory: Factory, tmp_path: Path, retries: int | None
+) -> None:
+    settings = {} if retries is None else {"max_retries_per_email": retries}
+    pool = start_pool(mailpipe_factory, tmp_path, "hooks", pool=settings)
+    before = pool.wait_pids(lambda p: len(p) == 2, "2 workers")
+    client = pool.client()
+    assert client.send("good before").code == 250
+    poison = client.send("poison [stop-always]")
+    assert poison.code == 451 and "4.3.0" in poison.text, poison
+    # The same session goes on, and so does the pool: a good email right after gets its 250.
+    after = client.send("good after")
+    assert after.code == 250, after
+    assert outcome(pool, after.uuid)["response"] == "CONTINUE"
+
+    attempts = retries or 3  # pool.max_retries_per_email, default 3
+    tried = [line for line in pool.log.lines() if "poison" in line["subject"]]
+    assert len(tried) == attempts, tried  # bounded: each attempt a different worker, no more
+    assert len({line["pid"] for line in tried}) == attempts
+    assert {line["pid"] for line in tried} & before
+    [uuid] = {line["uuid"] for line in tried}
+    assert re.search(rf"ERROR .*poison.*{uuid}", pool.server.log()), pool.server.log()[-3000:]
+    text = pool.metrics()
+    assert metric(text, "mailpipe_worker_poison_emails_total") == 1
+    assert metric(text, "mailpipe_worker_restarts_total") == attempts
+    pool.wait_pids(lambda p: len(p) == 2 and not p & {line["pid"] for line in tried},
+                   "the pool back to 2 workers without the ones that stopped")
+    assert pool.client().send("a new session").code == 250
+    assert client.send("the old session too").code == 250
+
+
 def test_text_on_the_frame_channel_gives_451_and_a_clear_log(
     mailpipe_factory: Factory, tmp_path: Path
 ) -> None:
