@@ -366,7 +366,7 @@ def connections_list(client: AdminClient, as_json: bool) -> None:
 @click.argument("uuid")
 @admin_options
 def connections_close(client: AdminClient, as_json: bool, uuid: str) -> None:
-    """Close one session with 421 (after the email in flight, if any)."""
+    """Close one session with 421 (after the email being sent; not waiting on a worker)."""
     client.call("DELETE", f"/api/v1/connections/{urllib.parse.quote(uuid, safe='')}")
     _emit({"closed": uuid}, as_json, f"closed connection {uuid}")
 
