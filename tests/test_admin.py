@@ -333,6 +333,34 @@ def test_workers_list(pooled: MailpipeServer) -> None:
     assert "ready" in table and " MB" in table
 
 
+MARKUP = "[/] [bold]x[/bold] [red]"  # rich markup, and a closing tag rich would choke on
+
+
+def test_tables_print_square_brackets_as_they_are(
+    mailpipe_factory: Factory, tmp_path: Path
+) -> None:
+    smtp_port = free_port()
+    server = mailpipe_factory({
+        **POOL_CONFIG,
+        "smtp": {"pool": {"num_workers": 1},
+                 "servers": [{"name": f"dev {MARKUP}", "addr": f"127.0.0.1:{smtp_port}"}]},
+        "jobs": {"pipelines": {f"mail{MARKUP}": {"driver": "sqlite"}}},
+    })
+    ready_pids(server, 1)
+    # examples/worker.py answers `[error]` with an error frame naming the subject: the
+    # worker's last_error then holds the markup.
+    with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as client:
+        client.sendmail("app@example.com", ["dev@example.test"],
+                        f"Subject: oops {MARKUP} [error]\r\n\r\nHello.\r\n")
+        assert wait_for(lambda: MARKUP in str(workers(server)[0]["last_error"]))
+        table = ok(cli("workers", "list", "--api", server.api))
+        assert f"refused: oops {MARKUP} [error]" in table
+        table = ok(cli("connections", "list", "--api", server.api))
+        assert f"dev {MARKUP}" in table
+    table = ok(cli("jobs", "list", "--api", server.api))
+    assert f"mail{MARKUP}" in table
+
+
 def test_workers_add_and_remove(pooled: MailpipeServer) -> None:
     before = ready_pids(pooled, 2)
 

@@ -251,6 +251,13 @@ def _megabytes(value: int | None) -> str:
     return "-" if value is None else f"{value / (1024 * 1024):.1f} MB"
 
 
+def _add_row(table: Table, *cells: str) -> None:
+    """Cells as they are: text in square brackets (an error, an IPv6 address) is not markup."""
+    from rich.text import Text
+
+    table.add_row(*(Text(cell) for cell in cells))
+
+
 def _workers_table(workers: list[dict[str, Any]]) -> Table:
     from rich.table import Table
 
@@ -258,7 +265,8 @@ def _workers_table(workers: list[dict[str, Any]]) -> Table:
     for column in table.columns[2:4]:
         column.justify = "right"
     for worker in workers:
-        table.add_row(
+        _add_row(
+            table,
             str(worker.get("pid", "-")),
             str(worker.get("status", "-")),
             str(worker.get("num_execs", 0)),
@@ -276,7 +284,8 @@ def _connections_table(connections: list[dict[str, Any]]) -> Table:
     table.columns[0].no_wrap = True
     table.columns[4].justify = "right"
     for conn in connections:
-        table.add_row(
+        _add_row(
+            table,
             str(conn.get("uuid")),
             str(conn.get("remote_addr", "")),
             str(conn.get("server", "")),
@@ -464,7 +473,7 @@ def _pipelines_table(pipelines: list[dict[str, Any]]) -> Table:
     for column in table.columns[3:7]:
         column.justify = "right"
     for pipeline in pipelines:
-        table.add_row(*_pipeline_row(pipeline)[:len(table.columns)])
+        _add_row(table, *_pipeline_row(pipeline)[:len(table.columns)])
     return table
 
 
