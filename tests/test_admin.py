@@ -255,6 +255,53 @@ def test_auth_from_the_config_or_token(
         assert ok(out).strip() == "no connections"
 
 
+# ---- finding the server: the state file in its data dir ----------------------------------
+
+
+@pytest.mark.parametrize("how", ["--http", "MAILPIPE_HTTP__ADDR"])
+def test_commands_find_a_server_started_on_another_address(
+    mailpipe_factory: Factory, tmp_path: Path, how: str
+) -> None:
+    port = free_port()  # not the http.addr of the mailpipe.yaml that the commands read
+    addr = f"127.0.0.1:{port}"
+    if how == "--http":
+        server = mailpipe_factory(args=["--http", addr], wait=False)
+    else:
+        server = mailpipe_factory(env={"MAILPIPE_HTTP__ADDR": addr}, wait=False)
+    server.http_port = port
+    wait_until_ready(server)
+    state_file = server.workdir / "data" / "mailpipe.json"
+    state = json.loads(state_file.read_text())
+    assert state["pid"] == server.process.pid and state["http_addr"] == addr, state
+
+    # From the server's directory (its mailpipe.yaml names the data dir) and from elsewhere
+    # with --data-dir: no address given, and the commands reach the server all the same.
+    assert ok(cli("connections", "list", cwd=server.workdir)).strip() == "no connections"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    data_dir = str(server.workdir / "data")
+    listed = json.loads(ok(cli("connections", "list", "--json", "--data-dir", data_dir,
+                               cwd=elsewhere)))
+    assert listed == {"connections": []}
+    assert "stopping" in ok(cli("stop", cwd=server.workdir))
+    assert server.process.wait(timeout=30) == 0, server.log()[-2000:]
+    assert not state_file.exists(), "a clean exit removes the state file"
+
+
+def test_a_state_file_left_by_a_dead_server_is_ignored(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    stale = {"pid": int(finished.stdout), "http_addr": f"127.0.0.1:{free_port()}"}
+    (data / "mailpipe.json").write_text(json.dumps(stale))
+    configured = f"127.0.0.1:{free_port()}"
+    (tmp_path / "mailpipe.yaml").write_text(
+        json.dumps({"data_dir": str(data), "http": {"addr": configured}}))
+    line = failed(cli("stop", cwd=tmp_path))
+    assert f"cannot reach the admin API at http://{configured}: " in line
+
+
 # ---- workers without a pool ---------------------------------------------------------------
 
 
