@@ -131,8 +131,11 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
         """Where admin commands find this server (what it bound, not only what was asked)."""
         runner = self._http_runner
         bound = runner.addresses if runner is not None else []  # type: ignore[attr-defined]
-        write_state(self.data_dir, http_addr=format_addr(bound[0]) if bound else None,
-                    smtp=self.capture.addresses())
+        try:
+            write_state(self.data_dir, http_addr=format_addr(bound[0]) if bound else None,
+                        smtp=self.capture.addresses())
+        except OSError as exc:  # serving matters more than being found without --api
+            log.warning("cannot write the state file for admin commands: %s", exc)
 
     def _watch_jobs(self) -> None:
         drivers = {c.driver.pipeline: c.driver for c in

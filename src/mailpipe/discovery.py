@@ -42,7 +42,7 @@ def remove_state(data_dir: str | Path) -> None:
     path = state_path(data_dir)
     state = _load(path)
     if state is not None and state.get("pid") == os.getpid():
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             path.unlink()
 
 
