@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,30 @@ def test_close_a_session_waiting_on_a_hanging_worker(mailpipe_factory: Factory) 
     assert [m["subject"] for m in server.wait_for_messages(1)] == ["after the close"]
     assert wait_for(lambda: workers(server)[0]["num_execs"] == 1)
     assert "Traceback" not in server.log()
+
+
+def test_close_a_session_waiting_for_a_free_worker(mailpipe_factory: Factory) -> None:
+    server = mailpipe_factory({**POOL_CONFIG, "smtp": {"pool": {"num_workers": 1}}})
+    [worker] = ready_pids(server, 1)
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        holder = executor.submit(send, server, "holds the only worker [sleep 8]")
+        wait_for(lambda: workers(server)[0]["status"] == "working")
+        client = smtp_client(server, "queued.test")
+        assert client.mail("app@example.com")[0] == 250
+        assert client.rcpt("dev@example.test")[0] == 250
+        assert client.docmd("DATA")[0] == 354
+        client.send(b"Subject: never delivered\r\n\r\nNo worker is free for me.\r\n.\r\n")
+        mine = local_addr(client)
+        (conn,) = wait_for(lambda: [c for c in connections(server)
+                                    if c["remote_addr"] == mine and c["state"] == "delivering"])
+        ok(cli("connections", "close", conn["uuid"], "--api", server.api))
+        assert client.getreply() == (421, CLOSED_BY_ADMIN)
+        holder.result(timeout=30)  # the email on the worker is not disturbed: 250
+    # The closed session never had a worker, so none was recycled for it.
+    assert [(w["pid"], w["num_execs"]) for w in workers(server)] == [(worker, 1)]
+    send(server, "next")
+    assert sorted(m["subject"] for m in server.wait_for_messages(2)) == [
+        "holds the only worker [sleep 8]", "next"]
 
 
 def test_close_unknown_connection(mailpipe: MailpipeServer) -> None:
