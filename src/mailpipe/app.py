@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 from mailpipe.admin import AdminMixin, JobsAdminMixin
 from mailpipe.capture.attachments import AttachmentStorage, run_sweeper
 from mailpipe.capture.message import EventOptions
-from mailpipe.capture.server import CaptureServer
+from mailpipe.capture.server import CaptureServer, format_addr
 from mailpipe.config import Config, PoolConfig, is_loopback, split_host_port
+from mailpipe.discovery import remove_state, write_state
 from mailpipe.metrics import Metrics
 from mailpipe.sinks.base import Sink
 from mailpipe.sinks.dispatch import Dispatcher
@@ -124,6 +125,17 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
             interval = max(1.0, min(60.0, self.attachments.cleanup_after / 4))
             self._tasks.append(asyncio.create_task(run_sweeper(self.attachments, interval)))
         self._watch_jobs()
+        self._write_state_file()
+
+    def _write_state_file(self) -> None:
+        """Where admin commands find this server (what it bound, not only what was asked)."""
+        runner = self._http_runner
+        bound = runner.addresses if runner is not None else []  # type: ignore[attr-defined]
+        try:
+            write_state(self.data_dir, http_addr=format_addr(bound[0]) if bound else None,
+                        smtp=self.capture.addresses())
+        except OSError as exc:  # serving matters more than being found without --api
+            log.warning("cannot write the state file for admin commands: %s", exc)
 
     def _watch_jobs(self) -> None:
         drivers = {c.driver.pipeline: c.driver for c in
@@ -181,6 +193,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
 
             await stop_http(self._http_runner)  # type: ignore[arg-type]
         await self.dispatcher.close()
+        remove_state(self.data_dir)
         log.info("stopped")
 
     def stop(self) -> None:

@@ -182,6 +182,9 @@ class PoolConfig(Section):
 
     num_workers: int = Field(default=4, ge=0)
     max_jobs: int = Field(default=0, ge=0)
+    # Workers that ask to stop hand the email to another worker; after this many attempts
+    # the email is poison: 451 to the client rather than an endless loop of restarts.
+    max_retries_per_email: int = Field(default=3, ge=1)
     allocate_timeout: Duration = 60.0
     destroy_timeout: Duration = 60.0
     reset_timeout: Duration = 60.0

@@ -78,6 +78,11 @@ class Metrics:
         self.worker_errors = Counter(
             "mailpipe_worker_errors", "Error frames answered by workers", registry=r
         )
+        self.worker_poison = Counter(
+            "mailpipe_worker_poison_emails",
+            "Emails given up (451) after every worker tried asked to stop on them",
+            registry=r,
+        )
         p = ["pipeline"]
         self.jobs_pushed = Counter("mailpipe_jobs_pushed", "Jobs handed to the pusher", p,
                                    registry=r)

@@ -372,6 +372,11 @@ class SMTPConnection:
     def shutdown(self) -> list[Event]:
         return self._abort(f"421 4.3.2 {self.settings.hostname} Service shutting down\r\n")
 
+    def close_now(self, reply: Reply) -> list[Event]:
+        """End the session with `reply` in any state, even while a message awaits its verdict
+        (whoever was to give it has been cancelled)."""
+        return self._abort(reply.encode().decode("utf-8", "surrogateescape"))
+
     def connection_lost(self) -> None:
         """The client went away: drop any half-received body (and its spool file)."""
         self._reset_transaction()
