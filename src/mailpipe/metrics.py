@@ -50,6 +50,12 @@ class Metrics:
         self.sink_failures = Counter(
             "mailpipe_sink_failures", "Events a sink failed to accept", ["sink"], registry=r
         )
+        self.sink_results = Counter(
+            "mailpipe_sink_results",
+            "Sink answers by kind: accepted, tempfail, reject, ignored (a failure let pass)",
+            ["sink", "result"],
+            registry=r,
+        )
         self.parse_latency = Histogram(
             "mailpipe_parse_latency_seconds",
             "Time to turn a received message into an event",

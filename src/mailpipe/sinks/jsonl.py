@@ -7,15 +7,26 @@ import sys
 from typing import BinaryIO
 
 from mailpipe.event import CapturedEmail
-from mailpipe.sinks.base import Sink
+from mailpipe.sinks.base import Sink, SinkContext, SinkSettings
+from mailpipe.sinks.results import Accepted
+
+
+class JSONLSettings(SinkSettings):
+    path: str  # "-": stdout
 
 
 class JSONLSink(Sink):
     name = "jsonl"
+    required = False
+    Settings = JSONLSettings
 
-    def __init__(self, path: str, *, required: bool = False) -> None:
+    @classmethod
+    def create(cls, settings: SinkSettings, context: SinkContext) -> JSONLSink:
+        assert isinstance(settings, JSONLSettings)
+        return cls(settings.path)
+
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.required = required
         self._file: BinaryIO | None = None
         self._lock = asyncio.Lock()
         self._last_error: str | None = None
@@ -23,7 +34,7 @@ class JSONLSink(Sink):
     async def start(self) -> None:
         self._file = sys.stdout.buffer if self.path == "-" else open(self.path, "ab")  # noqa: SIM115
 
-    async def submit(self, email: CapturedEmail) -> None:
+    async def submit(self, email: CapturedEmail) -> Accepted:
         assert self._file is not None, "JSONLSink.start() was not called"
         line = email.json() + b"\n"
         async with self._lock:
@@ -35,6 +46,7 @@ class JSONLSink(Sink):
                 self._last_error = f"{self.path}: {exc.strerror or exc}"
                 raise
             self._last_error = None
+        return Accepted()
 
     def health(self) -> dict[str, object]:
         # An optional sink's failure leaves the service healthy; a required one's does not.
