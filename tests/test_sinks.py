@@ -81,6 +81,14 @@ async def store_sink(tmp_path: Path) -> AsyncIterator[StoreSink]:
     yield StoreSink(SQLiteStore(tmp_path / "store.db", metrics=Metrics()))
 
 
+@pytest.fixture
+def jsonl(tmp_path: Path) -> JSONLSink:
+    """The jsonl sink on a file, required (so it writes before the reply)."""
+    sink = JSONLSink(str(tmp_path / "events.jsonl"))
+    sink.required = True
+    return sink
+
+
 async def dispatch(sinks: list[Sink], email: CapturedEmail,
                    metrics: Metrics | None = None) -> Verdict:
     """One email through a started Dispatcher, closed after (background sinks finish)."""
@@ -90,6 +98,12 @@ async def dispatch(sinks: list[Sink], email: CapturedEmail,
         return await dispatcher.deliver(email)
     finally:
         await dispatcher.close()
+
+
+def accepted(metrics: Metrics, sink: str) -> float:
+    value = metrics.registry.get_sample_value("mailpipe_sink_latency_seconds_count",
+                                              {"sink": sink})
+    return value or 0.0
 
 
 def results(metrics: Metrics, sink: str, result: str) -> float:
@@ -132,7 +146,9 @@ async def test_every_sink_accepting_gives_250_and_each_sink_has_the_email(
     jsonl = JSONLSink(str(out))  # optional: after the 250, in the background
     worker = Answering("relay", Accepted(note={"downstream": "eu"}))
     email = make_email("all accept")
-    verdict = await dispatch([worker, store_sink, jsonl], email)
+    metrics = Metrics()
+    verdict = await dispatch([worker, store_sink, jsonl], email, metrics)
+    assert accepted(metrics, "relay") == accepted(metrics, "store") == 1
     assert verdict == Verdict(250, "2.0.0", f"Ok: queued as {email.uuid}")
     assert verdict.accepted and not verdict.close
     assert worker.seen == [email.uuid]
@@ -143,11 +159,9 @@ async def test_every_sink_accepting_gives_250_and_each_sink_has_the_email(
 
 
 async def test_tempfail_decides_and_nothing_is_recorded(
-    tmp_path: Path, store_sink: StoreSink
+    tmp_path: Path, store_sink: StoreSink, jsonl: JSONLSink
 ) -> None:
-    out = tmp_path / "events.jsonl"
-    jsonl = JSONLSink(str(out))
-    jsonl.required = True
+    out = Path(jsonl.path)
     busy = Answering("relay", TempFail("Downstream busy", "4.4.5", 452, reason="eu: 421"))
     email = make_email("tempfail")
     metrics = Metrics()
@@ -160,15 +174,13 @@ async def test_tempfail_decides_and_nothing_is_recorded(
     assert email.outcomes["relay"] == {"result": "tempfail", "code": 452, "enhanced": "4.4.5",
                                        "text": "Downstream busy", "reason": "eu: 421"}
     assert results(metrics, "relay", "tempfail") == 1
-    assert results(metrics, "store", "accepted") == 0
+    assert accepted(metrics, "store") == 0
 
 
 async def test_reject_is_final_and_only_the_store_records_it(
-    tmp_path: Path, store_sink: StoreSink
+    tmp_path: Path, store_sink: StoreSink, jsonl: JSONLSink
 ) -> None:
-    out = tmp_path / "events.jsonl"
-    jsonl = JSONLSink(str(out))
-    jsonl.required = True
+    out = Path(jsonl.path)
     later = Answering("archive", Accepted(), stage=RECORD)
     background = Answering("webhook", Accepted(), required=False)
     policy = Answering("policy", Reject("Sender not allowed", "5.7.1", 553, reason="deny list"))

@@ -52,7 +52,8 @@ class Metrics:
         )
         self.sink_results = Counter(
             "mailpipe_sink_results",
-            "Sink answers by kind: accepted, tempfail, reject, ignored (a failure let pass)",
+            "Sink answers other than accepted (counted by mailpipe_sink_latency_seconds_count):"
+            " tempfail, reject, ignored (a failure its policy let pass)",
             ["sink", "result"],
             registry=r,
         )

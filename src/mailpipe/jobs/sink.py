@@ -17,6 +17,7 @@ class JobsSink(Sink):
     name = "jobs"
     required = True
     stage = DELIVER
+    timeout = 0.0  # smtp.jobs.push_timeout bounds the wait for the broker's confirm
     outcome_key = "job"
     needs_section = False  # on when smtp.jobs is set (see Config.delivers_to_jobs)
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 from mailpipe.event import CapturedEmail
 from mailpipe.metrics import Metrics
 from mailpipe.sinks.base import STORE, Sink, SinkError
 from mailpipe.sinks.results import (
+    ACCEPTED,
     Accepted,
     Reject,
     SinkResult,
@@ -21,7 +23,7 @@ from mailpipe.sinks.results import (
 
 log = logging.getLogger("mailpipe.sinks")
 
-RESULT_KINDS = ("accepted", "tempfail", "reject", "ignored")
+RESULT_KINDS = ("tempfail", "reject", "ignored")
 # What the client reads when a sink whose policy is `reject` fails; the cause is in the outcomes.
 REJECT_ON_FAILURE = Reject("Message could not be delivered", "5.3.0", 554)
 
@@ -69,7 +71,11 @@ class Dispatcher:
         for stage, sinks in self.required_stages:
             if verdict is not None and stage < STORE:
                 continue  # rejected: only the store still records it
-            for sink, result in zip(sinks, await self._run_stage(sinks, email), strict=True):
+            if len(sinks) == 1:  # the usual case: no gather, no extra task
+                results: Sequence[SinkResult] = (await self._run(sinks[0], email),)
+            else:
+                results = await asyncio.gather(*(self._run(s, email) for s in sinks))
+            for sink, result in zip(sinks, results, strict=True):
                 if type(result) is Accepted:
                     close = close or result.close
                 elif verdict is None:
@@ -84,27 +90,28 @@ class Dispatcher:
             task.add_done_callback(self._background.discard)
         return Verdict.accept(email.uuid, close=close)
 
-    async def _run_stage(self, sinks: list[Sink], email: CapturedEmail) -> list[SinkResult]:
-        if len(sinks) == 1:  # the usual case: no gather, no extra task
-            return [await self._run(sinks[0], email)]
-        return list(await asyncio.gather(*(self._run(s, email) for s in sinks)))
-
     async def _run(self, sink: Sink, email: CapturedEmail) -> SinkResult:
         started = time.perf_counter()
-        deadline = asyncio.timeout(sink.timeout or None)
+        # No timer at all for a sink without a timeout: this runs for every email.
+        deadline = asyncio.timeout(sink.timeout) if sink.timeout else None
         try:
-            async with deadline:
+            if deadline is None:
                 result = await sink.submit(email)
-            if not isinstance(result, Accepted | TempFail | Reject):
-                raise TypeError(f"submit() returned {result!r}, not Accepted, TempFail or Reject")
+            else:
+                async with deadline:
+                    result = await sink.submit(email)
         except Exception as exc:
-            return self._failed(sink, email, exc, timed_out=deadline.expired())
+            timed_out = deadline is not None and deadline.expired()
+            return self._failed(sink, email, exc, timed_out=timed_out)
         if type(result) is Accepted:
+            # Accepted ones are counted by the latency histogram (its _count).
             self._latency[sink.name].observe(time.perf_counter() - started)
-            self._results[sink.name, "accepted"].inc()
             if result.note is not None:
                 email.outcomes[sink.key] = result.note
             return result
+        if type(result) not in (TempFail, Reject):
+            error = TypeError(f"submit() returned {result!r}, not Accepted, TempFail or Reject")
+            return self._failed(sink, email, error, timed_out=False)
         self._refused(sink, email, result)
         log.warning("sink %s refused the email: %d %s %s (%s)", sink.name, result.code,
                     result.enhanced, result.text, result.reason or "no reason given",
@@ -128,7 +135,7 @@ class Dispatcher:
         if policy == "ignore":
             self._results[sink.name, "ignored"].inc()
             email.outcomes[sink.key] = {"result": "ignored", "reason": reason}
-            return Accepted()
+            return ACCEPTED
         result: TempFail | Reject = (TempFail(reason=reason) if policy == "tempfail"
                                      else replace(REJECT_ON_FAILURE, reason=reason))
         self._refused(sink, email, result)

@@ -8,7 +8,7 @@ from typing import BinaryIO
 
 from mailpipe.event import CapturedEmail
 from mailpipe.sinks.base import Sink, SinkContext, SinkSettings
-from mailpipe.sinks.results import Accepted
+from mailpipe.sinks.results import ACCEPTED, Accepted
 
 
 class JSONLSettings(SinkSettings):
@@ -18,6 +18,7 @@ class JSONLSettings(SinkSettings):
 class JSONLSink(Sink):
     name = "jsonl"
     required = False
+    timeout = 0.0  # a write to a file does not wait on anything a timer could cut short
     Settings = JSONLSettings
 
     @classmethod
@@ -46,7 +47,7 @@ class JSONLSink(Sink):
                 self._last_error = f"{self.path}: {exc.strerror or exc}"
                 raise
             self._last_error = None
-        return Accepted()
+        return ACCEPTED
 
     def health(self) -> dict[str, object]:
         # An optional sink's failure leaves the service healthy; a required one's does not.

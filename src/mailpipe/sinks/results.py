@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 # class.subject.detail; the class must agree with the reply code's first digit.
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -32,6 +32,9 @@ class Accepted:
 
     note: dict[str, Any] | None = None
     close: bool = False
+
+
+ACCEPTED = Accepted()  # the plain answer, made once: sinks return it for every email
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +75,11 @@ def outcome_of(result: Refusal) -> dict[str, Any]:
             "text": result.text, "reason": result.reason or result.text}
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     """The answer to one email: the SMTP reply to send and whether to close the session after.
 
-    `sink` names the sink whose refusal decided (None when every sink accepted).
+    `sink` names the sink whose refusal decided (None when every sink accepted). A tuple,
+    not a dataclass: one is made for every email, and a tuple is the cheapest to make.
     """
 
     code: int

@@ -26,7 +26,7 @@ import orjson
 from mailpipe.event import CapturedEmail
 from mailpipe.metrics import Metrics
 from mailpipe.sinks.base import STORE, Sink, SinkContext, SinkSettings
-from mailpipe.sinks.results import Accepted
+from mailpipe.sinks.results import ACCEPTED, Accepted
 from mailpipe.store.writer import GroupCommitWriter
 
 T = TypeVar("T")
@@ -362,6 +362,7 @@ class StoreSink(Sink):
     name = "store"
     required = True
     stage = STORE
+    timeout = 0.0  # none by default: a commit waits for the disk (set sinks.store.timeout)
     needs_section = False  # on unless `store.enabled: false`; `sinks.store` is optional
 
     @classmethod
@@ -385,7 +386,7 @@ class StoreSink(Sink):
 
     async def submit(self, email: CapturedEmail) -> Accepted:
         await self.store.add(email)
-        return Accepted()
+        return ACCEPTED
 
     async def close(self) -> None:
         await self.store.close()
