@@ -1,4 +1,4 @@
-"""Sinks: typed results, the Dispatcher's verdict, per-sink timeouts and failure policies, the
+"""Sinks: typed results, the Dispatcher's delivery, per-sink timeouts and failure policies, the
 registry and its config sections, and a third-party sink installed through the entry-point
 group into a real `mailpipe serve`.
 
@@ -31,7 +31,7 @@ from mailpipe.sinks.base import DELIVER, RECORD, Sink
 from mailpipe.sinks.dispatch import Dispatcher
 from mailpipe.sinks.jsonl import JSONLSink
 from mailpipe.sinks.registry import build_sinks
-from mailpipe.sinks.results import Accepted, Reject, SinkResult, TempFail, Verdict
+from mailpipe.sinks.results import Accepted, DeliveryResult, Reject, SinkResult, TempFail
 from mailpipe.store.sqlite import SQLiteStore, StoreSink
 
 Factory = Callable[..., MailpipeServer]
@@ -90,7 +90,7 @@ def jsonl(tmp_path: Path) -> JSONLSink:
 
 
 async def dispatch(sinks: list[Sink], email: CapturedEmail,
-                   metrics: Metrics | None = None) -> Verdict:
+                   metrics: Metrics | None = None) -> DeliveryResult:
     """One email through a started Dispatcher, closed after (background sinks finish)."""
     dispatcher = Dispatcher(sinks, metrics or Metrics())
     await dispatcher.start()
@@ -136,7 +136,7 @@ def test_results_only_take_codes_of_their_class() -> None:
             bad()
 
 
-# ---- the dispatcher's verdict -----------------------------------------------------------------
+# ---- the dispatcher's delivery -----------------------------------------------------------------
 
 
 async def test_every_sink_accepting_gives_250_and_each_sink_has_the_email(
@@ -147,10 +147,10 @@ async def test_every_sink_accepting_gives_250_and_each_sink_has_the_email(
     worker = Answering("relay", Accepted(note={"downstream": "eu"}))
     email = make_email("all accept")
     metrics = Metrics()
-    verdict = await dispatch([worker, store_sink, jsonl], email, metrics)
+    delivery = await dispatch([worker, store_sink, jsonl], email, metrics)
     assert accepted(metrics, "relay") == accepted(metrics, "store") == 1
-    assert verdict == Verdict(250, "2.0.0", f"Ok: queued as {email.uuid}")
-    assert verdict.accepted and not verdict.close
+    assert delivery == DeliveryResult(250, "2.0.0", f"Ok: queued as {email.uuid}")
+    assert delivery.accepted and not delivery.close
     assert worker.seen == [email.uuid]
     assert json.loads(out.read_bytes())["uuid"] == email.uuid
     event = await stored(tmp_path, email.uuid)
@@ -165,9 +165,9 @@ async def test_tempfail_decides_and_nothing_is_recorded(
     busy = Answering("relay", TempFail("Downstream busy", "4.4.5", 452, reason="eu: 421"))
     email = make_email("tempfail")
     metrics = Metrics()
-    verdict = await dispatch([busy, jsonl, store_sink], email, metrics)
-    assert verdict == Verdict(452, "4.4.5", "Downstream busy", sink="relay")
-    assert not verdict.accepted
+    delivery = await dispatch([busy, jsonl, store_sink], email, metrics)
+    assert delivery == DeliveryResult(452, "4.4.5", "Downstream busy", sink="relay")
+    assert not delivery.accepted
     # The client sends the email again: recording this attempt would list it twice.
     assert await stored(tmp_path, email.uuid) is None
     assert out.read_bytes() == b""
@@ -185,8 +185,8 @@ async def test_reject_is_final_and_only_the_store_records_it(
     background = Answering("webhook", Accepted(), required=False)
     policy = Answering("policy", Reject("Sender not allowed", "5.7.1", 553, reason="deny list"))
     email = make_email("rejected")
-    verdict = await dispatch([policy, later, jsonl, background, store_sink], email)
-    assert verdict == Verdict(553, "5.7.1", "Sender not allowed", sink="policy")
+    delivery = await dispatch([policy, later, jsonl, background, store_sink], email)
+    assert delivery == DeliveryResult(553, "5.7.1", "Sender not allowed", sink="policy")
     assert later.seen == [] and background.seen == [] and out.read_bytes() == b""
     event = await stored(tmp_path, email.uuid)
     assert event is not None, "the store keeps a rejected email, with the refusal"
@@ -199,14 +199,14 @@ async def test_first_refusal_in_stage_order_decides(store_sink: StoreSink) -> No
     # Listed first but in a later stage: the delivery stage's tempfail comes first.
     recorder = Answering("recorder", Reject(), stage=RECORD)
     deliverer = Answering("deliverer", TempFail())
-    verdict = await dispatch([recorder, deliverer, store_sink], make_email())
-    assert (verdict.code, verdict.sink) == (451, "deliverer")
+    delivery = await dispatch([recorder, deliverer, store_sink], make_email())
+    assert (delivery.code, delivery.sink) == (451, "deliverer")
     assert recorder.seen == []
     # Within one stage (run concurrently) the order of the sinks decides.
     first = Answering("first", Reject("first said no"))
     second = Answering("second", TempFail())
-    verdict = await dispatch([first, second], make_email())
-    assert (verdict.code, verdict.text, verdict.sink) == (550, "first said no", "first")
+    delivery = await dispatch([first, second], make_email())
+    assert (delivery.code, delivery.text, delivery.sink) == (550, "first said no", "first")
     assert first.seen and second.seen
 
 
@@ -216,29 +216,29 @@ async def test_a_reject_is_never_followed_by_a_250_even_when_the_store_fails(
     closed_store = StoreSink(SQLiteStore(tmp_path / "never-started.db"))
     policy = Answering("policy", Reject())
     dispatcher = Dispatcher([policy, closed_store], Metrics())
-    verdict = await dispatcher.deliver(make_email())  # the store was never started
-    assert (verdict.code, verdict.sink) == (550, "policy")
+    delivery = await dispatcher.deliver(make_email())  # the store was never started
+    assert (delivery.code, delivery.sink) == (550, "policy")
 
 
 async def test_a_failure_follows_the_sinks_policy(tmp_path: Path, store_sink: StoreSink) -> None:
     metrics = Metrics()
     broken = Raising("relay")  # required: tempfail by default
     email = make_email()
-    verdict = await dispatch([broken], email, metrics)
-    assert (verdict.code, verdict.enhanced, verdict.text) == (
+    delivery = await dispatch([broken], email, metrics)
+    assert (delivery.code, delivery.enhanced, delivery.text) == (
         451, "4.3.0", "Temporary failure, please retry")
     assert "downstream refused the connection" in email.outcomes["relay"]["reason"]
     assert metrics.registry.get_sample_value("mailpipe_sink_failures_total",
                                              {"sink": "relay"}) == 1
 
     broken.on_failure = "reject"
-    verdict = await dispatch([broken], make_email())
-    assert (verdict.code, verdict.enhanced) == (554, "5.3.0")
+    delivery = await dispatch([broken], make_email())
+    assert (delivery.code, delivery.enhanced) == (554, "5.3.0")
 
     broken.on_failure = "ignore"
     email = make_email("failure ignored")
-    verdict = await dispatch([broken, store_sink], email)
-    assert verdict.accepted
+    delivery = await dispatch([broken, store_sink], email)
+    assert delivery.accepted
     event = await stored(tmp_path, email.uuid)
     assert event is not None
     outcome = event["mailpipe"]["outcomes"]["relay"]
@@ -251,20 +251,20 @@ async def test_a_sink_past_its_timeout_follows_its_policy(store_sink: StoreSink)
     slow = Hanging("slow")
     slow.timeout = 0.05
     email = make_email()
-    verdict = await dispatch([slow, store_sink], email, metrics)
-    assert (verdict.code, verdict.sink) == (451, "slow")
+    delivery = await dispatch([slow, store_sink], email, metrics)
+    assert (delivery.code, delivery.sink) == (451, "slow")
     assert email.outcomes["slow"]["reason"] == "timeout after 0.05s"
     assert results(metrics, "slow", "tempfail") == 1
 
     slow.on_failure = "reject"
-    verdict = await dispatch([slow], make_email())
-    assert verdict.code == 554
+    delivery = await dispatch([slow], make_email())
+    assert delivery.code == 554
 
 
 async def test_a_result_that_is_not_typed_is_a_failure() -> None:
     email = make_email()
-    verdict = await dispatch([Sloppy("old", Accepted())], email)
-    assert verdict.code == 451
+    delivery = await dispatch([Sloppy("old", Accepted())], email)
+    assert delivery.code == 451
     assert "not Accepted, TempFail or Reject" in email.outcomes["old"]["reason"]
 
 
@@ -273,8 +273,8 @@ async def test_optional_sinks_never_change_the_reply() -> None:
     email = make_email()
     refusing = Answering("refusing", Reject(), required=False)
     broken = Raising("broken", required=False)
-    verdict = await dispatch([refusing, broken], email, metrics)
-    assert verdict.accepted
+    delivery = await dispatch([refusing, broken], email, metrics)
+    assert delivery.accepted
     assert refusing.seen == [email.uuid] and broken.seen == [email.uuid]
     assert results(metrics, "refusing", "reject") == 1
     assert results(metrics, "broken", "ignored") == 1
@@ -282,8 +282,8 @@ async def test_optional_sinks_never_change_the_reply() -> None:
 
 async def test_a_sink_may_ask_to_close_the_session_after_the_250() -> None:
     closing = Answering("worker", Accepted(close=True))
-    verdict = await dispatch([closing, Answering("other", Accepted())], make_email())
-    assert verdict.accepted and verdict.close
+    delivery = await dispatch([closing, Answering("other", Accepted())], make_email())
+    assert delivery.accepted and delivery.close
 
 
 # ---- registry and configuration ------------------------------------------------------------
@@ -295,7 +295,8 @@ def config_from(tmp_path: Path, text: str) -> Any:
     return load_config(str(path))[0]
 
 
-def test_builtins_keep_their_config_keys(tmp_path: Path) -> None:
+def test_builtins_keep_their_config_keys(tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
     config = config_from(tmp_path, f"""
         data_dir: {tmp_path}
         sinks:
@@ -308,8 +309,9 @@ def test_builtins_keep_their_config_keys(tmp_path: Path) -> None:
     assert (store.timeout, store.failure_policy) == (5.0, "reject")
     assert isinstance(jsonl, JSONLSink) and jsonl.path == f"{tmp_path}/e.jsonl"
     assert (jsonl.required, jsonl.failure_policy) == (True, "tempfail")
-    off = config_from(tmp_path, "store: {enabled: false}\n")
+    off = config_from(tmp_path, "store: {enabled: false}\nsinks: {workers: {on_failure: reject}}\n")
     assert build_sinks(off, Metrics()) == []
+    assert "sinks.workers is set, but this configuration leaves that sink off" in caplog.text
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -316,11 +316,11 @@ class SMTPSession(asyncio.Protocol):
         reply = REPLY_RETRY
         try:
             email = await self._capture(received)
-            verdict = await self.server.dispatcher.deliver(email)
-            reply = Reply(verdict.code, f"{verdict.enhanced} {verdict.text}")
-            if verdict.accepted:
+            delivery = await self.server.dispatcher.deliver(email)
+            reply = Reply(delivery.code, f"{delivery.enhanced} {delivery.text}")
+            if delivery.accepted:
                 self._count_accepted(email)
-                if verdict.close:
+                if delivery.close:
                     self._closing_after_reply = True
             else:
                 self.listener.metrics.rejected_sink.inc()

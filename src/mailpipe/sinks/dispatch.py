@@ -14,10 +14,10 @@ from mailpipe.sinks.base import STORE, Sink, SinkError
 from mailpipe.sinks.results import (
     ACCEPTED,
     Accepted,
+    DeliveryResult,
     Reject,
     SinkResult,
     TempFail,
-    Verdict,
     outcome_of,
 )
 
@@ -29,7 +29,7 @@ REJECT_ON_FAILURE = Reject("Message could not be delivered", "5.3.0", 554)
 
 
 class Dispatcher:
-    """Runs the sinks for one email and folds their results into one `Verdict`.
+    """Runs the sinks for one email and folds their results into one `DeliveryResult`.
 
     Required sinks are awaited stage by stage (a stage's sinks concurrently), so that
     recording sinks see what delivering ones made of the email. The first refusal in stage
@@ -64,12 +64,12 @@ class Dispatcher:
             except Exception:
                 log.exception("sink %s failed to close", sink.name)
 
-    async def deliver(self, email: CapturedEmail) -> Verdict:
+    async def deliver(self, email: CapturedEmail) -> DeliveryResult:
         """The reply for this email, once every sink that has a say answered."""
-        verdict: Verdict | None = None
+        delivery: DeliveryResult | None = None
         close = False
         for stage, sinks in self.required_stages:
-            if verdict is not None and stage < STORE:
+            if delivery is not None and stage < STORE:
                 continue  # rejected: only the store still records it
             if len(sinks) == 1:  # the usual case: no gather, no extra task
                 results: Sequence[SinkResult] = (await self._run(sinks[0], email),)
@@ -78,17 +78,17 @@ class Dispatcher:
             for sink, result in zip(sinks, results, strict=True):
                 if type(result) is Accepted:
                     close = close or result.close
-                elif verdict is None:
-                    verdict = Verdict.refuse(result, sink.name)
-            if verdict is not None and verdict.code < 500:
-                return verdict  # tempfail: the client sends it again, so nothing is recorded
-        if verdict is not None:
-            return verdict
+                elif delivery is None:
+                    delivery = DeliveryResult.refuse(result, sink.name)
+            if delivery is not None and delivery.code < 500:
+                return delivery  # tempfail: the client sends it again, so nothing is recorded
+        if delivery is not None:
+            return delivery
         for sink in self.optional:
             task = asyncio.create_task(self._run(sink, email))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        return Verdict.accept(email.uuid, close=close)
+        return DeliveryResult.accept(email.uuid, close=close)
 
     async def _run(self, sink: Sink, email: CapturedEmail) -> SinkResult:
         started = time.perf_counter()

@@ -118,8 +118,11 @@ def build_sinks(config: Config, metrics: Metrics) -> list[Sink]:
         if settings is None:
             continue  # not configured (and a third-party module is not even imported)
         sink = sink_class(name).create(settings, context)
-        if sink is not None:
-            sink.name = name
-            sink.apply(settings)
-            sinks.append(sink)
+        if sink is None:
+            if name in sections:  # for instance sinks.workers without server.command
+                log.warning("sinks.%s is set, but this configuration leaves that sink off", name)
+            continue
+        sink.name = name
+        sink.apply(settings)
+        sinks.append(sink)
     return sinks

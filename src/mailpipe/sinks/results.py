@@ -1,7 +1,7 @@
 """What a sink answers for one email, and what the client is told once every sink answered.
 
 A sink returns `Accepted`, `TempFail` (4xx: the client sends the email again later) or
-`Reject` (5xx: the client gives up). The dispatcher folds the answers into one `Verdict`,
+`Reject` (5xx: the client gives up). The dispatcher folds the answers into one `DeliveryResult`,
 which maps onto one SMTP reply: code, enhanced status code (RFC 3463) and text.
 """
 
@@ -75,7 +75,7 @@ def outcome_of(result: Refusal) -> dict[str, Any]:
             "text": result.text, "reason": result.reason or result.text}
 
 
-class Verdict(NamedTuple):
+class DeliveryResult(NamedTuple):
     """The answer to one email: the SMTP reply to send and whether to close the session after.
 
     `sink` names the sink whose refusal decided (None when every sink accepted). A tuple,
@@ -93,9 +93,9 @@ class Verdict(NamedTuple):
         return self.code < 400
 
     @classmethod
-    def accept(cls, queued_id: str, *, close: bool = False) -> Verdict:
+    def accept(cls, queued_id: str, *, close: bool = False) -> DeliveryResult:
         return cls(250, "2.0.0", f"Ok: queued as {queued_id}", close=close)
 
     @classmethod
-    def refuse(cls, result: Refusal, sink: str) -> Verdict:
+    def refuse(cls, result: Refusal, sink: str) -> DeliveryResult:
         return cls(result.code, result.enhanced, result.text, sink=sink)
