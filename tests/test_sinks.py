@@ -334,7 +334,9 @@ def test_sink_sections_are_validated_by_name(tmp_path: Path, text: str, expected
 # ---- a third-party sink, installed, in a real mailpipe ---------------------------------------
 
 THIRD_PARTY = '''
-"""Two sinks a third party might publish: one writes each uuid to a file, one refuses."""
+"""Sinks a third party might publish: one writes each uuid to a file, one refuses, one hangs."""
+import asyncio
+
 from mailpipe.sinks.base import DELIVER, Sink, SinkSettings
 from mailpipe.sinks.results import Accepted, Reject
 
@@ -380,6 +382,15 @@ class PolicySink(Sink):
 
     async def submit(self, email):
         return self.answer
+
+
+class HangSink(Sink):
+    """Never answers (a downstream that accepted the connection and went silent)."""
+
+    stage = DELIVER
+
+    async def submit(self, email):
+        await asyncio.Event().wait()
 '''
 
 
@@ -393,7 +404,8 @@ def third_party(tmp_path: Path) -> dict[str, str]:
     (site / "thirdsink.py").write_text(THIRD_PARTY)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdsink\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
-        "[mailpipe.sinks]\ntofile = thirdsink:FileSink\npolicy = thirdsink:PolicySink\n")
+        "[mailpipe.sinks]\ntofile = thirdsink:FileSink\npolicy = thirdsink:PolicySink\n"
+        "hang = thirdsink:HangSink\n")
     return {"PYTHONPATH": str(site)}
 
 
@@ -406,6 +418,13 @@ def message(subject: str) -> EmailMessage:
     msg["From"], msg["To"], msg["Subject"] = "app@example.com", "user@example.org", subject
     msg.set_content("hello")
     return msg
+
+
+def refusal(server: MailpipeServer, subject: str) -> smtplib.SMTPDataError:
+    with (smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as client,
+          pytest.raises(smtplib.SMTPDataError) as refused):
+        client.send_message(message(subject))
+    return refused.value
 
 
 def served_metric(server: MailpipeServer, name: str, **labels: str) -> float:
@@ -453,6 +472,32 @@ def test_an_installed_sink_that_rejects_refuses_the_email(
     assert served_metric(server, "mailpipe_emails_rejected_total", reason="sink") == 1
     assert served_metric(server, "mailpipe_sink_results_total", sink="policy",
                          result="reject") == 1
+
+
+def test_an_installed_sink_past_its_timeout_gets_its_policy(
+    mailpipe_factory: Factory, third_party: dict[str, str]
+) -> None:
+    server = mailpipe_factory({"sinks": {"hang": {"timeout": "300ms"}}}, env=third_party)
+    refused = refusal(server, "into a silent sink")
+    assert refused.smtp_code == 451
+    assert refused.smtp_error == b"4.3.0 Temporary failure, please retry"
+    assert "sink hang failed: timeout after 0.3s" in server.log()
+    assert server.wait_for_messages(0) == []  # the client sends it again; nothing kept twice
+    assert served_metric(server, "mailpipe_sink_failures_total", sink="hang") == 1
+
+
+def test_a_builtin_sinks_failure_policy_and_the_outcome_in_the_store(
+    mailpipe_factory: Factory,
+) -> None:
+    server = mailpipe_factory({"sinks": {"jsonl": {
+        "path": "/dev/full", "required": True, "on_failure": "reject"}}})
+    refused = refusal(server, "to a full disk")
+    assert refused.smtp_code == 554
+    assert refused.smtp_error == b"5.3.0 Message could not be delivered"
+    (kept,) = server.wait_for_messages(1)
+    outcome = server.event(kept["uuid"])["mailpipe"]["outcomes"]["jsonl"]
+    assert (outcome["result"], outcome["code"]) == ("reject", 554)
+    assert "No space left on device" in outcome["reason"]
 
 
 def test_an_installed_sinks_section_is_validated(
