@@ -22,8 +22,6 @@ class CapturedEmail:
     event: dict[str, Any]
     raw: bytes
     outcomes: dict[str, Any] = field(default_factory=dict)
-    # Set by a sink (a worker answering CLOSE) to end the SMTP session after the 250.
-    close_connection: bool = False
     _json: bytes | None = None
 
     @property

@@ -50,6 +50,13 @@ class Metrics:
         self.sink_failures = Counter(
             "mailpipe_sink_failures", "Events a sink failed to accept", ["sink"], registry=r
         )
+        self.sink_results = Counter(
+            "mailpipe_sink_results",
+            "Sink answers other than accepted (counted by mailpipe_sink_latency_seconds_count):"
+            " tempfail, reject, ignored (a failure its policy let pass)",
+            ["sink", "result"],
+            registry=r,
+        )
         self.parse_latency = Histogram(
             "mailpipe_parse_latency_seconds",
             "Time to turn a received message into an event",

@@ -318,10 +318,11 @@ class SMTPSession(asyncio.Protocol):
         reply = REPLY_RETRY
         try:
             email = await self._capture(received)
-            if await self.server.dispatcher.deliver(email):
-                reply = Reply(250, f"2.0.0 Ok: queued as {email.uuid}")
+            delivery = await self.server.dispatcher.deliver(email)
+            reply = Reply(delivery.code, f"{delivery.enhanced} {delivery.text}")
+            if delivery.accepted:
                 self._count_accepted(email)
-                if email.close_connection:
+                if delivery.close:
                     self._closing_after_reply = True
             else:
                 self.listener.metrics.rejected_sink.inc()
