@@ -143,7 +143,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
         if self.store is None:
             log.warning("the store is disabled: the HTTP API serves health and metrics only")
         host, port = split_host_port(self.config.http.addr)
-        if not is_loopback(host):
+        if not is_loopback(host) and self.config.http.auth is None:
             log.warning(
                 "HTTP API bound to %s, reachable from other machines: mailpipe is a development "
                 "tool and shows every captured email; set http.auth or bind to 127.0.0.1",

@@ -76,6 +76,8 @@ def _start_logging(config: Config, path: Path | None, **extra: Any) -> None:
     uvloop = install_uvloop()
     log.info("mailpipe %s starting", __version__,
              extra={"config": str(path) if path else "defaults", "uvloop": uvloop, **extra})
+    for notice in config.notices:
+        log.info(notice)
 
 
 @main.command()
@@ -119,6 +121,8 @@ def check_config(config_file: str | None) -> None:
     import yaml
 
     click.echo(f"# from {path or 'defaults'}")
+    for notice in config.notices:
+        click.echo(f"# {notice}")
     click.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 

@@ -8,7 +8,9 @@ are ignored, while a typo inside a section it knows is an error naming the key.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,11 +21,15 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 CONFIG_FILE_NAMES = ("mailpipe.yaml", "mailpipe.yml", ".rr.yaml", ".rr.yml")
 
@@ -150,21 +156,35 @@ TLSSetting = Annotated[TLSConfig | None, BeforeValidator(_tls_shorthand)]
 
 
 class ListenerLimits(Section):
-    """What one SMTP listener may differ in; unset values come from the `smtp` section."""
+    """The limits an SMTP listener runs with, and their defaults: declared here and nowhere
+    else. The `smtp` section sets them for every listener; an entry of `smtp.servers`
+    overrides the ones it names."""
 
-    hostname: str | None = None
-    read_timeout: Duration | None = None
-    write_timeout: Duration | None = None
-    max_message_size: Size | None = None
-    max_recipients: int | None = Field(default=None, ge=1)
-    max_line_length: int | None = Field(default=None, ge=512)
-    max_connections: int | None = Field(default=None, ge=1)
+    hostname: str = "localhost"
+    read_timeout: Duration = 60.0
+    write_timeout: Duration = 10.0
+    max_message_size: Size = 10 * 1024 * 1024
+    max_recipients: int = Field(default=100, ge=1)
+    max_line_length: int = Field(default=4096, ge=512)
+    max_connections: int = Field(default=1000, ge=1)
     tls: TLSSetting = None
 
 
 class ListenerConfig(ListenerLimits):
+    """One entry of `smtp.servers`: an address, and the limits it sets itself."""
+
     name: str | None = None
     addr: Address
+
+    def own_limits(self) -> dict[str, Any]:
+        """The limits written in this entry (`tls: off` included); the rest are inherited."""
+        return {key: getattr(self, key) for key in ListenerLimits.model_fields
+                if key in self.model_fields_set}
+
+    @model_serializer(mode="wrap")
+    def _written_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # check-config shows what the entry sets, not defaults it does not use.
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
 
 
 class SupervisorConfig(Section):
@@ -188,9 +208,7 @@ class PoolConfig(Section):
     allocate_timeout: Duration = 60.0
     destroy_timeout: Duration = 60.0
     reset_timeout: Duration = 60.0
-    stream_timeout: Duration = 60.0
     exec_ttl: Duration = 0.0
-    debug: bool = False
     command: str | list[str] | None = None  # overrides server.command for this pool
     supervisor: SupervisorConfig = SupervisorConfig()
 
@@ -200,16 +218,39 @@ class PoolConfig(Section):
         return self.exec_ttl or self.supervisor.exec_ttl
 
 
+def _env_strings(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): "" if v is None else str(v) for k, v in value.items()}
+    return value
+
+
+def _optional_name(value: Any) -> Any:
+    return None if value in (None, "") else str(value)  # RoadRunner writes "" for unset
+
+
+EnvMapping = Annotated[dict[str, str], BeforeValidator(_env_strings)]
+OptionalName = Annotated[str | None, BeforeValidator(_optional_name)]
+
+
+class OnInitConfig(Section):
+    """A command run once before the workers start (RoadRunner's `server.on_init`)."""
+
+    command: str | list[str]
+    exec_timeout: Duration = 60.0
+    exit_on_error: bool = True  # RoadRunner's default is false: a failed init goes unnoticed
+    env: EnvMapping = Field(default_factory=dict)
+
+
 class ServerConfig(Section):
     """How worker processes are started (RoadRunner's `server` section)."""
 
     command: str | list[str] | None = None
     relay: str = "pipes"
-    env: dict[str, str] = Field(default_factory=dict)
+    env: EnvMapping = Field(default_factory=dict)
     relay_timeout: Duration = 60.0
-    user: str | None = None
-    group: str | None = None
-    on_init: dict[str, Any] | None = None
+    user: OptionalName = None  # workers (and on_init) run as this user: mailpipe must be root
+    group: OptionalName = None  # default: the user's own group
+    on_init: OnInitConfig | None = None
 
     @field_validator("relay")
     @classmethod
@@ -218,29 +259,13 @@ class ServerConfig(Section):
             return value
         raise ValueError("expected pipes, tcp://host:port or unix:///path")
 
-    @field_validator("env", mode="before")
-    @classmethod
-    def _env_strings(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {str(k): "" if v is None else str(v) for k, v in value.items()}
-        return value
 
-
-class SMTPConfig(Section):
+class SMTPConfig(ListenerLimits):
     addr: Address = "127.0.0.1:1025"
-    hostname: str = "localhost"
-    read_timeout: Duration = 60.0
-    write_timeout: Duration = 10.0
-    max_message_size: Size = 10 * 1024 * 1024
-    max_recipients: int = Field(default=100, ge=1)
-    max_line_length: int = Field(default=4096, ge=512)
-    max_connections: int = Field(default=1000, ge=1)
     spool_threshold: Size = 1024 * 1024
     include_raw: bool = False
     transcript: bool = False
-    access_logs: bool = False
     attachment_storage: AttachmentStorageConfig = AttachmentStorageConfig()
-    tls: TLSSetting = None
     servers: list[ListenerConfig] = Field(default_factory=list)
     pool: PoolConfig | None = None
     jobs: SMTPJobsConfig | None = None
@@ -249,13 +274,12 @@ class SMTPConfig(Section):
     def listeners(self) -> list[ResolvedListener]:
         """Every listener with its limits filled in from this section."""
         given = self.servers or [ListenerConfig(addr=self.addr)]
+        shared = {key: getattr(self, key) for key in ListenerLimits.model_fields}
         resolved = []
         for index, item in enumerate(given):
-            values = {k: getattr(self, k) for k in ListenerLimits.model_fields}
-            values.update(item.model_dump(exclude_none=True, exclude={"name", "addr", "tls"}))
-            values["tls"] = item.tls or self.tls
             name = item.name or ("default" if not self.servers else f"smtp{index}")
-            resolved.append(ResolvedListener(name=name, addr=item.addr, **values))
+            resolved.append(ResolvedListener(name=name, addr=item.addr,
+                                             **{**shared, **item.own_limits()}))
         names = [r.name for r in resolved]
         if len(set(names)) != len(names):
             raise ValueError("smtp.servers: listener names must be unique")
@@ -357,17 +381,11 @@ class JobsConfig(Section):
     pipeline_size: int = Field(default=100000, ge=1)
 
 
-class ResolvedListener(BaseModel):
+class ResolvedListener(ListenerLimits):
+    """A listener as it runs: its name, address and every limit filled in."""
+
     name: str
     addr: str
-    hostname: str
-    read_timeout: float
-    write_timeout: float
-    max_message_size: int
-    max_recipients: int
-    max_line_length: int
-    max_connections: int
-    tls: TLSConfig | None = None
 
 
 class HTTPAuthConfig(Section):
@@ -457,6 +475,12 @@ class Config(BaseSettings):
     sinks: SinksConfig = SinksConfig()
     jobs: JobsConfig = JobsConfig()
     log: LogConfig = LogConfig()
+    # What loading the file noted (RoadRunner sections ignored or mapped), logged at start.
+    _notices: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notices(self) -> list[str]:
+        return self._notices
 
     @classmethod
     def settings_customise_sources(
@@ -534,9 +558,11 @@ class _FileSource(PydanticBaseSettingsSource):
 def find_config_file(explicit: str | None, cwd: Path | None = None) -> Path | None:
     if explicit:
         path = Path(explicit)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file {explicit}: not found")
-        return path
+        if path.is_dir():
+            raise ConfigError(f"config file {explicit}: is a directory")
+        return path  # not only a regular file: /dev/null or <(...) are configs too
     base = cwd or Path.cwd()
     for name in CONFIG_FILE_NAMES:
         if (base / name).is_file():
@@ -558,30 +584,181 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+# ---- RoadRunner files ---------------------------------------------------------------------
+
+# The sections of RoadRunner's other plugins: a .rr.yaml holds them, mailpipe has no use for
+# them (`rpc` is for a later version).
+RR_SECTIONS = frozenset({
+    "rpc", "http", "logs", "kv", "metrics", "status", "reload", "service", "grpc", "tcp",
+    "temporal", "centrifuge", "fileserver", "websockets", "broadcast", "otel", "endure",
+    "lock", "redis", "memory", "boltdb", "memcached", "amqp", "beanstalk", "kafka", "nats",
+    "sqs", "google_pub_sub", "informer", "resetter", "include", "experimental",
+})
+# Keys of RoadRunner's that sit in sections mailpipe reads and that it has no use for.
+RR_IGNORED_KEYS = ("smtp.access_logs", "smtp.pool.debug", "smtp.pool.stream_timeout",
+                   "jobs.pool.debug", "jobs.pool.stream_timeout")
+# Keys only RoadRunner's http plugin has: an `http` section with one of them is RoadRunner's
+# (its HTTP server for PHP), not mailpipe's API (`http.addr`, `http.auth`).
+RR_HTTP_KEYS = frozenset({
+    "address", "pool", "middleware", "uploads", "headers", "static", "ssl", "fcgi", "http2",
+    "max_request_size", "trusted_subnets", "raw_body", "internal_error_code", "access_logs",
+})
+# RoadRunner's `logs.mode` as mailpipe's log settings; `logs.level` and `logs.encoding`
+# given beside it win.
+RR_LOG_MODES: dict[str, dict[str, str]] = {
+    "development": {"level": "debug", "format": "console"},
+    "production": {"level": "info", "format": "json"},
+    "raw": {"format": "console"},
+    "off": {"level": "error"},  # mailpipe still reports what fails
+    "none": {"level": "error"},
+}
+RR_LOG_LEVELS = {"warn": "warning", "dpanic": "error", "panic": "error", "fatal": "error"}
+
+
+def prepare_file(data: dict[str, Any], notices: list[str], problems: list[str]) -> dict[str, Any]:
+    """The file's sections as mailpipe reads them: RoadRunner's other sections and keys taken
+    out (one notice each), `logs` mapped onto `log`, an unknown section a problem."""
+    data = {str(key): value for key, value in data.items()}
+    if "logs" in data:
+        mapped = _map_rr_logs(data.pop("logs"), problems)
+        if mapped:
+            notices.append("RoadRunner section 'logs' read as log: "
+                           + ", ".join(f"{k}={v}" for k, v in mapped.items()))
+            given = data.get("log")
+            data["log"] = {**mapped, **given} if isinstance(given, dict) else given or mapped
+        else:
+            notices.append("ignoring RoadRunner section 'logs'")
+    if isinstance(data.get("http"), dict) and RR_HTTP_KEYS & data["http"].keys():
+        del data["http"]
+        notices.append("ignoring RoadRunner section 'http' (RoadRunner's HTTP server; "
+                       "mailpipe's API listens on http.addr)")
+    known = set(Config.model_fields)
+    for key in [k for k in data if k not in known]:
+        del data[key]
+        if key in RR_SECTIONS:
+            notices.append(f"ignoring RoadRunner section {key!r}")
+        else:
+            close = difflib.get_close_matches(key, sorted(known | RR_SECTIONS), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"  {key}: unknown section{hint}")
+    for dotted in RR_IGNORED_KEYS:
+        *parents, leaf = dotted.split(".")
+        section: Any = data
+        for name in parents:
+            section = section.get(name) if isinstance(section, dict) else None
+        if isinstance(section, dict) and leaf in section:
+            del section[leaf]
+            notices.append(f"ignoring RoadRunner key {dotted!r} (mailpipe has no use for it)")
+    return data
+
+
+def _map_rr_logs(logs: Any, problems: list[str]) -> dict[str, str]:
+    if not isinstance(logs, dict):
+        return {}
+    mode = str(logs.get("mode", "")).lower()
+    if mode and mode not in RR_LOG_MODES:
+        problems.append(f"  logs.mode: got {logs['mode']!r}: expected "
+                        f"{', '.join(RR_LOG_MODES)}")
+    mapped = dict(RR_LOG_MODES.get(mode, {}))
+    if "level" in logs:
+        level = str(logs["level"]).lower()
+        mapped["level"] = RR_LOG_LEVELS.get(level, level)
+    if "encoding" in logs:
+        mapped["format"] = str(logs["encoding"]).lower()
+    return mapped
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+
 def load_config(file: str | None = None, overrides: dict[str, Any] | None = None,
                 cwd: Path | None = None) -> tuple[Config, Path | None]:
     """The effective configuration, and the file it came from (if any)."""
     path = find_config_file(file, cwd)
-    _FileSource.data = read_config_file(path) if path else {}
+    notices: list[str] = []
+    problems: list[str] = []
+    _FileSource.data = prepare_file(read_config_file(path), notices, problems) if path else {}
+    sources = _Sources(path, overrides or {})
     try:
         config = Config(**(overrides or {}))
     except ValidationError as exc:
-        raise ConfigError(describe_errors(exc, path)) from None
+        raise ConfigError(sources.describe(exc, problems)) from None
+    except SettingsError as exc:
+        raise ConfigError(sources.describe_undecodable(exc)) from None
     finally:
         _FileSource.data = {}
+    if problems:
+        raise ConfigError("\n".join([sources.header({str(path)}), *problems]))
+    config.notices.extend(notices)
     return config, path
 
 
-def describe_errors(exc: ValidationError, path: Path | None) -> str:
-    """One line per problem: the key, the bad value, what is expected."""
-    origin = f" in {path}" if path else ""
-    lines = [f"invalid configuration{origin}:"]
-    for error in exc.errors(include_url=False):
-        key = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
-        key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check its spelling)")
-            continue
-        lines.append(f"  {key}: got {error['input']!r}: {message}")
-    return "\n".join(lines)
+ENV_PREFIX = "MAILPIPE_"
+
+
+class _Sources:
+    """Where each value came from (flag, environment variable or file), for the errors."""
+
+    def __init__(self, path: Path | None, overrides: dict[str, Any]) -> None:
+        self.path = path
+        self.overrides = overrides
+        self.env = {name.upper(): name for name in os.environ}
+
+    def env_variable(self, loc: tuple[Any, ...]) -> str | None:
+        """The variable that set the value at `loc`: its own, or one holding a whole section
+        or list as JSON."""
+        parts = [str(part).upper() for part in loc]
+        for end in range(len(parts), 0, -1):
+            name = ENV_PREFIX + "__".join(parts[:end])
+            if name in self.env:
+                return self.env[name]
+        return None
+
+    def from_flags(self, loc: tuple[Any, ...]) -> bool:
+        tree: Any = self.overrides
+        for part in loc:
+            if not isinstance(tree, dict) or str(part) not in tree:
+                return False
+            tree = tree[str(part)]
+        return bool(loc)
+
+    def header(self, origins: set[str]) -> str:
+        ordered = [o for o in ("the command line", "the environment", str(self.path))
+                   if o in origins]
+        return f"invalid configuration{' in ' + ' and '.join(ordered) if ordered else ''}:"
+
+    def describe(self, exc: ValidationError, problems: list[str]) -> str:
+        """One line per problem: the key (and the variable that set it), the bad value, what is
+        expected."""
+        origins: set[str] = {str(self.path)} if problems else set()
+        lines = []
+        for error in exc.errors(include_url=False):
+            loc = tuple(p for p in error["loc"] if not str(p).startswith("function-"))
+            key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", ".".join(str(p) for p in loc))
+            if self.from_flags(loc):
+                origins.add("the command line")
+            elif variable := self.env_variable(loc):
+                origins.add("the environment")
+                key = f"{variable} ({key})"
+            elif loc and self.path:
+                origins.add(str(self.path))
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                lines.append(f"  {key}: unknown key (check its spelling)")
+            elif not loc:  # a rule across sections: its message names the keys
+                lines.append(f"  {message}")
+            else:
+                lines.append(f"  {key}: got {error['input']!r}: {message}")
+        if not origins and self.path:
+            origins.add(str(self.path))
+        return "\n".join([self.header(origins), *problems, *lines])
+
+    def describe_undecodable(self, exc: SettingsError) -> str:
+        # pydantic-settings reads a section or list from one variable as JSON.
+        match = re.search(r'field "([^"]+)"', str(exc))
+        field = match.group(1).upper() if match else ""
+        names = sorted(original for upper, original in self.env.items()
+                       if upper.startswith(ENV_PREFIX + field))
+        return (f"invalid configuration in the environment:\n  {', '.join(names) or exc}: "
+                "not valid JSON (a section or list from the environment is written as JSON)")
+
