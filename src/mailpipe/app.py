@@ -1,17 +1,14 @@
 """One running mailpipe: builds the parts from the config, starts them, stops them in order.
 
-Shutdown (uvicorn's model): the first SIGINT/SIGTERM stops accepting, lets messages in flight
-finish within `shutdown_timeout`, answers 421 to idle sessions, flushes the sinks and exits 0;
-a second signal exits at once.
+Shutdown (see lifecycle.py): the first SIGINT/SIGTERM stops accepting, lets messages in
+flight finish within `shutdown_timeout`, answers 421 to idle sessions, flushes the sinks and
+exits 0; a second signal skips the waiting but still flushes and closes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,11 +19,13 @@ from mailpipe.capture.server import CaptureServer, format_addr
 from mailpipe.config import Config, is_loopback, split_host_port
 from mailpipe.discovery import remove_state, write_state
 from mailpipe.jobs.sink import JobsSink
+from mailpipe.lifecycle import Lifecycle
 from mailpipe.metrics import Metrics
 from mailpipe.sinks.base import Sink
 from mailpipe.sinks.dispatch import Dispatcher
 from mailpipe.sinks.registry import build_sinks
 from mailpipe.store.sqlite import SQLiteStore, StoreSink
+from mailpipe.workers.on_init import OnInitError, run_on_init
 from mailpipe.workers.pool import PoolError
 from mailpipe.workers.sink import WorkerSink
 
@@ -70,8 +69,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
         )
         self._http_runner: object | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._stop = asyncio.Event()
-        self._signals = 0
+        self.lifecycle = Lifecycle()
 
     def _make_sinks(self) -> list[Sink]:
         sinks = build_sinks(self.config, self.metrics)
@@ -92,6 +90,10 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            await run_on_init(self.config.server)
+        except OnInitError as exc:
+            raise StartupError(str(exc)) from None
         try:
             await self.dispatcher.start()
         except PoolError as exc:
@@ -160,12 +162,30 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
         self._http_runner = await start_http(app, host, port)
         log.info("HTTP API on http://%s:%d", host, port)
 
-    async def shutdown(self) -> None:
-        log.info("shutting down: finishing messages in flight")
-        await self.capture.stop(self.config.shutdown_timeout)
+    async def drain(self, hurry: bool) -> None:
+        """Stop taking email; let what is in flight finish within shutdown_timeout (the
+        workers within destroy_timeout). In a hurry wait for nothing: a worker busy with an
+        email is stopped and that email's client, which got no 250, sends it again."""
+        grace = 0.0 if hurry else self.config.shutdown_timeout
+        log.info("shutting down: %s", "not waiting for messages in flight" if hurry
+                 else "finishing messages in flight")
+        await self.capture.stop(grace)
+        if hurry:  # busy workers are stopped now, not after destroy_timeout
+            pools = [self.pool, self.consumer.pool if self.consumer else None]
+            await asyncio.gather(*(pool.stop(0.0) for pool in pools if pool is not None))
         if self.consumer is not None:
-            await self.consumer.stop(self.config.shutdown_timeout)
+            await self.consumer.stop(grace)
+        if self.pool is not None:
+            await self.pool.stop()
+
+    async def close(self) -> None:
+        """Flush and close what is open: jobs drivers, the API, the sinks (the store commits
+        what it holds)."""
         await self.close_jobs_drivers()
+        if self.consumer is not None:
+            from mailpipe.jobs.runner import close_drivers
+
+            await close_drivers(self.consumer)
         for task in self._tasks:
             task.cancel()
         if self._http_runner is not None:
@@ -178,27 +198,10 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
 
     def stop(self) -> None:
         """AdminOps.stop: a graceful shutdown, as SIGTERM starts one."""
-        self._stop.set()
-
-    def request_stop(self) -> None:
-        self._signals += 1
-        if self._signals > 1:
-            log.warning("second signal: exiting now")
-            os._exit(1)
-        self._stop.set()
+        self.lifecycle.stop()
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, self.request_stop)
-        try:
-            await self.start()
-        except BaseException:
-            await self.dispatcher.close()
-            raise
-        await self._stop.wait()
-        await self.shutdown()
+        await self.lifecycle.run(self.start, self.drain, self.close)
 
 
 def install_uvloop() -> bool:

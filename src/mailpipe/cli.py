@@ -109,7 +109,7 @@ def serve(config_file: str | None, smtp: str | None, http: str | None, data_dir:
     except StartupError as exc:
         click.echo(f"mailpipe: cannot start: {exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before the signal handlers are installed
         pass
 
 
@@ -460,6 +460,7 @@ def jobs_consume(pipelines: tuple[str, ...], config_file: str | None, log_level:
 
     from mailpipe.jobs.runner import run_consumer
     from mailpipe.metrics import Metrics
+    from mailpipe.workers.on_init import OnInitError
     from mailpipe.workers.pool import PoolError
 
     _start_logging(config, path, pipelines=names)
@@ -467,7 +468,9 @@ def jobs_consume(pipelines: tuple[str, ...], config_file: str | None, log_level:
         asyncio.run(run_consumer(config, names, Metrics()))
     except PoolError as exc:
         _fail(f"cannot start the jobs worker pool: {exc}")
-    except KeyboardInterrupt:
+    except OnInitError as exc:
+        _fail(f"cannot start: {exc}")
+    except KeyboardInterrupt:  # before the signal handlers are installed
         pass
 
 

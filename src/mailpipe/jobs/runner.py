@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 from mailpipe.config import Config
@@ -10,8 +11,12 @@ from mailpipe.jobs.base import Driver, DriverError
 from mailpipe.jobs.consumer import JobsConsumer, PipelineConsumer
 from mailpipe.jobs.drivers import make_driver
 from mailpipe.jobs.sink import JobsSink
+from mailpipe.lifecycle import Lifecycle
 from mailpipe.metrics import Metrics
+from mailpipe.workers.on_init import run_on_init
 from mailpipe.workers.pool import WorkerPool
+
+log = logging.getLogger("mailpipe.jobs")
 
 DEPTH_INTERVAL = 5.0
 
@@ -53,20 +58,38 @@ def build_consumer(config: Config, names: list[str], metrics: Metrics) -> JobsCo
     return JobsConsumer(consumers, pool)
 
 
-async def run_consumer(config: Config, names: list[str], metrics: Metrics) -> None:
-    """`mailpipe jobs consume`: drain pipelines until SIGINT/SIGTERM, then stop in order."""
-    import signal
+async def close_drivers(consumer: JobsConsumer) -> None:
+    """Close the consumer's drivers (its pipelines and their dead-letter ones), each whatever
+    the others do."""
+    for pipeline in consumer.consumers.values():
+        for driver in (pipeline.driver, pipeline.dead_letter_driver):
+            if driver is not None:
+                try:
+                    await driver.close()
+                except Exception:
+                    log.exception("closing pipeline %s failed", driver.pipeline)
 
+
+async def run_consumer(config: Config, names: list[str], metrics: Metrics) -> None:
+    """`mailpipe jobs consume`: drain pipelines until SIGINT/SIGTERM (lifecycle.py), then stop
+    in order: no more pulling, the jobs in hand finish (unless hurried), drivers closed."""
     consumer = build_consumer(config, names, metrics)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await consumer.start()
-    drivers = [c.driver for c in consumer.consumers.values()]
-    depth = asyncio.create_task(watch_queue_depth(drivers, metrics))
-    try:
-        await stop.wait()
-    finally:
-        depth.cancel()
-        await consumer.stop(config.shutdown_timeout)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
+        await run_on_init(config.server)
+        await consumer.start()
+        drivers = [c.driver for c in consumer.consumers.values()]
+        tasks.append(asyncio.create_task(watch_queue_depth(drivers, metrics)))
+
+    async def drain(hurry: bool) -> None:
+        if hurry:  # busy workers are stopped now, not after destroy_timeout
+            await consumer.pool.stop(0.0)
+        await consumer.stop(0.0 if hurry else config.shutdown_timeout)
+
+    async def close() -> None:
+        for task in tasks:
+            task.cancel()
+        await close_drivers(consumer)
+
+    await Lifecycle().run(start, drain, close)

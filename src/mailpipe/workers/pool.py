@@ -131,6 +131,7 @@ class WorkerPool:
         self.command = split_command(command)
         self.relay_address = server.relay
         self.relay_timeout = server.relay_timeout
+        self.user, self.group = server.user, server.group
         self.metrics = metrics
         self.env = self._environment(server, mode, rpc_address)
         self.target = config.num_workers
@@ -173,15 +174,17 @@ class WorkerPool:
         log.info("worker pool ready", extra={"workers": len(self.workers),
                                              "command": " ".join(self.command)})
 
-    async def stop(self) -> None:
-        """Let emails in flight finish (destroy_timeout), then stop every worker."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Let emails in flight finish (within `timeout`, default destroy_timeout; 0 when the
+        shutdown is hurried), then stop every worker."""
         self._stopping = True
         if self._supervisor is not None:
             self._supervisor.cancel()
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_exception(PoolError("the worker pool is stopping"))
-        deadline = time.monotonic() + self.config.destroy_timeout
+        deadline = time.monotonic() + (self.config.destroy_timeout if timeout is None
+                                       else timeout)
         while any(w.state == WorkerState.WORKING for w in self.workers):
             if time.monotonic() > deadline:
                 break
@@ -325,7 +328,7 @@ class WorkerPool:
             self._replenishing = False
 
     async def _spawn(self) -> WorkerProcess:
-        worker = WorkerProcess(self.command, self.env)
+        worker = WorkerProcess(self.command, self.env, user=self.user, group=self.group)
         self.workers.append(worker)
         try:
             if self._relay is None:

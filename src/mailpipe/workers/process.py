@@ -10,13 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import grp
 import logging
 import os
+import pwd
 import shlex
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
@@ -71,6 +75,31 @@ class WorkerResponse:
     error: str | None = None  # the worker's error frame: a soft failure, the worker lives on
 
 
+def run_as(user: str | None, group: str | None) -> dict[str, object]:
+    """create_subprocess_exec's arguments for server.user and server.group: the user's ids and
+    groups (its own group unless `group` is given), not root's. Raises WorkerStartError."""
+    if not user and not group:
+        return {}
+    try:
+        account = _lookup(pwd.getpwuid, pwd.getpwnam, user or str(os.geteuid()))
+    except KeyError:
+        raise WorkerStartError(f"server.user: no such user {user!r}") from None
+    try:
+        gid = _lookup(grp.getgrgid, grp.getgrnam, group).gr_gid if group else account.pw_gid
+    except KeyError:
+        raise WorkerStartError(f"server.group: no such group {group!r}") from None
+    if os.geteuid() != 0 and (account.pw_uid, gid) != (os.geteuid(), os.getegid()):
+        raise WorkerStartError(
+            f"server.user/server.group: starting workers as {account.pw_name}:{gid} needs "
+            f"mailpipe to run as root (it runs as uid {os.geteuid()})")
+    return {"user": account.pw_uid, "group": gid,
+            "extra_groups": os.getgrouplist(account.pw_name, gid)}
+
+
+def _lookup(by_id: Callable[[int], Any], by_name: Callable[[str], Any], name: str) -> Any:
+    return by_id(int(name)) if name.isdigit() else by_name(name)
+
+
 def split_command(command: str | list[str]) -> list[str]:
     return shlex.split(command) if isinstance(command, str) else list(command)
 
@@ -115,9 +144,11 @@ async def handshake(conn: Connection) -> int:
 class WorkerProcess:
     """A spawned worker: lifecycle, the request/response exchange, and its stats."""
 
-    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+    def __init__(self, command: list[str], env: dict[str, str], *,
+                 user: str | None = None, group: str | None = None) -> None:
         self.command = command
         self.env = env
+        self.user, self.group = user, group
         self.process: asyncio.subprocess.Process | None = None
         self.conn: Connection | None = None
         self.pid = 0
@@ -140,6 +171,7 @@ class WorkerProcess:
             env=self.env,
             limit=1 << 20,
             start_new_session=True,  # our Ctrl-C goes to mailpipe, which stops workers in order
+            **run_as(self.user, self.group),  # type: ignore[arg-type]
         )
         self.pid = self.process.pid
         self._stderr_task = asyncio.create_task(self._relay_stderr())
