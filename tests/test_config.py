@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import smtplib
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from conftest import MailpipeServer, free_port
 from mailpipe.config import ConfigError, load_config, parse_duration, parse_size
 
 
@@ -162,3 +167,205 @@ def test_check_config_prints_effective_values(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "hostname: shown.test" in result.stdout
     assert "max_recipients: 7" in result.stdout
+
+
+# ---- each limit declared once ----------------------------------------------------------------
+
+
+def test_listener_limits_come_from_one_declaration(tmp_path: Path) -> None:
+    from mailpipe.config import ListenerLimits
+
+    config, _ = load_config(cwd=tmp_path)
+    (default,) = config.smtp.listeners()
+    declared = {name: field.default for name, field in ListenerLimits.model_fields.items()}
+    assert {name: getattr(default, name) for name in declared} == declared
+    assert {name: getattr(config.smtp, name) for name in declared} == declared
+
+
+def test_a_listener_overrides_only_what_it_writes_even_tls_off(tmp_path: Path) -> None:
+    write(
+        tmp_path / "mailpipe.yaml",
+        """
+smtp:
+  tls: self-signed
+  max_recipients: 7
+  servers:
+    - {name: plain, addr: "127.0.0.1:2525", tls: off, max_recipients: 100}
+    - {name: inherits, addr: "127.0.0.1:2526"}
+""",
+    )
+    plain, inherits = load_config(cwd=tmp_path)[0].smtp.listeners()
+    assert plain.tls is None and plain.max_recipients == 100  # its own, equal to the default
+    assert inherits.tls is not None and inherits.tls.self_signed
+    assert inherits.max_recipients == 7
+    # check-config shows what each entry writes, not defaults it does not use
+    shown = check_config(tmp_path)
+    assert "- name: inherits\n    addr: 127.0.0.1:2526\n" in shown.stdout
+
+
+# ---- RoadRunner files --------------------------------------------------------------------------
+
+RR_FILE = """
+version: "3"
+rpc: {listen: "tcp://127.0.0.1:6001"}
+server:
+  command: ""
+  user: ""
+  group: ""
+  relay: pipes
+  relay_timeout: 20s
+logs: {mode: production, level: warn}
+http:
+  address: 127.0.0.1:44933
+  middleware: [gzip, headers]
+  pool: {num_workers: 6, supervisor: {exec_ttl: 10}}
+kv: {local: {driver: memory}}
+metrics: {address: localhost:2112}
+status: {address: 127.0.0.1:2114}
+reload: {interval: 1s, patterns: [".php"]}
+smtp:
+  addr: "127.0.0.1:2525"
+  access_logs: true
+  pool: {num_workers: 2, debug: false, stream_timeout: 10s}
+"""
+
+
+def check_config(cwd: Path, *args: str, env: dict[str, str] | None = None,
+                 ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mailpipe", "check-config", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=30,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+    )
+
+
+def test_roadrunner_file_loads_other_sections_noted_once_each(tmp_path: Path) -> None:
+    write(tmp_path / ".rr.yaml", RR_FILE)
+    config, _ = load_config(cwd=tmp_path)
+    notes = config.notices
+    for section in ("rpc", "http", "kv", "metrics", "status", "reload"):
+        assert sum(f"ignoring RoadRunner section '{section}'" in n for n in notes) == 1, notes
+    for key in ("smtp.access_logs", "smtp.pool.debug", "smtp.pool.stream_timeout"):
+        assert sum(f"ignoring RoadRunner key '{key}'" in n for n in notes) == 1, notes
+    assert (config.log.level, config.log.format) == ("warning", "json")  # logs mapped
+    assert config.http.addr == "127.0.0.1:8025"  # RoadRunner's http section is not ours
+    assert config.smtp.pool is not None and config.smtp.pool.num_workers == 2
+    assert config.server.user is None and config.server.group is None  # "" is unset
+    assert not hasattr(config.smtp, "access_logs")
+    assert not hasattr(config.smtp.pool, "debug")
+    assert not hasattr(config.smtp.pool, "stream_timeout")
+
+
+@pytest.mark.parametrize(
+    ("logs", "level", "fmt"),
+    [
+        ("{mode: development}", "debug", "console"),
+        ("{mode: production}", "info", "json"),
+        ("{mode: raw, level: error}", "error", "console"),
+        ("{mode: off}", "error", "console"),
+        ("{mode: development, level: info, encoding: json}", "info", "json"),
+    ],
+)
+def test_roadrunner_logs_map_to_log(tmp_path: Path, logs: str, level: str, fmt: str) -> None:
+    write(tmp_path / ".rr.yaml", f"version: '3'\nlogs: {logs}\n")
+    config, _ = load_config(cwd=tmp_path)
+    assert (config.log.level, config.log.format) == (level, fmt)
+
+
+def test_our_log_section_beats_roadrunner_logs(tmp_path: Path) -> None:
+    write(tmp_path / ".rr.yaml", "logs: {mode: development}\nlog: {level: error}\n")
+    config, _ = load_config(cwd=tmp_path)
+    assert (config.log.level, config.log.format) == ("error", "console")
+
+
+def test_our_http_section_in_a_roadrunner_file_is_kept_and_checked(tmp_path: Path) -> None:
+    write(tmp_path / ".rr.yaml", "version: '3'\nhttp: {addr: '127.0.0.1:9925'}\n")
+    config, _ = load_config(cwd=tmp_path)
+    assert config.http.addr == "127.0.0.1:9925" and config.notices == []
+    write(tmp_path / ".rr.yaml", "version: '3'\nhttp: {adr: '127.0.0.1:9925'}\n")
+    with pytest.raises(ConfigError, match=r"http\.adr: unknown key"):
+        load_config(cwd=tmp_path)
+
+
+def test_unknown_section_names_the_closest_key(tmp_path: Path) -> None:
+    write(tmp_path / "mailpipe.yaml", "stmp: {addr: '127.0.0.1:2525'}\nstroe: {}\n")
+    result = subprocess.run([sys.executable, "-m", "mailpipe", "serve"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "stmp: unknown section (did you mean smtp?)" in result.stderr
+    assert "stroe: unknown section (did you mean store?)" in result.stderr
+
+
+def test_roadrunner_file_through_serve_logs_one_info_line_per_section(
+    mailpipe_factory: Callable[..., MailpipeServer],
+) -> None:
+    server = mailpipe_factory({
+        "version": "3", "rpc": {"listen": "tcp://127.0.0.1:6001"}, "kv": {},
+        "logs": {"mode": "production"}, "smtp": {"access_logs": True},
+    })
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as client:
+        client.sendmail("a@example.test", ["b@example.test"], "Subject: rr\r\n\r\nbody\r\n")
+    assert server.wait_for_messages(1)[0]["subject"] == "rr"
+    assert server.stop() == 0
+    lines = [json.loads(line) for line in server.log().splitlines()]  # production: JSON
+    infos = [line["msg"] for line in lines if line["level"] == "info"]
+    for notice in ("ignoring RoadRunner section 'rpc'", "ignoring RoadRunner section 'kv'",
+                   "RoadRunner section 'logs' read as log: level=info, format=json"):
+        assert infos.count(notice) == 1, infos
+    assert sum("'smtp.access_logs'" in msg for msg in infos) == 1
+
+
+# ---- sources: environment, /dev/null ---------------------------------------------------------
+
+
+def test_bad_environment_value_names_the_variable_not_the_file(tmp_path: Path) -> None:
+    write(tmp_path / "mailpipe.yaml", "smtp: {hostname: fine.test}\n")
+    result = check_config(tmp_path, env={"MAILPIPE_SMTP__MAX_RECIPIENTS": "abc"})
+    assert result.returncode == 2
+    assert "MAILPIPE_SMTP__MAX_RECIPIENTS (smtp.max_recipients): got 'abc'" in result.stderr
+    assert "mailpipe.yaml" not in result.stderr
+    result = check_config(tmp_path, env={"MAILPIPE_SMTP__SERVERS": "[{\"addr\": \"nowhere\"}]"})
+    assert "MAILPIPE_SMTP__SERVERS (smtp.servers[0].addr): got 'nowhere'" in result.stderr
+    result = check_config(tmp_path, env={"MAILPIPE_SMTP": "{not json"})
+    assert result.returncode == 2
+    assert "MAILPIPE_SMTP: not valid JSON" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_file_and_environment_errors_each_name_their_source(tmp_path: Path) -> None:
+    write(tmp_path / "mailpipe.yaml", "smtp: {max_line_length: 12}\n")
+    result = check_config(tmp_path, env={"MAILPIPE_STORE__MAX_MESSAGES": "lots"})
+    assert result.returncode == 2
+    assert f"in the environment and {tmp_path / 'mailpipe.yaml'}:" in result.stderr
+    assert "  smtp.max_line_length: got 12" in result.stderr
+    assert "  MAILPIPE_STORE__MAX_MESSAGES (store.max_messages): got 'lots'" in result.stderr
+
+
+def test_dev_null_is_an_empty_config(tmp_path: Path) -> None:
+    write(tmp_path / "mailpipe.yaml", "smtp: {hostname: not-used.test}\n")
+    result = check_config(tmp_path, "-c", "/dev/null")
+    assert result.returncode == 0, result.stderr
+    assert "# from /dev/null" in result.stdout and "hostname: localhost" in result.stdout
+    result = check_config(tmp_path, "-c", str(tmp_path))
+    assert result.returncode == 2 and "is a directory" in result.stderr
+
+
+def test_rules_across_sections_print_their_message_alone(tmp_path: Path) -> None:
+    write(tmp_path / "mailpipe.yaml", "smtp: {delivery: jobs}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(cwd=tmp_path)
+    assert "\n  smtp.delivery: 'jobs' needs smtp.jobs.pipeline" in str(info.value)
+
+
+@pytest.mark.parametrize("auth", [None, {"type": "bearer", "token": "t0ken"}], ids=["open", "auth"])
+def test_non_loopback_warning_only_without_http_auth(
+    mailpipe_factory: Callable[..., MailpipeServer], auth: dict[str, str] | None,
+) -> None:
+    http = {"addr": f"0.0.0.0:{free_port()}", **({"auth": auth} if auth else {})}
+    server = mailpipe_factory({"http": http}, wait=False)
+    deadline = time.monotonic() + 20
+    while "HTTP API on" not in server.log():
+        assert server.process.poll() is None and time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    assert server.stop() == 0
+    warned = "reachable from other machines" in server.log()
+    assert warned is (auth is None), server.log()

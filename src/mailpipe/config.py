@@ -655,7 +655,8 @@ def prepare_file(data: dict[str, Any], notices: list[str], problems: list[str]) 
 def _map_rr_logs(logs: Any, problems: list[str]) -> dict[str, str]:
     if not isinstance(logs, dict):
         return {}
-    mode = str(logs.get("mode", "")).lower()
+    mode = logs.get("mode", "")
+    mode = "off" if mode is False else str(mode).lower()  # YAML 1.1 reads a bare off as false
     if mode and mode not in RR_LOG_MODES:
         problems.append(f"  logs.mode: got {logs['mode']!r}: expected "
                         f"{', '.join(RR_LOG_MODES)}")
