@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import grp
 import json
+import os
+import pwd
+import shlex
 import smtplib
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conftest import MailpipeServer, free_port
+from conftest import ROOT, MailpipeServer, free_port, require_tool
 from mailpipe.config import ConfigError, load_config, parse_duration, parse_size
 
 
@@ -369,3 +374,102 @@ def test_non_loopback_warning_only_without_http_auth(
     assert server.stop() == 0
     warned = "reachable from other machines" in server.log()
     assert warned is (auth is None), server.log()
+
+
+# ---- server.user, server.group, server.on_init: keys that do what they say ---------------------
+
+PHP_WORKER = ROOT / "examples" / "php" / "goridge_worker.php"
+HOOKS_WORKER = ROOT / "tests" / "workers" / "hooks_worker.py"
+
+
+def proc_ids(pid: int) -> dict[str, list[int]]:
+    """Uid, Gid and Groups of a live process, from /proc (real, effective, ...)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("Uid", "Gid", "Groups"):
+            fields[name] = [int(v) for v in value.split()]
+    return fields
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting workers as another user needs root")
+@pytest.mark.parametrize(("group", "gid"), [(None, "nogroup"), ("daemon", "daemon")])
+def test_server_user_and_group_run_the_workers(
+    mailpipe_factory: Callable[..., MailpipeServer], group: str | None, gid: str,
+) -> None:
+    php = require_tool("php")
+    server_cfg = {"command": [php, str(PHP_WORKER)], "user": "nobody",
+                  **({"group": group} if group else {})}
+    server = mailpipe_factory({"server": server_cfg, "smtp": {"pool": {"num_workers": 2}}})
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as client:
+        client.sendmail("a@example.test", ["b@example.test"], "Subject: as nobody\r\n\r\nhi\r\n")
+    pids = [w["pid"] for w in server.get_json("/api/v1/workers")["workers"]]
+    assert len(pids) == 2
+    uid, gid_number = pwd.getpwnam("nobody").pw_uid, grp.getgrnam(gid).gr_gid
+    for pid in pids:
+        ids = proc_ids(pid)
+        assert set(ids["Uid"]) == {uid} and set(ids["Gid"]) == {gid_number}, ids
+        assert 0 not in ids["Groups"], ids  # none of root's groups carried over
+    assert server.stop() == 0
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("user", "no-such-user-mp", "server.user: no such user 'no-such-user-mp'"),
+    ("group", "no-such-group-mp", "server.group: no such group 'no-such-group-mp'"),
+])
+def test_unknown_user_or_group_stops_serve_with_a_clear_error(
+    mailpipe_factory: Callable[..., MailpipeServer], key: str, value: str, needle: str,
+) -> None:
+    server_cfg = {"command": [sys.executable, str(HOOKS_WORKER)], key: value}
+    server = mailpipe_factory({"server": server_cfg}, wait=False)
+    assert server.process.wait(timeout=30) == 1
+    log = server.log()
+    assert needle in log and "Traceback" not in log, log
+
+
+def test_on_init_runs_once_before_the_workers(
+    mailpipe_factory: Callable[..., MailpipeServer], tmp_path: Path,
+) -> None:
+    order = tmp_path / "order.log"
+    on_init = {"command": ["sh", "-c", 'echo "init $INIT_VALUE $SHARED" >> "$ORDER_LOG"; '
+                           'echo migrated 3 tables'],
+               "exec_timeout": "20s", "env": {"init_value": "from-on-init"}}
+    server_cfg = {"command": [sys.executable, str(HOOKS_WORKER)], "on_init": on_init,
+                  "env": {"ORDER_LOG": str(order), "HOOKS_ENV_LOG": str(order),
+                          "SHARED": "from-server-env"}}
+    server = mailpipe_factory({"server": server_cfg, "smtp": {"pool": {"num_workers": 2}}})
+    lines = order.read_text().splitlines()
+    assert lines[0] == "init from-on-init from-server-env"
+    assert len(lines) == 3 and all(json.loads(line)["pid"] for line in lines[1:]), lines
+    assert server.stop() == 0
+    assert "on_init: migrated 3 tables" in server.log()
+
+
+@pytest.mark.parametrize(("on_init", "needle"), [
+    ({"command": ["sh", "-c", "echo migrating; echo 'no database' >&2; exit 3"]},
+     "exited with status 3: migrating | no database"),
+    ({"command": ["sleep", "30"], "exec_timeout": "300ms"},
+     "did not finish within exec_timeout (0.3s): killed"),
+    ({"command": ["/nonexistent/init"]}, "cannot start: No such file or directory"),
+])
+def test_on_init_failure_stops_startup(
+    mailpipe_factory: Callable[..., MailpipeServer], on_init: dict[str, Any], needle: str,
+) -> None:
+    server_cfg = {"command": [sys.executable, str(HOOKS_WORKER)], "on_init": on_init}
+    server = mailpipe_factory({"server": server_cfg}, wait=False)
+    assert server.process.wait(timeout=30) == 1
+    log = server.log()
+    assert f"mailpipe: cannot start: server.on_init: {shlex.join(on_init['command'])} " \
+           f"{needle}" in log, log
+    assert "Traceback" not in log and "worker pool ready" not in log, log
+
+
+def test_on_init_failure_with_exit_on_error_off_only_logs(
+    mailpipe_factory: Callable[..., MailpipeServer],
+) -> None:
+    on_init = {"command": ["sh", "-c", "exit 4"], "exit_on_error": False}
+    server = mailpipe_factory({"server": {"command": [sys.executable, str(HOOKS_WORKER)],
+                                          "on_init": on_init}})
+    assert server.get_json("/healthz")["ok"] is True
+    assert server.stop() == 0
+    assert "exited with status 4 (exit_on_error is off: starting anyway)" in server.log()

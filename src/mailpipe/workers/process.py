@@ -76,8 +76,9 @@ class WorkerResponse:
 
 
 def run_as(user: str | None, group: str | None) -> dict[str, object]:
-    """create_subprocess_exec's arguments for server.user and server.group: the user's ids and
-    groups (its own group unless `group` is given), not root's. Raises WorkerStartError."""
+    """create_subprocess_exec's arguments for server.user and server.group: the child takes
+    the user's ids and groups (its own group unless `group` is given), not root's. Raises
+    WorkerStartError."""
     if not user and not group:
         return {}
     try:
@@ -88,12 +89,20 @@ def run_as(user: str | None, group: str | None) -> dict[str, object]:
         gid = _lookup(grp.getgrgid, grp.getgrnam, group).gr_gid if group else account.pw_gid
     except KeyError:
         raise WorkerStartError(f"server.group: no such group {group!r}") from None
-    if os.geteuid() != 0 and (account.pw_uid, gid) != (os.geteuid(), os.getegid()):
+    if os.geteuid() != 0:
+        if (account.pw_uid, gid) == (os.geteuid(), os.getegid()):
+            return {}  # already that user
         raise WorkerStartError(
             f"server.user/server.group: starting workers as {account.pw_name}:{gid} needs "
             f"mailpipe to run as root (it runs as uid {os.geteuid()})")
-    return {"user": account.pw_uid, "group": gid,
-            "extra_groups": os.getgrouplist(account.pw_name, gid)}
+    groups = os.getgrouplist(account.pw_name, gid)
+
+    def switch_user() -> None:  # in the child, before exec (uvloop has no user= argument)
+        os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(account.pw_uid)
+
+    return {"preexec_fn": switch_user}
 
 
 def _lookup(by_id: Callable[[int], Any], by_name: Callable[[str], Any], name: str) -> Any:
