@@ -232,6 +232,7 @@ smtp:
   addr: "127.0.0.1:2525"
   access_logs: true
   pool: {num_workers: 2, debug: false, stream_timeout: 10s}
+jobs: {num_pollers: 10, pipeline_size: 100000, pool: {num_workers: 1, debug: true}}
 """
 
 
@@ -250,7 +251,8 @@ def test_roadrunner_file_loads_other_sections_noted_once_each(tmp_path: Path) ->
     notes = config.notices
     for section in ("rpc", "http", "kv", "metrics", "status", "reload"):
         assert sum(f"ignoring RoadRunner section '{section}'" in n for n in notes) == 1, notes
-    for key in ("smtp.access_logs", "smtp.pool.debug", "smtp.pool.stream_timeout"):
+    for key in ("smtp.access_logs", "smtp.pool.debug", "smtp.pool.stream_timeout",
+                "jobs.num_pollers", "jobs.pipeline_size", "jobs.pool.debug"):
         assert sum(f"ignoring RoadRunner key '{key}'" in n for n in notes) == 1, notes
     assert (config.log.level, config.log.format) == ("warning", "json")  # logs mapped
     assert config.http.addr == "127.0.0.1:8025"  # RoadRunner's http section is not ours

@@ -377,8 +377,6 @@ class JobsConfig(Section):
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
     consume: list[str] = Field(default_factory=list)
     pool: PoolConfig = PoolConfig()
-    num_pollers: int = Field(default=1, ge=1)
-    pipeline_size: int = Field(default=100000, ge=1)
 
 
 class ResolvedListener(ListenerLimits):
@@ -596,7 +594,8 @@ RR_SECTIONS = frozenset({
 })
 # Keys of RoadRunner's that sit in sections mailpipe reads and that it has no use for.
 RR_IGNORED_KEYS = ("smtp.access_logs", "smtp.pool.debug", "smtp.pool.stream_timeout",
-                   "jobs.pool.debug", "jobs.pool.stream_timeout")
+                   "jobs.pool.debug", "jobs.pool.stream_timeout", "jobs.num_pollers",
+                   "jobs.pipeline_size")
 # Keys only RoadRunner's http plugin has: an `http` section with one of them is RoadRunner's
 # (its HTTP server for PHP), not mailpipe's API (`http.addr`, `http.auth`).
 RR_HTTP_KEYS = frozenset({
