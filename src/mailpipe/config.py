@@ -2,8 +2,9 @@
 
 Sources, strongest first: command-line flags, environment (`MAILPIPE_SMTP__ADDR=...`), the
 config file (`-c FILE`, else `mailpipe.yaml` or `.rr.yaml` in the working directory). A
-RoadRunner `.rr.yaml` is read as is: sections mailpipe does not know (rpc, server, logs...)
-are ignored, while a typo inside a section it knows is an error naming the key.
+RoadRunner `.rr.yaml` is read as is: the sections of RoadRunner's other plugins (rpc, kv,
+its http...) and its keys mailpipe has no use for are ignored with a notice, `logs` maps onto
+`log`; any other unknown section, or a typo inside a known one, is an error naming the key.
 """
 
 from __future__ import annotations
