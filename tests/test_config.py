@@ -475,3 +475,47 @@ def test_on_init_failure_with_exit_on_error_off_only_logs(
     assert server.get_json("/healthz")["ok"] is True
     assert server.stop() == 0
     assert "exited with status 4 (exit_on_error is off: starting anyway)" in server.log()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_server_user_without_root_is_a_clear_error() -> None:
+    """In a child that has given up root (this interpreter cannot be run by another user)."""
+    from mailpipe.workers.process import WorkerStartError, run_as
+
+    read, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child reports through the pipe
+        os.close(read)
+        os.setgid(grp.getgrnam("nogroup").gr_gid)
+        os.setuid(pwd.getpwnam("nobody").pw_uid)
+        try:
+            outcome = f"returned {run_as('root', None)!r}"
+        except WorkerStartError as exc:
+            outcome = str(exc)
+        own = run_as("nobody", None)  # already that user: nothing to change
+        os.write(write_end, f"{outcome}\n{own!r}".encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read) as pipe:
+        outcome, own = pipe.read().split("\n")
+    assert os.waitpid(child, 0)[1] == 0
+    assert outcome == ("server.user/server.group: starting workers as root:0 needs mailpipe "
+                       f"to run as root (it runs as uid {pwd.getpwnam('nobody').pw_uid})")
+    assert own == "{}"
+
+
+def test_on_init_failure_stops_jobs_consume(tmp_path: Path) -> None:
+    config = write(tmp_path / "consume.yaml", json.dumps({
+        "data_dir": str(tmp_path / "data"),
+        "server": {"on_init": {"command": ["sh", "-c", "echo cannot migrate; exit 5"]}},
+        "jobs": {"pipelines": {"emails": {"driver": "sqlite"}},
+                 "pool": {"command": [sys.executable, str(ROOT / "examples" / "consumer.py")]}},
+    }))
+    result = subprocess.run(
+        [sys.executable, "-m", "mailpipe", "jobs", "consume", "-c", str(config)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert ("mailpipe: cannot start: server.on_init: sh -c 'echo cannot migrate; exit 5' "
+            "exited with status 5: cannot migrate") in result.stderr
+    assert "Traceback" not in result.stderr
