@@ -342,7 +342,7 @@ def test_file_and_environment_errors_each_name_their_source(tmp_path: Path) -> N
     write(tmp_path / "mailpipe.yaml", "smtp: {max_line_length: 12}\n")
     result = check_config(tmp_path, env={"MAILPIPE_STORE__MAX_MESSAGES": "lots"})
     assert result.returncode == 2
-    assert f"in the environment and {tmp_path / 'mailpipe.yaml'}:" in result.stderr
+    assert f"in the environment and in {tmp_path / 'mailpipe.yaml'}:" in result.stderr
     assert "  smtp.max_line_length: got 12" in result.stderr
     assert "  MAILPIPE_STORE__MAX_MESSAGES (store.max_messages): got 'lots'" in result.stderr
 

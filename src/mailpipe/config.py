@@ -724,9 +724,10 @@ class _Sources:
         return bool(loc)
 
     def header(self, origins: set[str]) -> str:
-        ordered = [o for o in ("the command line", "the environment", str(self.path))
-                   if o in origins]
-        return f"invalid configuration{' in ' + ' and '.join(ordered) if ordered else ''}:"
+        places = {"the command line": "on the command line",
+                  "the environment": "in the environment", str(self.path): f"in {self.path}"}
+        named = [place for origin, place in places.items() if origin in origins]
+        return " ".join(["invalid configuration", " and ".join(named)]).rstrip() + ":"
 
     def describe(self, exc: ValidationError, problems: list[str]) -> str:
         """One line per problem: the key (and the variable that set it), the bad value, what is
