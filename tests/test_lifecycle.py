@@ -17,7 +17,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -246,8 +245,7 @@ def test_second_signal_cleans_up_and_exits_at_once_only_when_cleanup_hangs(
 def test_third_signal_exits_without_cleaning_up() -> None:
     process = lifecycle_process("hang", 300)
     signal_until(process, "drain hurry=False\n")
-    signal_until(process, "drain hurry=True\n")
-    time.sleep(0.2)  # in the hanging close() now
+    signal_until(process, "drain hurry=True\n")  # close() hangs next
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=GUARD)
     assert process.returncode == 1 and "a third time" in stderr
