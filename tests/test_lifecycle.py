@@ -227,6 +227,14 @@ def signal_until(process: subprocess.Popen[str], line: str) -> None:
     assert process.stdout is not None and process.stdout.readline() == line
 
 
+def finish(process: subprocess.Popen[str]) -> tuple[str, str]:
+    """The rest of its stdout and its stderr once it exited (not communicate(), which would
+    miss what readline() already buffered)."""
+    process.wait(timeout=GUARD)
+    assert process.stdout is not None and process.stderr is not None
+    return process.stdout.read(), process.stderr.read()
+
+
 @pytest.mark.parametrize(("close", "bound", "status", "out", "err"), [
     ("return", 300, 0, "closed\n", ""),
     ("hang", 0.5, 1, "", "cleanup did not finish within 0.5s: exiting"),
@@ -237,7 +245,7 @@ def test_second_signal_cleans_up_and_exits_at_once_only_when_cleanup_hangs(
     process = lifecycle_process(close, bound)
     signal_until(process, "drain hurry=False\n")
     signal_until(process, "drain hurry=True\n")
-    stdout, stderr = process.communicate(timeout=GUARD)
+    stdout, stderr = finish(process)
     assert process.returncode == status, stderr
     assert stdout == out and err in stderr
 
@@ -247,5 +255,5 @@ def test_third_signal_exits_without_cleaning_up() -> None:
     signal_until(process, "drain hurry=False\n")
     signal_until(process, "drain hurry=True\n")  # close() hangs next
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=GUARD)
+    _, stderr = finish(process)
     assert process.returncode == 1 and "a third time" in stderr
