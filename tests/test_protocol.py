@@ -7,9 +7,10 @@ import os
 import random
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from datetime import UTC
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,7 +26,11 @@ from mailpipe.capture.protocol import (
     ProtocolSettings,
     SMTPConnection,
 )
+from mailpipe.capture.server import protocol_settings
+from mailpipe.capture.spool import SPOOL_FAILED, Spooler
 from mailpipe.capture.types import (
+    BodyChunk,
+    BodyDropped,
     Close,
     Event,
     MessageReceived,
@@ -35,6 +40,7 @@ from mailpipe.capture.types import (
     Trace,
     Violation,
 )
+from mailpipe.config import SMTPConfig
 
 OK = Reply(250, "2.0.0 Ok: queued")
 ENVELOPE = b"EHLO client.example\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<user@example.org>\r\n"
@@ -45,8 +51,84 @@ def b64(data: str | bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
-def connect(**kwargs: object) -> SMTPConnection:
-    conn = SMTPConnection(ProtocolSettings(**kwargs))  # type: ignore[arg-type]
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def clock() -> datetime:
+    return NOW
+
+
+def make_settings(**overrides: Any) -> ProtocolSettings:
+    """The settings a listener gets from the config's defaults, with `overrides`."""
+    smtp = SMTPConfig()
+    base = protocol_settings(
+        smtp.listeners()[0], spool_threshold=smtp.spool_threshold, transcript=False,
+        tls_available=False,
+    )
+    return replace(base, **overrides)
+
+
+class Driven:
+    """An SMTPConnection with the body spool the transport gives it (server.py does the
+    same): BodyChunk events go to a temp file in `spool_dir`, which a chunked message's body
+    then is. Everything else is the connection's own."""
+
+    def __init__(self, conn: SMTPConnection, spool_dir: str | None = None) -> None:
+        self.conn = conn
+        self.spooler = Spooler(spool_dir)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+    def _spool(self, events: list[Event]) -> list[Event]:
+        out: list[Event] = []
+        for event in events:
+            out.append(event)
+            if isinstance(event, BodyChunk):
+                self.spooler.chunk(event.data)
+            elif isinstance(event, BodyDropped):
+                self.spooler.drop()
+            elif (isinstance(event, MessageReceived) and event.chunked
+                  and not self.spooler.attach(event)):
+                out.pop()
+                out += self._spool(self.conn.verdict(SPOOL_FAILED))
+        return out
+
+    def start(self) -> list[Event]:
+        return self._spool(self.conn.start())
+
+    def receive(self, data: bytes) -> list[Event]:
+        return self._spool(self.conn.receive(data))
+
+    def verdict(self, *args: Any, **kwargs: Any) -> list[Event]:
+        return self._spool(self.conn.verdict(*args, **kwargs))
+
+    def reply_to_message(self, *args: Any, **kwargs: Any) -> list[Event]:
+        return self._spool(self.conn.reply_to_message(*args, **kwargs))
+
+    def tls_started(self) -> list[Event]:
+        return self._spool(self.conn.tls_started())
+
+    def idle_timeout(self) -> list[Event]:
+        return self._spool(self.conn.idle_timeout())
+
+    def shutdown(self) -> list[Event]:
+        return self._spool(self.conn.shutdown())
+
+    def connection_lost(self) -> None:
+        self.conn.connection_lost()
+        self.spooler.drop()
+
+
+def new_conn(*, tls_active: bool = False, spool_dir: str | None = None,
+             held: frozenset[Any] = frozenset(), **kwargs: Any) -> Driven:
+    settings = make_settings(**kwargs)
+    conn = SMTPConnection(settings, clock=clock, tls_active=tls_active, held=held)
+    return Driven(conn, spool_dir)
+
+
+def connect(**kwargs: Any) -> Driven:
+    conn = new_conn(**kwargs)
     conn.start()
     return conn
 
@@ -83,7 +165,7 @@ def one_message(events: list[Event]) -> MessageReceived:
 class Session:
     """Drives a connection like a transport would, accepting every message."""
 
-    conn: SMTPConnection
+    conn: Driven
     output: bytearray = field(default_factory=bytearray)
     received: list[MessageReceived] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
@@ -91,7 +173,7 @@ class Session:
 
     @classmethod
     def start(cls, **kwargs: object) -> Session:
-        conn = SMTPConnection(ProtocolSettings(**kwargs))  # type: ignore[arg-type]
+        conn = new_conn(**kwargs)
         session = cls(conn)
         session._handle(conn.start())
         return session
@@ -121,7 +203,7 @@ class Session:
 
 
 def test_greeting_uses_hostname() -> None:
-    conn = SMTPConnection(ProtocolSettings(hostname="mx.test"))
+    conn = new_conn(hostname="mx.test")
     assert conn.start() == [Send(b"220 mx.test ESMTP mailpipe\r\n")]
 
 
@@ -145,7 +227,7 @@ def test_ehlo_plain_size_when_unlimited_and_starttls_when_available() -> None:
     lines = replies(connect(max_message_size=0, tls_available=True).receive(b"EHLO c\r\n"))
     assert "250-SIZE" in lines
     assert "250-STARTTLS" in lines
-    active = SMTPConnection(ProtocolSettings(tls_available=True), tls_active=True)
+    active = new_conn(tls_available=True, tls_active=True)
     assert "250-STARTTLS" not in replies(active.receive(b"EHLO c\r\n"))
 
 
@@ -834,7 +916,7 @@ def test_starttls_injection_is_discarded() -> None:
 def test_starttls_with_argument_and_tls_started_misuse() -> None:
     conn = connect(tls_available=True)
     assert final_codes(conn.receive(b"STARTTLS now\r\n")) == ["501 5.5.4"]
-    active = SMTPConnection(ProtocolSettings(tls_available=True), tls_active=True)
+    active = new_conn(tls_available=True, tls_active=True)
     assert replies(active.receive(b"STARTTLS\r\n")) == ["503 5.5.1 Error: TLS already active"]
     with pytest.raises(RuntimeError):
         conn.tls_started()
@@ -889,7 +971,7 @@ def test_transaction_properties() -> None:
 
 
 def test_transcript_records_commands_and_replies_but_not_data() -> None:
-    conn = SMTPConnection(ProtocolSettings(hostname="mx.test", transcript=True))
+    conn = new_conn(hostname="mx.test", transcript=True)
     conn.start()
     events = conn.receive(
         b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n..secret\r\n.\r\n"

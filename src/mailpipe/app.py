@@ -19,6 +19,7 @@ from mailpipe.admin import AdminMixin, JobsAdminMixin
 from mailpipe.capture.attachments import AttachmentStorage, run_sweeper
 from mailpipe.capture.message import EventOptions
 from mailpipe.capture.server import CaptureServer
+from mailpipe.capture.verdicts import Verdicts
 from mailpipe.config import Config, PoolConfig, is_loopback, split_host_port
 from mailpipe.metrics import Metrics
 from mailpipe.sinks.base import Sink
@@ -55,6 +56,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
         self.attachments = AttachmentStorage(
             mode=storage.mode, temp_dir=storage.temp_dir, cleanup_after=storage.cleanup_after
         )
+        self.verdicts = Verdicts()  # plugins register here: an answer at every SMTP stage
         self.capture = CaptureServer(
             config.smtp.listeners(),
             dispatcher=self.dispatcher,
@@ -65,6 +67,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
             transcript=config.smtp.transcript,
             spool_threshold=config.smtp.spool_threshold,
             data_dir=self.data_dir,
+            verdicts=self.verdicts,
         )
         self._http_runner: object | None = None
         self._tasks: list[asyncio.Task[None]] = []
