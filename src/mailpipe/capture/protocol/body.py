@@ -37,6 +37,29 @@ def headers_end(buf: bytes | bytearray, start: int, end: int) -> int:
     return -1 if match is None else match.start() + 1
 
 
+class HeaderWatch:
+    """Looks for the end of the header block while the HEADERS verdict is due. For DATA it
+    only keeps where to search the input buffer next; BDAT chunks are copied into `seen`."""
+
+    __slots__ = ("end", "scan", "seen")
+
+    def __init__(self) -> None:
+        self.scan = 0  # where the next search starts
+        self.seen = bytearray(b"\n")  # BDAT: the body so far, after an LF for the search
+        self.end = -1  # BDAT: where the header block ends in `seen`, once found
+
+    def feed(self, chunk: bytes | bytearray, limit: int) -> None:
+        seen = self.seen
+        seen += chunk
+        self.end = headers_end(seen, self.scan, len(seen))
+        self.scan = max(len(seen) - 2, 0)  # "\n\r" may straddle two chunks
+        if self.end < 0 and len(seen) > limit:
+            self.end = len(seen)  # a header block this big: ask with what came
+
+    def headers(self) -> bytes:
+        return bytes(self.seen[1 : self.end if self.end >= 0 else len(self.seen)])
+
+
 class BodyScan:
     """Checks over DATA content, fed whole buffers (possibly several, for chunked bodies)."""
 

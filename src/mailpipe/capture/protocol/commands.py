@@ -10,12 +10,6 @@ NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SA
 AUTH_LINE_LENGTH = 12288
 
 
-def split_command(line: str) -> tuple[str, str]:
-    """`mail FROM:<a>` -> (`MAIL`, `FROM:<a>`)."""
-    verb, _, arg = line.partition(" ")
-    return verb.upper(), arg.strip()
-
-
 def strip_keyword(arg: str, keyword: str) -> tuple[str | None, bool]:
     """`FROM:<a>` -> (`<a>`, True); tolerates `FROM: <a>` and a missing colon (False)."""
     n = len(keyword)
@@ -38,15 +32,6 @@ def parse_path(rest: str) -> tuple[str | None, list[str]]:
     if not parts:
         return None, []
     return parts[0], parts[1:]
-
-
-def parse_mail_or_rcpt(arg: str, keyword: str) -> tuple[str | None, list[str], bool]:
-    """`FROM:<a> SIZE=1` -> (`a`, [`SIZE=1`], colon seen); None address when unparseable."""
-    rest, colon = strip_keyword(arg, keyword)
-    if rest is None:
-        return None, [], colon
-    address, params = parse_path(rest)
-    return address, params, colon
 
 
 def size_param(params: list[str]) -> int | None:

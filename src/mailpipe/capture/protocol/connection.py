@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 from ..types import (
     AuthInfo,
     BodyChunk,
     BodyDropped,
     Close,
+    Disconnect,
     Envelope,
     Event,
     MessageBody,
@@ -38,30 +40,43 @@ from ..types import (
     Violation,
 )
 from . import auth, replies
-from .body import TERMINATOR, TERMINATOR_TAIL, BodyScan, copy, headers_end, unstuff
+from .body import (
+    TERMINATOR,
+    TERMINATOR_TAIL,
+    BodyScan,
+    HeaderWatch,
+    copy,
+    headers_end,
+    unstuff,
+)
 from .commands import (
     AUTH_LINE_LENGTH,
     NOT_IMPLEMENTED,
     mask_auth,
     parse_bdat,
-    parse_mail_or_rcpt,
+    parse_path,
     size_param,
-    split_command,
+    strip_keyword,
 )
 from .settings import ProtocolSettings
 from .states import COMMANDS, MODES, Mode, Phase
 
 __all__ = ["SMTPConnection"]
 
-# Module globals: the hot loops compare against these, as cheap as the old int states.
-_COMMAND = Mode.COMMAND
-_AUTH = Mode.AUTH
-_DATA = Mode.DATA
-_BDAT = Mode.BDAT
-_WAIT = Mode.WAIT
-_WAIT_TLS = Mode.WAIT_TLS
-_CLOSED = Mode.CLOSED
-_IDLE = Phase.IDLE
+# Plain ints in the hot loops: comparing them is cheaper than comparing enum members.
+_COMMAND = int(Mode.COMMAND)
+_AUTH = int(Mode.AUTH)
+_DATA = int(Mode.DATA)
+_BDAT = int(Mode.BDAT)
+_WAIT = int(Mode.WAIT)
+_WAIT_TLS = int(Mode.WAIT_TLS)
+_CLOSED = int(Mode.CLOSED)
+_IDLE = int(Phase.IDLE)
+_RCPT = int(Phase.RCPT)
+_MESSAGE = Stage.MESSAGE  # an enum's attribute lookup costs more than a global's
+_MODES = {int(k): frozenset(int(m) for m in v) for k, v in MODES.items()}
+# How a verdict resolves a wait
+_PROCEED, _REFUSE, _DISCONNECT = 0, 1, 2
 
 # A hostile client must not grow these without bound (or make each check O(n)).
 _MAX_VIOLATIONS = 50
@@ -77,6 +92,47 @@ class SMTPConnection:
 
     `clock` gives the time (received_at, the CRAM-MD5 nonce); `held` are the stages at
     which the driver wants to give a verdict (MESSAGE is always held)."""
+
+    # Slots: past 30 attributes an instance dict loses CPython's fast attribute access.
+    __slots__ = (
+        "_authenticated",
+        "_bdat_buf",
+        "_bdat_keep",
+        "_bdat_last",
+        "_bdat_left",
+        "_bdat_refusal",
+        "_bdat_size",
+        "_body_scan",
+        "_body_start",
+        "_bol",
+        "_buf",
+        "_chunked",
+        "_clock",
+        "_drop",
+        "_env",
+        "_events",
+        "_exchange",
+        "_head",
+        "_held",
+        "_log",
+        "_mode",
+        "_out",
+        "_phase",
+        "_raw_size",
+        "_refuse_with",
+        "_resume",
+        "_scan",
+        "_skip_line",
+        "_stage",
+        "_then",
+        "_transcript",
+        "_violations",
+        "auth",
+        "held",
+        "helo",
+        "settings",
+        "tls_active",
+    )
 
     def __init__(
         self,
@@ -108,7 +164,7 @@ class SMTPConnection:
         self._resume = _COMMAND
         self._then: Then | None = None
         self._refuse_with: Refuse | None = None
-        self._stage = Stage.MESSAGE
+        self._stage = _MESSAGE
         self._bdat_left = 0
         self._bdat_size = 0
         self._bdat_last = False
@@ -163,38 +219,50 @@ class SMTPConnection:
     def verdict(self, verdict: Verdict, *, close_reply: Reply | None = None) -> list[Event]:
         """Answer the stage awaiting a verdict (a VerdictNeeded or a MessageReceived), then
         read on; with `close_reply`, end the session with it right after."""
-        if self._mode != _WAIT:
-            if self._mode == _CLOSED:
-                return []
-            raise RuntimeError("no verdict is awaited")
-        kind = type(verdict)
-        if kind is Respond and self._stage != Stage.MESSAGE and not 400 <= verdict.code < 600:
-            raise ValueError(f"a {self._stage.name} verdict must be 4xx or 5xx: {verdict}")
-        then, refuse = self._then, self._refuse_with
-        self._then = self._refuse_with = None
-        self._goto(self._resume)
-        if kind is Proceed:
-            if then is not None:
-                then()
-        elif kind is Respond:
-            if refuse is not None:
-                refuse(verdict.reply().encode())  # type: ignore[union-attr]
-        else:
-            self._close(verdict.reply().encode())  # type: ignore[union-attr]
-        if close_reply is not None and self._mode != _CLOSED:
-            self._close(close_reply.encode())
-        if self._mode < _WAIT:
-            self._run()
-        return self._take_events()
+        if type(verdict) is Proceed:
+            return self._resolve(_PROCEED, b"", close_reply)
+        if type(verdict) is Respond:
+            if self._stage != _MESSAGE and not 400 <= verdict.code < 600:
+                raise ValueError(f"a {self._stage.name} verdict must be 4xx or 5xx: {verdict}")
+            return self._resolve(_REFUSE, verdict.reply().encode(), close_reply)
+        if type(verdict) is Disconnect:
+            return self._resolve(_DISCONNECT, verdict.reply().encode(), close_reply)
+        raise TypeError(f"not a verdict: {verdict!r}")
 
     def reply_to_message(self, reply: Reply, *, close_after: bool = False,
                          close_reply: Reply | None = None) -> list[Event]:
         """`verdict()` for the end of a message, given as a Reply; with close_after, then end
         the session with `close_reply` (221 Bye unless given, e.g. a 421 when closing)."""
-        if self._mode == _WAIT and self._stage != Stage.MESSAGE:
+        if self._mode == _WAIT and self._stage != _MESSAGE:
             raise RuntimeError("no message is awaiting a reply")
-        final = (close_reply or Reply(221, "2.0.0 Bye")) if close_after else None
-        return self.verdict(Respond(reply.code, "", reply.text), close_reply=final)
+        final = (close_reply or _BYE) if close_after else None
+        return self._resolve(_REFUSE, reply.encode(), final)
+
+    def _resolve(self, how: int, reply: bytes, close_reply: Reply | None) -> list[Event]:
+        if self._mode != _WAIT:
+            if self._mode == _CLOSED:
+                return []
+            raise RuntimeError("no verdict is awaited")
+        then, refuse = self._then, self._refuse_with
+        self._then = self._refuse_with = None
+        self._goto(self._resume)
+        if how == _PROCEED:
+            if then is not None:
+                then()
+            else:
+                self._send(replies.OK)
+        elif how == _REFUSE:
+            if refuse is not None:
+                refuse(reply)
+            else:
+                self._send(reply)
+        else:
+            self._close(reply)
+        if close_reply is not None and self._mode != _CLOSED:
+            self._close(close_reply.encode())
+        if self._mode < _WAIT:
+            self._run()
+        return self._take_events()
 
     def tls_started(self) -> list[Event]:
         if self._mode != _WAIT_TLS:
@@ -226,26 +294,30 @@ class SMTPConnection:
 
     # ---- state ------------------------------------------------------------------------
 
-    def _goto(self, mode: Mode, phase: Phase | None = None) -> None:
+    def _goto(self, mode: int, phase: int | None = None) -> None:
         """The only place the state changes; `states.MODES` says which moves are legal."""
         if mode != self._mode:
-            assert mode in MODES[self._mode], f"{self._mode.name} -> {mode.name}"
+            if mode not in _MODES[self._mode]:
+                raise AssertionError(f"{Mode(self._mode).name} -> {Mode(mode).name}")
             self._mode = mode
         if phase is not None:
             self._phase = phase
 
-    def _hold(self, stage: Stage, args: dict[str, object], then: Then, refuse: Refuse) -> None:
-        """Ask the driver for a verdict at `stage`: Proceed runs `then`, Respond `refuse`."""
+    def _hold(self, stage: Stage, args: dict[str, object], then: Then | None,
+              refuse: Refuse | None) -> None:
+        """Ask the driver for a verdict at `stage`: Proceed runs `then`, Respond `refuse`
+        (None: send the reply as it is)."""
         self._flush()
         self._events.append(VerdictNeeded(stage, args, self._env))
         self._await(stage, then, refuse)
 
-    def _await(self, stage: Stage, then: Then, refuse: Refuse) -> None:
+    def _await(self, stage: Stage, then: Then | None, refuse: Refuse | None,
+               phase: int | None = None) -> None:
         self._stage = stage
         self._then = then
         self._refuse_with = refuse
         self._resume = self._mode
-        self._goto(_WAIT)
+        self._goto(_WAIT, phase)
 
     # ---- output -----------------------------------------------------------------------
 
@@ -366,18 +438,20 @@ class SMTPConnection:
         self._send(replies.LINE_TOO_LONG)
 
     def _command(self, line: str) -> None:
-        verb, arg = split_command(line)
+        verb, _, arg = line.partition(" ")
+        verb = verb.upper()
         if self._log:
             self._log_line("C", line, mask_auth(line) if verb == "AUTH" else line)
-        entry = COMMANDS.get(verb)
-        if entry is None:
+        rule = _RULES.get(verb)
+        if rule is None:
             self._unknown(verb)
             return
+        handler, entry = rule
         outcome = entry[self._phase]
         if type(outcome) is bytes and verb != "BDAT":  # BDAT reads its chunk even so
             self._send(outcome)
             return
-        _HANDLERS[verb](self, arg, outcome)
+        handler(self, arg.strip(), outcome)
 
     def _unknown(self, verb: str) -> None:
         if verb in NOT_IMPLEMENTED:
@@ -403,18 +477,20 @@ class SMTPConnection:
         self._greeted("HELO", arg, replies.helo(self.settings.hostname), to)
 
     def _greeted(self, verb: str, hostname: str, reply: bytes, to: Phase) -> None:
-        def done() -> None:
-            self.helo = hostname
-            self._reset_transaction()
-            self._send(reply)
-
         if self._held and Stage.HELO in self._held:
-            self._hold(Stage.HELO, {"hostname": hostname, "verb": verb}, done, self._send)
+            self._hold(Stage.HELO, {"hostname": hostname, "verb": verb},
+                       lambda: self._greeted_ok(hostname, reply), None)
         else:
-            done()
+            self._greeted_ok(hostname, reply)
+
+    def _greeted_ok(self, hostname: str, reply: bytes) -> None:
+        self.helo = hostname
+        self._reset_transaction()
+        self._send(reply)
 
     def _cmd_mail(self, arg: str, to: Phase) -> None:
-        address, params, colon = parse_mail_or_rcpt(arg, "FROM")
+        rest, colon = strip_keyword(arg, "FROM")
+        address, params = parse_path(rest) if rest is not None else (None, [])
         if address is None:
             self._send(replies.SYNTAX_MAIL)
             return
@@ -429,7 +505,7 @@ class SMTPConnection:
             return
         if self._held and Stage.MAIL in self._held:
             self._hold(Stage.MAIL, {"sender": address, "params": params},
-                       lambda: self._mail_ok(address, params, to), self._send)
+                       lambda: self._mail_ok(address, params, to), None)
         else:
             self._mail_ok(address, params, to)
 
@@ -439,7 +515,8 @@ class SMTPConnection:
         self._send(replies.MAIL_OK)
 
     def _cmd_rcpt(self, arg: str, to: Phase) -> None:
-        address, params, colon = parse_mail_or_rcpt(arg, "TO")
+        rest, colon = strip_keyword(arg, "TO")
+        address, params = parse_path(rest) if rest is not None else (None, [])
         if not address:
             self._send(replies.SYNTAX_RCPT)
             return
@@ -451,7 +528,7 @@ class SMTPConnection:
             return
         if self._held and Stage.RCPT in self._held:
             self._hold(Stage.RCPT, {"recipient": address, "params": params},
-                       lambda: self._rcpt_ok(address, params, to), self._send)
+                       lambda: self._rcpt_ok(address, params, to), None)
         else:
             self._rcpt_ok(address, params, to)
 
@@ -465,7 +542,7 @@ class SMTPConnection:
 
     def _cmd_data(self, arg: str, to: Phase) -> None:
         if self._held and Stage.DATA in self._held:
-            self._hold(Stage.DATA, {"verb": "DATA"}, self._data_start, self._send)
+            self._hold(Stage.DATA, {"verb": "DATA"}, self._data_start, None)
         else:
             self._data_start()
 
@@ -476,7 +553,8 @@ class SMTPConnection:
         # also finds a terminator on the very first line (an empty message).
         self._buf[0:0] = b"\n"
         self._body_start = 1
-        self._want_headers = bool(self._held) and Stage.HEADERS in self._held
+        if self._held and Stage.HEADERS in self._held:
+            self._head = HeaderWatch()
 
     def _cmd_bdat(self, arg: str, to: Phase | bytes) -> None:
         parsed = parse_bdat(arg)
@@ -486,7 +564,7 @@ class SMTPConnection:
         size, last = parsed
         if type(to) is bytes:
             self._bdat_read_only(size, last, to)
-        elif self._phase == Phase.RCPT and self._held and Stage.DATA in self._held:
+        elif self._phase == _RCPT and self._held and Stage.DATA in self._held:
             self._hold(Stage.DATA, {"verb": "BDAT"},
                        lambda: self._bdat_start(size, last, to),  # type: ignore[arg-type]
                        lambda reply: self._bdat_refused(size, last, reply))
@@ -494,9 +572,8 @@ class SMTPConnection:
             self._bdat_start(size, last, to)  # type: ignore[arg-type]
 
     def _bdat_start(self, size: int, last: bool, to: Phase) -> None:
-        if self._phase == Phase.RCPT and self._held and Stage.HEADERS in self._held:
-            self._want_headers = True
-            self._head = bytearray(b"\n")
+        if self._phase == _RCPT and self._held and Stage.HEADERS in self._held:
+            self._head = HeaderWatch()
         self._bdat_keep = True
         self._bdat_size = self._bdat_left = size
         self._bdat_last = last
@@ -539,7 +616,7 @@ class SMTPConnection:
         elif arg:
             self._send(replies.SYNTAX_STARTTLS)
         elif self._held and Stage.STARTTLS in self._held:
-            self._hold(Stage.STARTTLS, {}, self._starttls_go, self._send)
+            self._hold(Stage.STARTTLS, {}, self._starttls_go, None)
         else:
             self._starttls_go()
 
@@ -606,7 +683,7 @@ class SMTPConnection:
         elif self._held and Stage.AUTH in self._held:
             args: dict[str, object] = {"mechanism": exchange.mechanism,
                                        "username": exchange.username}
-            self._hold(Stage.AUTH, args, self._auth_ok, self._send)
+            self._hold(Stage.AUTH, args, self._auth_ok, None)
         else:
             self._auth_ok()
 
@@ -625,17 +702,15 @@ class SMTPConnection:
         self._bol = True  # the chunks so far end at a line start
         self._body_scan: BodyScan | None = None  # checks carried over chunks
         self._bdat_buf = bytearray()
-        self._want_headers = False  # the HEADERS stage is held and not yet asked
-        self._head_scan = 0  # where the next search for the end of the headers starts
-        self._head: bytearray | None = None  # BDAT: the body so far, while headers are due
-        self._head_end = -1
+        self._head: HeaderWatch | None = None  # while the HEADERS verdict is due
 
     def _reset_transaction(self) -> None:
         self._env = None
         if self._chunked:
             self._events.append(BodyDropped())
         self._reset_body()
-        self._goto(self._mode, _IDLE)
+        if self._phase != _IDLE:
+            self._goto(self._mode, _IDLE)
 
     def _fail(self, reply: bytes) -> None:
         """Stop keeping the body; keep reading it, then answer `reply` instead."""
@@ -645,7 +720,6 @@ class SMTPConnection:
                 self._events.append(BodyDropped())
                 self._chunked = False
             self._bdat_buf = bytearray()
-            self._want_headers = False
             self._head = None
 
     def _chunk_out(self, data: bytes) -> None:
@@ -659,13 +733,14 @@ class SMTPConnection:
     def _read_data(self) -> bool:
         buf = self._buf
         match = TERMINATOR.search(buf, self._scan)
-        if self._want_headers:
+        head = self._head
+        if head is not None:
             end = len(buf) if match is None else match.start() + 1
-            found = headers_end(buf, self._head_scan, end)
+            found = headers_end(buf, head.scan, end)
             if found >= 0 or match is not None:
                 self._ask_headers(copy(buf, self._body_start, found if found >= 0 else end))
                 return True
-            self._head_scan = max(len(buf) - 2, 0)  # "\n\r" may straddle two reads
+            head.scan = max(len(buf) - 2, 0)  # "\n\r" may straddle two reads
         if match is None:
             self._hold_data()
             return False
@@ -678,7 +753,7 @@ class SMTPConnection:
         return True
 
     def _ask_headers(self, raw: bytes) -> None:
-        self._want_headers = False
+        self._head = None
         headers = unstuff(raw, True)
         self._hold(Stage.HEADERS, {"headers": headers}, _nothing, self._fail)
 
@@ -694,7 +769,7 @@ class SMTPConnection:
             self._fail(replies.TOO_BIG)
         if self._drop is None and not self._chunked and held <= self.settings.spool_threshold:
             return
-        if self._want_headers:  # a header block this big: ask before it leaves the buffer
+        if self._head is not None:  # a header block this big: ask before it leaves the buffer
             self._ask_headers(copy(buf, self._body_start, cut))
             return
         chunk = copy(buf, self._body_start, cut)
@@ -733,7 +808,9 @@ class SMTPConnection:
             data = unstuff(raw, True)
             body = MessageBody(data=data, size=len(data))
         scan = self._body_scan
-        if scan is not None and self._env is not None:
+        if scan is not None and self._env is not None and (
+            bare_terminator or scan.bare_lf or scan.long_line or scan.eight_bit
+        ):
             for text in scan.violations(self._env.mail_options, bare_terminator):
                 self._violation(text)
         self._deliver(body, chunked)
@@ -769,8 +846,9 @@ class SMTPConnection:
         if self._over_limit(self._raw_size):
             self._fail(replies.TOO_BIG)
             return
-        if self._head is not None and self._head_end < 0:
-            self._watch_headers(chunk)
+        head = self._head
+        if head is not None and head.end < 0:
+            head.feed(chunk, self.settings.spool_threshold)
         if self._chunked:
             self._chunk_out(bytes(chunk))
         else:
@@ -780,26 +858,13 @@ class SMTPConnection:
                 self._bdat_buf = bytearray()
                 self._chunk_out(data)
 
-    def _watch_headers(self, chunk: bytearray) -> None:
-        head = self._head
-        if head is None:
-            return
-        head += chunk
-        self._head_end = headers_end(head, self._head_scan, len(head))
-        self._head_scan = max(len(head) - 2, 0)
-        if self._head_end < 0 and len(head) > self.settings.spool_threshold:
-            self._head_end = len(head)  # a header block this big: ask with what came
-
     def _end_bdat(self) -> None:
         if not self._bdat_keep:
             self._send(self._bdat_refusal)
-        elif self._want_headers and (self._head_end >= 0 or self._bdat_last):
-            head = self._head or bytearray(b"\n")
-            end = self._head_end if self._head_end >= 0 else len(head)
+        elif self._head is not None and (self._head.end >= 0 or self._bdat_last):
+            headers = self._head.headers()
             self._head = None
-            self._want_headers = False
-            self._hold(Stage.HEADERS, {"headers": bytes(head[1:end])}, self._end_bdat,
-                       self._refuse_chunk)
+            self._hold(Stage.HEADERS, {"headers": headers}, self._end_bdat, self._refuse_chunk)
         elif not self._bdat_last:
             self._send(replies.bdat_received(self._bdat_size))
         elif self._drop is not None:
@@ -818,7 +883,6 @@ class SMTPConnection:
         env = self._env or Envelope(helo=self.helo)  # never None: DATA/BDAT require MAIL
         self._env = None
         self._reset_body()
-        self._goto(self._mode, _IDLE)
         self._flush()
         self._events.append(
             MessageReceived(
@@ -833,17 +897,15 @@ class SMTPConnection:
             )
         )
         self._violations = []
-        self._await(Stage.MESSAGE, self._message_ok, self._send)
-
-    def _message_ok(self) -> None:
-        self._send(replies.OK)
+        # Proceed answers 250 Ok, a Respond its reply (the sinks give one); nothing to undo
+        self._await(_MESSAGE, None, None, _IDLE)
 
 
 def _nothing() -> None:
     pass
 
 
-_HANDLERS: dict[str, Callable[[SMTPConnection, str, object], None]] = {
+_HANDLERS: dict[str, Callable[[SMTPConnection, str, Any], None]] = {
     "EHLO": SMTPConnection._cmd_ehlo,
     "HELO": SMTPConnection._cmd_helo,
     "MAIL": SMTPConnection._cmd_mail,
@@ -857,4 +919,10 @@ _HANDLERS: dict[str, Callable[[SMTPConnection, str, object], None]] = {
     "QUIT": SMTPConnection._cmd_quit,
     "AUTH": SMTPConnection._cmd_auth,
     "STARTTLS": SMTPConnection._cmd_starttls,
-}  # type: ignore[dict-item]
+}
+# verb -> (handler, what the state table says of it in each phase): one lookup per command
+_RULES = {
+    verb: (_HANDLERS[verb], tuple(int(x) if isinstance(x, Phase) else x for x in entry))
+    for verb, entry in COMMANDS.items()
+}
+_BYE = Reply(221, "2.0.0 Bye")
