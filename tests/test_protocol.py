@@ -224,10 +224,22 @@ def test_ehlo_advertises_extensions() -> None:
         "250-SMTPUTF8",
         "250-CHUNKING",
         "250-ENHANCEDSTATUSCODES",
-        "250-AUTH PLAIN LOGIN CRAM-MD5 XOAUTH2",
+        "250-AUTH PLAIN LOGIN XOAUTH2",
         "250 HELP",
     ]
     assert conn.helo == "client"
+
+
+def test_auth_offers_the_configured_mechanisms_and_refuses_the_others() -> None:
+    conn = connect(auth_mechanisms=("LOGIN", "CRAM-MD5"))
+    assert "250-AUTH LOGIN CRAM-MD5" in replies(conn.receive(b"EHLO client\r\n"))
+    assert final_codes(conn.receive(b"AUTH PLAIN " + b64("\0u\0p").encode() + b"\r\n")) == [
+        "504 5.5.4"
+    ]
+    assert not conn.auth.attempted
+    bare = connect(auth_mechanisms=())
+    assert not any("AUTH" in line for line in replies(bare.receive(b"EHLO client\r\n")))
+    assert final_codes(bare.receive(b"AUTH LOGIN\r\n")) == ["504 5.5.4"]
 
 
 def test_ehlo_plain_size_when_unlimited_and_starttls_when_available() -> None:
@@ -811,7 +823,7 @@ def test_auth_login_both_ways() -> None:
 
 
 def test_auth_cram_md5() -> None:
-    conn = connect(hostname="mx.test")
+    conn = connect(hostname="mx.test", auth_mechanisms=("CRAM-MD5",))
     (challenge,) = auth(conn, "AUTH CRAM-MD5")
     assert challenge.startswith("334 ")
     assert re.fullmatch(r"<\d+\.\d+@mx\.test>", base64.b64decode(challenge[4:]).decode())

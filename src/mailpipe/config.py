@@ -149,6 +149,22 @@ def _tls_shorthand(value: Any) -> Any:
 TLSSetting = Annotated[TLSConfig | None, BeforeValidator(_tls_shorthand)]
 
 
+AuthMechanism = Literal["PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"]
+
+
+class SMTPAuthConfig(Section):
+    """AUTH mechanisms offered in EHLO, in this order; others answer 504. CRAM-MD5 is off by
+    default: clients prefer it when offered (Symfony Mailer, PHPMailer, smtplib), and then
+    only a digest of the password is captured."""
+
+    mechanisms: list[AuthMechanism] = Field(default_factory=lambda: ["PLAIN", "LOGIN", "XOAUTH2"])
+
+    @field_validator("mechanisms", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return [str(v).upper() for v in value] if isinstance(value, list) else value
+
+
 class ListenerLimits(Section):
     """What one SMTP listener may differ in; unset values come from the `smtp` section."""
 
@@ -160,6 +176,7 @@ class ListenerLimits(Section):
     max_line_length: int | None = Field(default=None, ge=512)
     max_connections: int | None = Field(default=None, ge=1)
     tls: TLSSetting = None
+    auth: SMTPAuthConfig | None = None
 
 
 class ListenerConfig(ListenerLimits):
@@ -235,6 +252,7 @@ class SMTPConfig(Section):
     spool_threshold: Size = 1024 * 1024
     include_raw: bool = False
     transcript: bool = False
+    auth: SMTPAuthConfig = SMTPAuthConfig()
     access_logs: bool = False
     attachment_storage: AttachmentStorageConfig = AttachmentStorageConfig()
     tls: TLSSetting = None
@@ -365,6 +383,7 @@ class ResolvedListener(BaseModel):
     max_line_length: int
     max_connections: int
     tls: TLSConfig | None = None
+    auth: SMTPAuthConfig = SMTPAuthConfig()
 
 
 class HTTPAuthConfig(Section):

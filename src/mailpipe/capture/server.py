@@ -18,7 +18,6 @@ from typing import cast
 from mailpipe.capture.message import EventOptions, SessionInfo
 from mailpipe.capture.offload import EventBuilder
 from mailpipe.capture.protocol import ProtocolSettings, SMTPConnection
-from mailpipe.capture.protocol.auth import MECHANISMS
 from mailpipe.capture.spool import SPOOL_FAILED, Spooler
 from mailpipe.capture.tls import server_context
 from mailpipe.capture.types import (
@@ -63,7 +62,7 @@ def protocol_settings(
         max_recipients=listener.max_recipients,
         max_line_length=listener.max_line_length,
         spool_threshold=spool_threshold,
-        auth_mechanisms=MECHANISMS,
+        auth_mechanisms=tuple(listener.auth.mechanisms),
         tls_available=tls_available,
         transcript=transcript,
         trace=log.isEnabledFor(logging.DEBUG),
