@@ -1257,3 +1257,110 @@ async def test_nothing_registered_nothing_held(inproc: InProc) -> None:
     assert session.conn.held == frozenset()
     assert session._asking is None  # no verdict task was ever started
     client.close()
+
+
+# ---- CaptureServer itself: listeners, limits, shutdown -----------------------------------
+
+
+async def send_one(port: int, subject: str) -> tuple[int, str]:
+    client = await AsyncSMTP.open(port)
+    try:
+        for line in ("EHLO client.test", f"MAIL FROM:<{SENDER}>", f"RCPT TO:<{RCPT}>", "DATA"):
+            assert (await client.command(line))[0] in (250, 354)
+        return await client.command(message(subject) + b".\r\n")
+    finally:
+        client.close()
+
+
+async def test_listeners_bind_their_own_ports_and_say_which_they_are(inproc: InProc) -> None:
+    app = await inproc({"servers": [
+        {"name": "apps", "addr": "127.0.0.1:0", "hostname": "apps.test"},
+        {"name": "tests", "addr": "127.0.0.1:0", "hostname": "tests.test"},
+    ]})  # fmt: skip
+    addresses = app.capture.addresses()
+    assert set(addresses) == {"apps", "tests"}
+    ports = {name: port_of(app, name) for name in addresses}
+    assert 0 not in ports.values() and len(set(ports.values())) == 2  # the real ports
+    for name, port in ports.items():
+        client = await AsyncSMTP.open(port, greet=None)
+        assert await client.reply() == (220, f"{name}.test ESMTP mailpipe")
+        client.close()
+        code, text = await send_one(port, f"via {name}")
+        assert code == 250, text
+    assert app.store is not None
+    listing, _ = await app.store.list(limit=10)
+    events = [await app.store.get(item["uuid"]) for item in listing]
+    servers = {e["message"]["subject"]: e["session"]["server"] for e in events if e}
+    assert servers == {"via apps": "apps", "via tests": "tests"}
+
+
+async def test_max_connections_answers_421_and_frees_the_slot(inproc: InProc) -> None:
+    app = await inproc({"max_connections": 1})
+    port = port_of(app)
+    first = await AsyncSMTP.open(port)
+    second = await AsyncSMTP.open(port, greet=None)
+    assert await second.reply() == (421, "4.7.0 Too many connections, try again later")
+    assert await second.closed()
+    second.close()
+    assert (await first.command("NOOP"))[0] == 250  # the first one is untouched
+    assert await first.command("QUIT") == (221, "2.0.0 Bye")
+    first.close()
+    for _ in range(100):  # the slot is freed once the server has seen the close
+        if not any(True for _ in app.capture.sessions()):
+            break
+        await asyncio.sleep(0.02)
+    code, text = await send_one(port, "after the slot was freed")
+    assert code == 250, text
+
+
+async def test_shutdown_finishes_messages_in_flight_and_421s_idle_sessions(
+    inproc: InProc,
+) -> None:
+    app = await inproc(shutdown_timeout="10s")
+    port = port_of(app)
+    release = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def slow_commit(context: VerdictContext) -> None:
+        arrived.set()
+        await release.wait()  # the message is in flight until released
+
+    app.verdicts.register(Stage.MESSAGE, slow_commit)
+    idle = await AsyncSMTP.open(port)
+    busy = await AsyncSMTP.open(port)
+    for line in ("EHLO busy.test", f"MAIL FROM:<{SENDER}>", f"RCPT TO:<{RCPT}>", "DATA"):
+        await busy.command(line)
+    busy.writer.write(message("in flight at shutdown") + b".\r\n")
+    await asyncio.wait_for(arrived.wait(), 10)
+
+    stopping = asyncio.create_task(app.shutdown())
+    code, _ = await idle.reply()  # the idle session is told at once
+    assert code == 421 and await idle.closed()
+    with pytest.raises(OSError):  # no new connections
+        await asyncio.open_connection("127.0.0.1", port)
+    assert not stopping.done()
+    release.set()
+    code, text = await busy.reply()
+    assert code == 250 and text.startswith("2.0.0 Ok: queued as "), text
+    assert (await busy.reply())[0] == 421  # then closed, as the server is stopping
+    assert await busy.closed()
+    await asyncio.wait_for(stopping, 10)
+    idle.close()
+    busy.close()
+    assert not any(True for _ in app.capture.sessions())
+    # committed before the 250, so in the database the shutdown closed
+    db = Path(app.config.data_dir) / "mailpipe.db"
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (1,)
+
+
+async def test_shutdown_timeout_aborts_a_session_still_busy(inproc: InProc) -> None:
+    app = await inproc(shutdown_timeout="0.3s")
+    client = await AsyncSMTP.open(port_of(app))
+    for line in ("EHLO slow.test", f"MAIL FROM:<{SENDER}>", f"RCPT TO:<{RCPT}>", "DATA"):
+        await client.command(line)
+    client.writer.write(b"Subject: never finished\r\n\r\nhalf a bo")
+    await asyncio.wait_for(app.shutdown(), 10)
+    assert await client.closed()
+    client.close()
+    assert not any(True for _ in app.capture.sessions())
