@@ -1170,7 +1170,7 @@ async def test_proceed_and_no_opinion_give_the_default_replies(inproc: InProc) -
     assert by_stage[Stage.RCPT].envelope.mail_from == SENDER
     assert by_stage[Stage.HEADERS].args["headers"].startswith(b"Subject: verdicts\r\n")
     message = by_stage[Stage.MESSAGE]
-    assert message.email is not None and message.email.event["subject"] == "verdicts"
+    assert message.email is not None and message.email.event["message"]["subject"] == "verdicts"
     assert message.helo == "client.test" and message.auth.password == "secret"
     assert message.remote_addr.startswith("127.0.0.1:") and message.server == "default"
     assert len({c.session for c in contexts}) == 1 and len(message.store) == len(SMTP_STAGES)
