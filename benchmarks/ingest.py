@@ -2,12 +2,17 @@
 
     python benchmarks/ingest.py [--connections 100] [--messages 20] [--size 1024]
                                 [--mode reuse|new|both] [--targets mailpipe,aiosmtpd,smtp-sink]
-                                [--rounds 5] [--big] [--json FILE]
+                                [--rounds 5] [--baseline REF] [--max-messages 5000]
+                                [--no-steady-state] [--big] [--json FILE]
 
 Every server runs as its own process, started fresh for each mode (mailpipe with a fresh data
-directory); the load comes from benchmarks/loadgen.py in another process. The machine is small
-and noisy, so what matters is the side-by-side comparison within one run, not the absolute
-numbers. See benchmarks/README.md for what is measured and how.
+directory); the load comes from benchmarks/loadgen.py in another process. The rounds of one mode
+alternate between the targets, so machine noise hits them alike. Each mailpipe's store is first
+filled to its `store.max_messages` so that retention runs as on a long-running server.
+`--baseline REF` adds `mailpipe@SHA`, the code of that commit (same interpreter, venv and
+config), and prints this checkout's numbers as a ratio of it: old against new in one run.
+The machine is small and noisy, so what matters is the side-by-side comparison within one run,
+not the absolute numbers. See benchmarks/README.md for what is measured and how.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.request
@@ -40,6 +47,10 @@ AIOSMTPD_SINK = HERE / "aiosmtpd_sink.py"
 SMTP_SINK = Path("/usr/sbin/smtp-sink")
 TARGETS = ("mailpipe", "aiosmtpd", "smtp-sink")
 HOST = "127.0.0.1"
+STEADY_MAX_MESSAGES = 5000  # the store's own default
+RETENTION_OFF = 10_000_000  # a store limit no run reaches: retention deletes nothing
+FILL_CONNECTIONS = 50
+IMPORTED_FROM = "imported-from"  # the file a mailpipe writes its mailpipe.__file__ to
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MB = 1024 * 1024
 
@@ -54,6 +65,11 @@ SMALL_BASELINE_MESSAGES = 50
 
 class StartError(Exception):
     """A server did not come up; the message says why (its exit status and last log lines)."""
+
+
+class WrongCodeError(Exception):
+    """A mailpipe imported its code from another tree than the one it stands for: the numbers
+    would compare the wrong code, so the whole run stops."""
 
 
 # ---- servers ----------------------------------------------------------------------------------
@@ -92,6 +108,7 @@ class Server:
         smtp_port: int,
         http_port: int | None = None,
         env: dict[str, str] | None = None,
+        expect_src: Path | None = None,
     ) -> None:
         self.name = name
         self.argv = argv
@@ -99,6 +116,8 @@ class Server:
         self.smtp_port = smtp_port
         self.http_port = http_port
         self.env = env
+        self.expect_src = expect_src
+        self.imported_from_path = workdir / IMPORTED_FROM
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.exit_code: int | None = None
@@ -124,10 +143,25 @@ class Server:
             if self.proc.poll() is not None:
                 raise StartError(f"exited with status {self.proc.returncode}: {self.log_tail()}")
             if self._smtp_ready() and self._http_ready():
+                self._check_imported_from()
                 return
             time.sleep(0.1)
         self.stop()
         raise StartError(f"not ready after {timeout:.0f}s: {self.log_tail()}")
+
+    def _check_imported_from(self) -> None:
+        """mailpipe only: the running process imported mailpipe from `expect_src`."""
+        if self.expect_src is None:
+            return
+        try:
+            imported = Path(self.imported_from_path.read_text()).resolve()
+        except OSError as exc:
+            imported = Path(f"(unknown: {exc})")
+        if not imported.is_relative_to(self.expect_src.resolve()):
+            self.stop()
+            raise WrongCodeError(
+                f"{self.name} imported mailpipe from {imported}, not from {self.expect_src}"
+            )
 
     def _smtp_ready(self) -> bool:
         try:
@@ -185,37 +219,54 @@ class Server:
         return " | ".join(line.strip() for line in self.log_lines()[-lines:]) or "(no output)"
 
 
-def mailpipe_config() -> dict[str, Any]:
-    """A store big enough that retention deletes nothing (the count check), room for --big's
-    1000 connections and 20 MB messages, a short shutdown."""
+def mailpipe_config(max_messages: int = RETENTION_OFF) -> dict[str, Any]:
+    """The store's retention limit (by default none is reached, for the count check), room for
+    --big's 1000 connections and 20 MB messages, a short shutdown."""
     return {
         "shutdown_timeout": "10s",
         "smtp": {"max_connections": 5000, "max_message_size": "64MB"},
-        "store": {"max_messages": 10_000_000},
+        "store": {"max_messages": max_messages},
     }
 
 
-def mailpipe_server(name: str, workdir: Path, config: dict[str, Any]) -> Server:
-    """`python -m mailpipe serve` from this checkout with `config`, on free ports."""
+# `python -m mailpipe`, after writing down where mailpipe was imported from (argv[1]), so that
+# the benchmark can check that each mailpipe runs the tree it stands for, not the venv's.
+IMPORT_PROBE = (
+    "import runpy, sys, mailpipe; "
+    "open(sys.argv.pop(1), 'w').write(mailpipe.__file__); "
+    "runpy.run_module('mailpipe', run_name='__main__', alter_sys=True)"
+)
+
+
+def mailpipe_server(
+    name: str, workdir: Path, config: dict[str, Any], src: Path = REPO / "src"
+) -> Server:
+    """`python -m mailpipe serve` with `config`, on free ports, its code imported from `src`
+    (this checkout's by default) with this interpreter and venv."""
     smtp_port, http_port = free_port(), free_port()
     config_path = workdir / "mailpipe.yaml"
     config_path.write_text(json.dumps(config))  # JSON is YAML
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPIPE_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
+    probe = workdir / IMPORTED_FROM
     argv = [
-        sys.executable, "-m", "mailpipe", "serve",
+        sys.executable, "-c", IMPORT_PROBE, str(probe), "serve",
         "-c", str(config_path),
         "--smtp", f"{HOST}:{smtp_port}",
         "--http", f"{HOST}:{http_port}",
         "--data-dir", str(workdir / "data"),
         "--log-level", "warning",
     ]  # fmt: skip
-    return Server(name, argv, workdir, smtp_port, http_port, env)
+    return Server(name, argv, workdir, smtp_port, http_port, env, expect_src=src)
 
 
-def make_server(name: str, workdir: Path) -> Server:
-    if name == "mailpipe":
-        return mailpipe_server(name, workdir, mailpipe_config())
+def make_server(
+    name: str, workdir: Path, mailpipe_src: dict[str, Path], max_messages: int
+) -> Server:
+    """The target `name`: a mailpipe of `mailpipe_src` (its name -> the tree it runs) with
+    that store limit, or a sink."""
+    if name in mailpipe_src:
+        return mailpipe_server(name, workdir, mailpipe_config(max_messages), mailpipe_src[name])
     smtp_port = free_port()
     if name == "aiosmtpd":
         argv = [sys.executable, str(AIOSMTPD_SINK), HOST, str(smtp_port)]
@@ -226,6 +277,61 @@ def make_server(name: str, workdir: Path) -> Server:
         argv = [str(SMTP_SINK), *user, "-m", "5000", f"{HOST}:{smtp_port}", "1024"]
         return Server(name, argv, workdir, smtp_port)
     raise ValueError(name)
+
+
+# ---- the baseline commit ----------------------------------------------------------------------
+
+
+@dataclass
+class Baseline:
+    """`--baseline REF`: the commit whose mailpipe runs beside this checkout's."""
+
+    ref: str
+    sha: str
+    short: str
+
+    @property
+    def target(self) -> str:
+        return f"mailpipe@{self.short}"
+
+
+def git(*args: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise ValueError(done.stderr.strip() or f"git {args[0]} failed")
+    return done.stdout.strip()
+
+
+def resolve_baseline(ref: str) -> Baseline:
+    sha = git("rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}")
+    return Baseline(ref, sha, git("rev-parse", "--short", sha))
+
+
+def export_src(baseline: Baseline, root: Path) -> Path:
+    """The commit's src/ (`git archive`, which leaves the repository as it is) extracted into
+    a folder under `root`, removed with it; returns that src/."""
+    dest = root / baseline.target
+    dest.mkdir()
+    archive = dest / "src.tar"
+    git("archive", "--format=tar", f"--output={archive}", baseline.sha, "src")
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    archive.unlink()
+    if not (dest / "src" / "mailpipe" / "__init__.py").is_file():
+        raise ValueError(f"{baseline.ref} ({baseline.short}) has no src/mailpipe")
+    return dest / "src"
+
+
+def checkout_state() -> str:
+    """What the `mailpipe` target runs: HEAD, and whether src/ differs from it."""
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "src")
+    except (OSError, ValueError):
+        return "this checkout"
+    return f"this checkout, HEAD {head}" + (" with uncommitted changes in src/" if dirty else "")
 
 
 def raise_fd_limit() -> None:
@@ -294,6 +400,8 @@ class LoadRow:
     p50_ms: float = float("nan")
     p99_ms: float = float("nan")
     stored: int | None = None
+    max_messages: int | None = None  # set when the store was filled to its retention limit
+    prefilled: int = 0
     rounds: list[dict[str, float]] = field(default_factory=list)
     note: str = ""
 
@@ -398,12 +506,79 @@ def print_ratio(rows: list[Row]) -> None:
         print(f"mailpipe/aiosmtpd emails/s: {ratio:.2f}x")
 
 
+# What --baseline compares: (label, Row attribute, key of a round's numbers or None).
+COMPARED = (
+    ("emails/s", "emails_per_s", "emails_per_s"),
+    ("CPU-s/1000", "cpu_s_per_1000", "cpu_s_per_1000"),
+    ("p50 ms", "p50_ms", "p50_ms"),
+    ("p99 ms", "p99_ms", "p99_ms"),
+    ("idle RSS MB", "idle_rss_mb", None),
+    ("peak RSS MB", "peak_rss_mb", None),
+)
+
+
+def ratio(new: float, old: float) -> float:
+    return new / old if old else float("nan")
+
+
+def compare_rows(rows: list[Row], new: str, old: str) -> dict[str, dict[str, float]]:
+    """new/old per metric. The rounds are paired as they ran (round i of each, next to each
+    other): the median of their ratios, and the lowest and highest. On a busy machine the rate
+    swings between rounds far more than between two targets in one round, so the paired ratio
+    is steadier than a ratio of the two tables' median rounds. RSS has no rounds: its ratio."""
+    by_name = {row.target: row for row in rows}
+    new_row, old_row = by_name[new], by_name[old]
+    nan = float("nan")
+    result: dict[str, dict[str, float]] = {}
+    for label, attr, key in COMPARED:
+        pairs = [
+            ratio(n[key], o[key])
+            for n, o in zip(new_row.rounds, old_row.rounds, strict=False)
+            if key is not None
+        ]
+        result[label] = {
+            "ratio": (
+                statistics.median(pairs)
+                if pairs
+                else ratio(getattr(new_row, attr), getattr(old_row, attr))
+            ),
+            "round_min": min(pairs, default=nan),
+            "round_max": max(pairs, default=nan),
+        }
+    return result
+
+
+def print_comparison(
+    comparisons: dict[str, dict[str, dict[str, float]]], baseline: Baseline
+) -> None:
+    print(
+        f"\n== mailpipe / {baseline.target}: this checkout as a ratio of {baseline.ref} "
+        f"({baseline.short}), new / old\n"
+        "emails/s above 1.00x: new is faster; every other metric below 1.00x: new costs less.\n"
+        "Each round of new is divided by the round of old run next to it: the median of these "
+        "ratios, in brackets the lowest and highest."
+    )
+    table = []
+    for label, _, _ in COMPARED:
+        cells = [label]
+        for numbers in comparisons.values():
+            ratios = numbers[label]
+            cell = f"{fmt(ratios['ratio'], 2)}x" if ratios["ratio"] == ratios["ratio"] else "-"
+            if ratios["round_min"] == ratios["round_min"]:  # not NaN: per-round numbers
+                cell += f" [{fmt(ratios['round_min'], 2)}-{fmt(ratios['round_max'], 2)}]"
+            cells.append(cell)
+        table.append(cells)
+    print_table(["metric", *comparisons], table)
+
+
 def print_notes(rows: list[Row]) -> None:
     for row in rows:
         notes: list[str] = []
         if row.note:
             notes.append(row.note)
-        if row.stored is not None:
+        if row.stored is not None and row.max_messages:
+            notes.append(retention_note(row, row.max_messages))
+        elif row.stored is not None:
             sent = row.emails + row.failed
             verdict = "OK" if row.stored == row.emails else "MISMATCH (lost or extra emails)"
             notes.append(f"stored {row.stored}, sent {sent}, got 250 {row.emails}: {verdict}")
@@ -414,6 +589,16 @@ def print_notes(rows: list[Row]) -> None:
         if row.log_lines:
             notes.append(f"{row.log_lines} log lines, e.g. {row.log_sample}")
         print_row_notes(row.target, notes)
+
+
+def retention_note(row: LoadRow, max_messages: int) -> str:
+    """With the store at its limit, retention deletes as fast as emails come: the stored count
+    can only show that the store stayed full (an exact loss check needs --no-steady-state)."""
+    verdict = "OK" if row.stored is not None and row.stored >= max_messages else "BELOW THE LIMIT"
+    return (
+        f"store filled with {row.prefilled} before the rounds, stored {row.stored} after them "
+        f"(max_messages {max_messages}, got 250 {row.emails + row.prefilled}): {verdict}"
+    )
 
 
 def summarize_rounds(row: LoadRow, results: list[LoadResult]) -> list[dict[str, Any]]:
@@ -457,8 +642,11 @@ def fill_process_stats(row: Row, server: Server, idle_kb: int, cpu_s: float) -> 
     row.idle_rss_mb = idle_kb / 1024
     row.peak_rss_mb = read_status_kb(server.pid, "VmHWM") / 1024
     row.cpu_s = cpu_s
-    if row.emails:
-        row.cpu_s_per_1000 = cpu_s / row.emails * 1000
+    row.cpu_s_per_1000 = per_1000(cpu_s, row.emails)
+
+
+def per_1000(cpu_s: float, emails: int) -> float:
+    return cpu_s / emails * 1000 if emails else float("nan")
 
 
 def finish_server(row: Row, server: Server) -> None:
@@ -489,41 +677,116 @@ def failure_note(exc: Exception) -> str:
     return f"run failed: {type(exc).__name__}: {exc}"[:600]
 
 
-def started(name: str, scenario: str, root: Path) -> tuple[Server | None, Row]:
+def started(
+    name: str, scenario: str, root: Path, args: argparse.Namespace, max_messages: int
+) -> tuple[Server | None, Row]:
     row = Row(target=name, scenario=scenario)
     if name == "smtp-sink" and not SMTP_SINK.exists():
         row.note = f"skipped: {SMTP_SINK} not installed (Debian package postfix)"
         return None, row
-    server, row.note = start_server(name, root, lambda workdir: make_server(name, workdir))
+    server, row.note = start_server(
+        name, root, lambda workdir: make_server(name, workdir, args.mailpipe_src, max_messages)
+    )
     return server, row
 
 
-def bench_load(name: str, mode: str, args: argparse.Namespace, root: Path) -> Row:
-    """The main table: `rounds` runs of C connections x M messages against one fresh server."""
-    server, row = started(name, mode, root)
-    if server is None:
-        return row
+@dataclass
+class Running:
+    """One target of the main table: its server, started, and the rounds it has run."""
+
+    server: Server
+    row: Row
+    idle_kb: int
+    results: list[LoadResult] = field(default_factory=list)
+
+
+def bench_mode(mode: str, args: argparse.Namespace, root: Path) -> list[Row]:
+    """The main table: every target started fresh (with --steady-state each mailpipe's store
+    filled to its limit first), then `rounds` runs of C connections x M messages. Each round
+    runs the targets one after the other, so a slow spell of the machine hits all alike, and
+    every other round in reverse order (A B, B A, A B, ...), so no target always goes first."""
+    max_messages = args.max_messages if args.steady_state else RETENTION_OFF
+    rows: list[Row] = []
+    runs: list[Running] = []
     try:
-        idle_kb = read_status_kb(server.pid, "VmRSS")
+        for name in args.target_list:
+            server, row = started(name, mode, root, args, max_messages)
+            rows.append(row)
+            if server is not None:
+                runs.append(Running(server, row, read_status_kb(server.pid, "VmRSS")))
+        active = runs
+        if args.steady_state:
+            active = [run for run in active if fill_store(run, max_messages, args)]
         spec = [group_spec("load", args.connections, args.messages, args.size, mode)]
-        results = [run_load(server, spec, args.timeout) for _ in range(args.rounds)]
+        for round_number in range(args.rounds):
+            in_turn = active if round_number % 2 == 0 else active[::-1]
+            failed = [run for run in in_turn if not run_round(run, spec, args.timeout)]
+            active = [run for run in active if run not in failed]
+        for run in active:
+            summarize_load(run)
+    finally:
+        for run in runs:
+            finish_server(run.row, run.server)
+    return rows
+
+
+def fill_store(run: Running, max_messages: int, args: argparse.Namespace) -> bool:
+    """Fill a mailpipe's store up to its retention limit, so that the measured rounds run as
+    on a server that has been up for a day; False (and a note) if that failed. A sink stores
+    nothing: there is nothing to fill."""
+    if run.server.http_port is None:
+        return True
+    per_connection = -(-max_messages // FILL_CONNECTIONS)
+    spec = [group_spec("load", FILL_CONNECTIONS, per_connection, args.size, "reuse")]
+    try:
+        fill = run_load(run.server, spec, max(args.timeout, 300)).group()
+        stored = run.server.stored_total()
+        if fill["failed"] or stored is None or stored < max_messages:
+            raise RuntimeError(
+                f"filling the store: {fill['ok']} got 250, {fill['failed']} failed "
+                f"{fill['failures'] or ''}, stored {stored} of max_messages {max_messages}"
+            )
+    except Exception as exc:
+        run.row.note = failure_note(exc)
+        run.server.stop()
+        return False
+    run.row.max_messages, run.row.prefilled = max_messages, fill["ok"]
+    return True
+
+
+def run_round(run: Running, spec: list[dict[str, Any]], timeout: float) -> bool:
+    """One measured round against one target; False (and a note) if it failed, and the target
+    then sits out the other rounds."""
+    # Write back what the previous round left dirty, so that it does not slow this one's fsyncs.
+    os.sync()
+    try:
+        run.results.append(run_load(run.server, spec, timeout))
+    except Exception as exc:
+        run.row.note = failure_note(exc)
+        run.server.stop()
+        return False
+    return True
+
+
+def summarize_load(run: Running) -> None:
+    row, server, results = run.row, run.server, run.results
+    try:
         groups = summarize_rounds(row, results)
+        for numbers, result, group in zip(row.rounds, results, groups, strict=True):
+            numbers["cpu_s_per_1000"] = per_1000(result.server_cpu_s, group["ok"])
         row.max_ms = max(g["latency_ms"]["max"] for g in groups)
         wall = sum(r.client["wall_s"] for r in results)
         row.client_cpu_pct = 100 * sum(r.client["client_cpu_s"] for r in results) / wall
         row.peak_connections = max(r.client["peak_connections"] for r in results)
-        fill_process_stats(row, server, idle_kb, sum(r.server_cpu_s for r in results))
+        fill_process_stats(row, server, run.idle_kb, sum(r.server_cpu_s for r in results))
         row.stored = server.stored_total()
     except Exception as exc:
         row.note = failure_note(exc)
-    finally:
-        finish_server(row, server)
-    return row
 
 
 def bench_connections(name: str, args: argparse.Namespace, root: Path) -> Row:
     """--big: 1000 connections open at once (all connect and EHLO before any sends)."""
-    server, row = started(name, f"{BIG_CONNECTIONS} connections", root)
+    server, row = started(name, f"{BIG_CONNECTIONS} connections", root, args, RETENTION_OFF)
     if server is None:
         return row
     try:
@@ -541,7 +804,7 @@ def bench_connections(name: str, args: argparse.Namespace, root: Path) -> Row:
         row.peak_connections = result.client["peak_connections"]
         fill_process_stats(row, server, idle_kb, result.server_cpu_s)
         row.stored = server.stored_total()
-        if name == "mailpipe":
+        if name in args.mailpipe_src:
             verdict = "OK" if row.peak_rss_mb < BIG_CONNECTIONS_RSS_GOAL_MB else "OVER"
             row.note = (
                 f"peak RSS {row.peak_rss_mb:.1f} MB with {row.peak_connections} open "
@@ -561,7 +824,7 @@ def bench_big_messages(name: str, args: argparse.Namespace, root: Path) -> Row:
     20 MB message (a base64 attachment) while the 20 small sessions keep sending until the last
     big one is answered. Compare the small emails' latency.
     """
-    server, row = started(name, "big messages", root)
+    server, row = started(name, "big messages", root, args, RETENTION_OFF)
     if server is None:
         return row
     try:
@@ -703,7 +966,7 @@ def parse_bench_args(
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     if min(getattr(args, name) for name in positive) < 1:
-        names = [f"--{name}" for name in positive]
+        names = [f"--{name.replace('_', '-')}" for name in positive]
         parser.error(f"{', '.join(names[:-1])} and {names[-1]} must be positive")
     return args
 
@@ -728,7 +991,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=5,
         help=f"emails per connection in the {BIG_CONNECTIONS}-connection scenario",
     )
-    return parse_bench_args(parser, argv, TARGETS, ["connections", "messages", "rounds", "size"])
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also run mailpipe at this git commit (target mailpipe@SHA) and print this "
+        "checkout's numbers as a ratio of its",
+    )
+    parser.add_argument(
+        "--steady-state",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fill each mailpipe's store to --max-messages before the measured rounds, so "
+        "retention runs as on a long-running server (off: a store that never fills, and an "
+        "exact count of what was stored)",
+    )
+    parser.add_argument(
+        "--max-messages",
+        type=int,
+        default=STEADY_MAX_MESSAGES,
+        help="store.max_messages with --steady-state (the store's default)",
+    )
+    args = parse_bench_args(
+        parser, argv, TARGETS, ["connections", "messages", "rounds", "size", "max_messages"]
+    )
+    if args.baseline is not None:
+        add_baseline_target(parser, args)
+    return args
+
+
+def add_baseline_target(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--baseline: its target runs just before `mailpipe` in every round (old, new, ...)."""
+    if "mailpipe" not in args.target_list:
+        parser.error("--baseline compares against the mailpipe target: add it to --targets")
+    try:
+        args.baseline = resolve_baseline(args.baseline)
+    except (OSError, ValueError) as exc:
+        parser.error(f"--baseline {args.baseline}: {exc}")
+    args.target_list.insert(args.target_list.index("mailpipe"), args.baseline.target)
 
 
 def announce(root: Path) -> tuple[str, dict[str, Any]]:
@@ -750,15 +1049,54 @@ def announce(root: Path) -> tuple[str, dict[str, Any]]:
     return command, machine
 
 
+def announce_setup(args: argparse.Namespace) -> None:
+    """Print the load, which code each mailpipe runs and how full its store is."""
+    print(
+        f"load: {args.connections} connections x {args.messages} emails x {args.size} bytes, "
+        f"{args.rounds} round(s) per server taken in turn, median round shown; "
+        f"PIPELINING client on uvloop"
+    )
+    if "mailpipe" in args.target_list:
+        print(f"mailpipe: {checkout_state()} ({args.mailpipe_src['mailpipe']})")
+    if args.baseline is not None:
+        print(
+            f"{args.baseline.target}: {args.baseline.ref} = {args.baseline.sha}, its src/ "
+            f"exported with git archive; same python, venv and config (each mailpipe checks "
+            f"at start that it imported its own tree, or the run stops)"
+        )
+    if args.steady_state:
+        print(
+            f"store: max_messages {args.max_messages}, each mailpipe's store filled to it "
+            f"before the measured rounds, so retention deletes as emails come in"
+        )
+    else:
+        print(f"store: max_messages {RETENTION_OFF}, retention never runs (--no-steady-state)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_fd_limit()
+    # A SIGTERM unwinds like Ctrl-C does: servers stopped, temp trees removed.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     root = Path(tempfile.mkdtemp(prefix="mailpipe-bench-"))
+    try:
+        return run(args, root)
+    except KeyboardInterrupt:
+        print("\ninterrupted: servers stopped, temporary files removed", file=sys.stderr)
+        return 130
+    except WrongCodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, root: Path) -> int:
     command, machine = announce(root)
-    print(
-        f"load: {args.connections} connections x {args.messages} emails x {args.size} bytes, "
-        f"{args.rounds} round(s) per server, median round shown; PIPELINING client on uvloop"
-    )
+    args.mailpipe_src = {"mailpipe": REPO / "src"}
+    if args.baseline is not None:
+        args.mailpipe_src[args.baseline.target] = export_src(args.baseline, root)
+    announce_setup(args)
     modes = ["reuse", "new"] if args.mode == "both" else [args.mode]
     report: dict[str, Any] = {
         "command": command,
@@ -767,30 +1105,33 @@ def main(argv: list[str] | None = None) -> int:
         "results": [],
     }
     started_at = time.monotonic()
-    try:
-        for mode in modes:
-            rows = [bench_load(name, mode, args, root) for name in args.target_list]
-            title = (
-                "reuse: one connection per session, PIPELINING"
-                if mode == "reuse"
-                else "new: a new connection per email"
-            )
-            print_load_table(title, rows)
-            report["results"].extend(asdict(row) for row in rows)
-        if args.big:
-            rows = [bench_connections(name, args, root) for name in args.target_list]
-            print_load_table(
-                f"{BIG_CONNECTIONS} concurrent connections x {args.big_messages} "
-                f"emails (reuse, all open before sending)",
-                rows,
-                with_connections=True,
-            )
-            report["results"].extend(asdict(row) for row in rows)
-            rows = [bench_big_messages(name, args, root) for name in args.target_list]
-            print_big_messages_table(rows)
-            report["results"].extend(asdict(row) for row in rows)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    comparisons: dict[str, dict[str, dict[str, float]]] = {}
+    for mode in modes:
+        rows = bench_mode(mode, args, root)
+        title = (
+            "reuse: one connection per session, PIPELINING"
+            if mode == "reuse"
+            else "new: a new connection per email"
+        )
+        print_load_table(title, rows)
+        report["results"].extend(asdict(row) for row in rows)
+        if args.baseline is not None:
+            comparisons[mode] = compare_rows(rows, "mailpipe", args.baseline.target)
+    if args.baseline is not None:
+        print_comparison(comparisons, args.baseline)
+        report["comparison"] = {"new": "mailpipe", "old": args.baseline.target} | comparisons
+    if args.big:
+        rows = [bench_connections(name, args, root) for name in args.target_list]
+        print_load_table(
+            f"{BIG_CONNECTIONS} concurrent connections x {args.big_messages} "
+            f"emails (reuse, all open before sending)",
+            rows,
+            with_connections=True,
+        )
+        report["results"].extend(asdict(row) for row in rows)
+        rows = [bench_big_messages(name, args, root) for name in args.target_list]
+        print_big_messages_table(rows)
+        report["results"].extend(asdict(row) for row in rows)
     write_report(report, started_at, args.json)
     return 0
 

@@ -1,6 +1,8 @@
 """A mailpipe worker in Python: logs each email to stderr and answers CONTINUE.
 
-Run it from mailpipe (``server.command: "python3 examples/worker.py"``); mailpipe starts a pool of
+Run it from mailpipe, in this repository, with the Python mailpipe is installed in
+(``server.command: ".venv/bin/python examples/worker.py"``; a bare ``python3`` finds
+``mailpipe.sdk`` only when ``.venv/bin`` comes first on the PATH). mailpipe starts a pool of
 these and sends each captured email to one of them. It answers CLOSE when the subject contains
 ``[close]`` (mailpipe then ends the SMTP session with 221 after the 250).
 

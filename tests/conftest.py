@@ -24,12 +24,15 @@ import yaml
 
 from mailpipe.event import CapturedEmail
 from mailpipe.metrics import Metrics
+from mailpipe.schema import event_schema as packaged_event_schema
 from mailpipe.store.sqlite import SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-SCHEMA_PATH = SHARED / "spec" / "email-event.schema.json"
-CORPUS = SHARED / "corpus"
+# Messages real mailers (PHPMailer, Symfony Mailer) put on the wire, and what each must become.
+CORPUS = ROOT / "tests" / "data" / "corpus"
+CORPUS_MANIFEST: list[dict[str, Any]] = [
+    json.loads(line) for line in (CORPUS / "manifest.jsonl").read_text().splitlines()
+]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -52,7 +55,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def event_schema() -> dict[str, Any]:
-    return json.loads(SCHEMA_PATH.read_text())
+    """The schema shipped in the package, the one GET /api/v1/schema serves."""
+    return packaged_event_schema()
 
 
 @pytest.fixture(scope="session")
@@ -263,3 +267,23 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     await s.start()
     yield s
     await s.close()
+
+
+# ---- CPython's email test corpus ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cpython_email_files() -> list[Path]:
+    """The messages of CPython's own email tests (test/test_email/data, binary ones included).
+
+    Skipped where the interpreter was installed without its test package, failed under CI."""
+    import sysconfig
+
+    data = Path(sysconfig.get_paths()["stdlib"]) / "test" / "test_email" / "data"
+    files = sorted(p for p in data.glob("*") if p.is_file()) if data.is_dir() else []
+    if not files:
+        message = f"CPython's email test corpus is not installed ({data})"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return files

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ POOL_CONFIG = {
     "smtp": {"pool": {"num_workers": 2}},
 }
 NO_POOL = "no worker pool configured (set server.command)"
+CLOSED_BY_ADMIN = b"4.3.2 Connection closed by administrator"
 OPENAPI = json.loads((ROOT / "src" / "mailpipe" / "web" / "openapi.json").read_text())
 
 
@@ -138,8 +140,7 @@ def test_connections_list_and_close(mailpipe: MailpipeServer) -> None:
 
     closed = by_addr[local_addr(first)]["uuid"]
     assert closed in ok(cli("connections", "close", closed, "--api", mailpipe.api))
-    code, text = first.getreply()
-    assert code == 421, text
+    assert first.getreply() == (421, CLOSED_BY_ADMIN)
     with pytest.raises(smtplib.SMTPServerDisconnected):
         first.getreply()
 
@@ -156,14 +157,63 @@ def test_close_connection_mid_transaction_waits_for_the_email(mailpipe: Mailpipe
     assert client.mail("app@example.com")[0] == 250
     (conn,) = wait_for(lambda: connections(mailpipe))
     ok(cli("connections", "close", conn["uuid"], "--api", mailpipe.api))
-    # The transaction under way still completes and is captured; then the session ends (the
-    # capture core closes after an email's 250 with 221, as at shutdown; an idle one gets 421).
+    # The transaction under way still completes and is captured; then the session ends.
     assert client.rcpt("dev@example.test")[0] == 250
     assert client.data(b"Subject: last one\r\n\r\nbye\r\n")[0] == 250
-    assert client.getreply()[0] in (221, 421)
+    assert client.getreply() == (421, CLOSED_BY_ADMIN)
     with pytest.raises(smtplib.SMTPServerDisconnected):
         client.getreply()
     assert mailpipe.wait_for_messages(1)[0]["subject"] == "last one"
+
+
+def test_close_a_session_waiting_on_a_hanging_worker(mailpipe_factory: Factory) -> None:
+    server = mailpipe_factory({**POOL_CONFIG, "smtp": {"pool": {"num_workers": 1}}})
+    [hung] = ready_pids(server, 1)
+    client = smtp_client(server, "waiting.test")
+    assert client.mail("app@example.com")[0] == 250
+    assert client.rcpt("dev@example.test")[0] == 250
+    assert client.docmd("DATA")[0] == 354
+    client.send(b"Subject: hang [sleep 60]\r\n\r\nThe worker sleeps on this one.\r\n.\r\n")
+    (conn,) = wait_for(lambda: [c for c in connections(server) if c["state"] == "delivering"])
+
+    assert conn["uuid"] in ok(cli("connections", "close", conn["uuid"], "--api", server.api))
+    assert client.getreply() == (421, CLOSED_BY_ADMIN)
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        client.getreply()
+    assert wait_for(lambda: connections(server) == [])
+    # The worker still held the email: it is replaced, so that its late answer cannot be read
+    # as the next email's, and the pool serves on.
+    assert wait_for(lambda: not alive(hung)), "the worker of the cancelled email still runs"
+    [fresh] = ready_pids(server, 1)
+    assert fresh != hung
+    send(server, "after the close")
+    assert [m["subject"] for m in server.wait_for_messages(1)] == ["after the close"]
+    assert wait_for(lambda: workers(server)[0]["num_execs"] == 1)
+    assert "Traceback" not in server.log()
+
+
+def test_close_a_session_waiting_for_a_free_worker(mailpipe_factory: Factory) -> None:
+    server = mailpipe_factory({**POOL_CONFIG, "smtp": {"pool": {"num_workers": 1}}})
+    [worker] = ready_pids(server, 1)
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        holder = executor.submit(send, server, "holds the only worker [sleep 8]")
+        wait_for(lambda: workers(server)[0]["status"] == "working")
+        client = smtp_client(server, "queued.test")
+        assert client.mail("app@example.com")[0] == 250
+        assert client.rcpt("dev@example.test")[0] == 250
+        assert client.docmd("DATA")[0] == 354
+        client.send(b"Subject: never delivered\r\n\r\nNo worker is free for me.\r\n.\r\n")
+        mine = local_addr(client)
+        (conn,) = wait_for(lambda: [c for c in connections(server)
+                                    if c["remote_addr"] == mine and c["state"] == "delivering"])
+        ok(cli("connections", "close", conn["uuid"], "--api", server.api))
+        assert client.getreply() == (421, CLOSED_BY_ADMIN)
+        holder.result(timeout=30)  # the email on the worker is not disturbed: 250
+    # The closed session never had a worker, so none was recycled for it.
+    assert [(w["pid"], w["num_execs"]) for w in workers(server)] == [(worker, 1)]
+    send(server, "next")
+    assert sorted(m["subject"] for m in server.wait_for_messages(2)) == [
+        "holds the only worker [sleep 8]", "next"]
 
 
 def test_close_unknown_connection(mailpipe: MailpipeServer) -> None:
@@ -228,6 +278,53 @@ def test_auth_from_the_config_or_token(
     if auth["type"] == "bearer":
         out = cli("connections", "list", "--api", server.api, "--token", "t0ken", cwd=elsewhere)
         assert ok(out).strip() == "no connections"
+
+
+# ---- finding the server: the state file in its data dir ----------------------------------
+
+
+@pytest.mark.parametrize("how", ["--http", "MAILPIPE_HTTP__ADDR"])
+def test_commands_find_a_server_started_on_another_address(
+    mailpipe_factory: Factory, tmp_path: Path, how: str
+) -> None:
+    port = free_port()  # not the http.addr of the mailpipe.yaml that the commands read
+    addr = f"127.0.0.1:{port}"
+    if how == "--http":
+        server = mailpipe_factory(args=["--http", addr], wait=False)
+    else:
+        server = mailpipe_factory(env={"MAILPIPE_HTTP__ADDR": addr}, wait=False)
+    server.http_port = port
+    wait_until_ready(server)
+    state_file = server.workdir / "data" / "mailpipe.json"
+    state = json.loads(state_file.read_text())
+    assert state["pid"] == server.process.pid and state["http_addr"] == addr, state
+
+    # From the server's directory (its mailpipe.yaml names the data dir) and from elsewhere
+    # with --data-dir: no address given, and the commands reach the server all the same.
+    assert ok(cli("connections", "list", cwd=server.workdir)).strip() == "no connections"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    data_dir = str(server.workdir / "data")
+    listed = json.loads(ok(cli("connections", "list", "--json", "--data-dir", data_dir,
+                               cwd=elsewhere)))
+    assert listed == {"connections": []}
+    assert "stopping" in ok(cli("stop", cwd=server.workdir))
+    assert server.process.wait(timeout=30) == 0, server.log()[-2000:]
+    assert not state_file.exists(), "a clean exit removes the state file"
+
+
+def test_a_state_file_left_by_a_dead_server_is_ignored(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    stale = {"pid": int(finished.stdout), "http_addr": f"127.0.0.1:{free_port()}"}
+    (data / "mailpipe.json").write_text(json.dumps(stale))
+    configured = f"127.0.0.1:{free_port()}"
+    (tmp_path / "mailpipe.yaml").write_text(
+        json.dumps({"data_dir": str(data), "http": {"addr": configured}}))
+    line = failed(cli("stop", cwd=tmp_path))
+    assert f"cannot reach the admin API at http://{configured}: " in line
 
 
 # ---- workers without a pool ---------------------------------------------------------------
@@ -306,6 +403,34 @@ def test_workers_list(pooled: MailpipeServer) -> None:
     for pid in pids:
         assert str(pid) in table
     assert "ready" in table and " MB" in table
+
+
+MARKUP = "[/] [bold]x[/bold] [red]"  # rich markup, and a closing tag rich would choke on
+
+
+def test_tables_print_square_brackets_as_they_are(
+    mailpipe_factory: Factory, tmp_path: Path
+) -> None:
+    smtp_port = free_port()
+    server = mailpipe_factory({
+        **POOL_CONFIG,
+        "smtp": {"pool": {"num_workers": 1},
+                 "servers": [{"name": f"dev {MARKUP}", "addr": f"127.0.0.1:{smtp_port}"}]},
+        "jobs": {"pipelines": {f"mail{MARKUP}": {"driver": "sqlite"}}},
+    })
+    ready_pids(server, 1)
+    # examples/worker.py answers `[error]` with an error frame naming the subject: the
+    # worker's last_error then holds the markup.
+    with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as client:
+        client.sendmail("app@example.com", ["dev@example.test"],
+                        f"Subject: oops {MARKUP} [error]\r\n\r\nHello.\r\n")
+        assert wait_for(lambda: MARKUP in str(workers(server)[0]["last_error"]))
+        table = ok(cli("workers", "list", "--api", server.api))
+        assert f"refused: oops {MARKUP} [error]" in table
+        table = ok(cli("connections", "list", "--api", server.api))
+        assert f"dev {MARKUP}" in table
+    table = ok(cli("jobs", "list", "--api", server.api))
+    assert f"mail{MARKUP}" in table
 
 
 def test_workers_add_and_remove(pooled: MailpipeServer) -> None:

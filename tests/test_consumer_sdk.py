@@ -46,7 +46,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def make_event(subject: str, uuid: str = UUID) -> dict[str, Any]:
-    """A realistic EMAIL_RECEIVED document (shape of shared/spec/email-event.schema.json)."""
+    """A realistic EMAIL_RECEIVED document (shape of mailpipe/schema/email-event.schema.json)."""
     return {
         "event": "EMAIL_RECEIVED",
         "uuid": uuid,

@@ -1,6 +1,6 @@
 """Corpora round-tripped over SMTP through a real `mailpipe serve`.
 
-* `../shared/corpus/*.eml`: messages real mailers put on the wire, with a manifest of what
+* `tests/data/corpus/*.eml`: messages real mailers put on the wire, with a manifest of what
   each must turn into (envelope, AUTH, text/html fragments, attachments and their sha256).
   Sent with smtplib, checked in memory mode and again in tempfile mode.
 * CPython's email test corpus (`test/test_email/data`, binary files included): every file
@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import os
 import re
 import smtplib
@@ -30,7 +29,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from conftest import CORPUS, MailpipeServer, start_mailpipe
+from conftest import CORPUS, CORPUS_MANIFEST, MailpipeServer, start_mailpipe
 
 Validate = Callable[[dict[str, Any]], None]
 
@@ -40,7 +39,7 @@ CONFIG: dict[str, Any] = {
              "auth": {"mechanisms": ["PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"]}},
     "store": {"max_messages": 100_000},
 }
-MANIFEST = [json.loads(line) for line in (CORPUS / "manifest.jsonl").read_text().splitlines()]
+MANIFEST = CORPUS_MANIFEST
 CPYTHON_DATA = Path(sysconfig.get_paths()["stdlib"]) / "test" / "test_email" / "data"
 CPYTHON_FILES = sorted(p.name for p in CPYTHON_DATA.iterdir() if p.is_file())
 # The manifest gives no CRAM-MD5 password (the digest is all that goes over the wire).
@@ -94,7 +93,7 @@ def fetch_attachment(server: MailpipeServer, uuid: str, index: int) -> tuple[byt
     return body, headers["Content-Type"].split(";")[0].strip(), name
 
 
-# ---- the shared corpus, with smtplib -----------------------------------------------------
+# ---- the corpus of real mailers, with smtplib ----------------------------------------------
 
 
 def corpus_wire_bytes(entry: dict[str, Any]) -> bytes:
@@ -232,7 +231,7 @@ def check_corpus_event(
 
 
 @pytest.mark.parametrize("entry", MANIFEST, ids=[e["file"] for e in MANIFEST])
-def test_shared_corpus_memory_mode(
+def test_mailer_corpus_memory_mode(
     mailpipe_factory: Callable[..., MailpipeServer], validate_event: Validate, entry: dict[str, Any]
 ) -> None:
     server = mailpipe_factory(CONFIG)
@@ -244,7 +243,7 @@ def test_shared_corpus_memory_mode(
     assert server.get_json("/api/v1/messages")["total"] == 1
 
 
-def test_shared_corpus_tempfile_mode(
+def test_mailer_corpus_tempfile_mode(
     mailpipe_factory: Callable[..., MailpipeServer], validate_event: Validate, tmp_path: Path
 ) -> None:
     temp_dir = tmp_path / "outside" / "a" / "attachments"

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import itertools
+import sys
 import zlib
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -294,22 +299,132 @@ def test_truncated_async() -> None:
         asyncio.run(run(0))
 
 
-@given(garbage=st.binary(min_size=1, max_size=200))
-def test_random_garbage_never_hangs(garbage: bytes) -> None:
-    """Random bytes either raise, wait for more, or (very rarely) decode; never loop."""
-    decoder = FrameDecoder(max_payload=1 << 20)
-    decoder.feed(garbage)
+class DecoderLoops(AssertionError):
+    """The decoder ran past its step budget: it loops instead of returning."""
+
+
+@contextlib.contextmanager
+def step_budget(limit: int) -> Iterator[None]:
+    """Count the lines run in goridge.py and stop the decoder past `limit`.
+
+    A bound on work, not on time: a decoder that loops fails the test here, at once and
+    deterministically, instead of hanging it (and hypothesis shrinks the input as usual).
+    """
+    steps = 0
+
+    def local(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal steps
+        if event == "line":
+            steps += 1
+            if steps > limit:
+                raise DecoderLoops(f"the decoder ran more than {limit} lines: it loops")
+        return local
+
+    def calls(frame: FrameType, event: str, arg: object) -> Any:
+        return local if frame.f_code.co_filename == goridge.__file__ else None
+
+    previous = sys.gettrace()
+    sys.settrace(calls)
     try:
-        for _ in range(len(garbage) + 1):
-            if decoder.next_frame() is None:
-                break
-    except FrameError:
-        pass
+        yield
+    finally:
+        sys.settrace(previous)
+
+
+def _header_with_good_crc(b0: int, flags: int, length: int, byte10: int) -> bytes:
+    head = bytes([b0, flags]) + length.to_bytes(4, "little")
+    return head + zlib.crc32(head).to_bytes(4, "little") + bytes([byte10, 0])
+
+
+# Pure noise rarely gets past the CRC, so streams also splice real frames and headers whose CRC
+# is right but whose version, header length, flags and payload length are anything.
+_pieces = st.one_of(
+    st.binary(max_size=64),
+    frames.map(encode_frame),
+    st.builds(
+        _header_with_good_crc,
+        b0=st.integers(0, 255),
+        flags=st.integers(0, 255),
+        length=st.integers(0, 300) | st.integers(0, 2**32 - 1),
+        byte10=st.integers(0, 255),
+    ),
+)
+garbage_streams = st.one_of(
+    st.binary(min_size=1, max_size=200),
+    st.lists(_pieces, min_size=1, max_size=6).map(b"".join).filter(bool),
+)
+
+
+def _decode_chunks(chunks: list[bytes]) -> tuple[list[Frame], bool, int]:
+    """(frames, ended on a FrameError, bytes left waiting). Anything else it raises escapes."""
+    decoder = FrameDecoder()
+    out: list[Frame] = []
+    total = sum(map(len, chunks))
     try:
-        while read_frame_sync(io.BytesIO(garbage)) is not None:
-            break
+        for chunk in chunks:
+            decoder.feed(chunk)
+            while (frame := decoder.next_frame()) is not None:
+                out.append(frame)
+                # Every frame consumes at least its header: more frames than that is a loop.
+                assert len(out) <= total // HEADER_SIZE, "decoder returned the same bytes twice"
     except FrameError:
-        pass
+        return out, True, decoder.buffered
+    return out, False, decoder.buffered
+
+
+def _read_all_sync(data: bytes) -> tuple[list[Frame], bool]:
+    stream = io.BytesIO(data)
+    out: list[Frame] = []
+    try:
+        for _ in range(len(data) // HEADER_SIZE + 1):
+            frame = read_frame_sync(stream)
+            if frame is None:
+                return out, False
+            out.append(frame)
+    except FrameError:
+        return out, True
+    raise AssertionError("read_frame_sync returned more frames than the stream can hold")
+
+
+def _read_all_async(data: bytes) -> tuple[list[Frame], bool]:
+    async def run() -> tuple[list[Frame], bool]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        out: list[Frame] = []
+        try:
+            for _ in range(len(data) // HEADER_SIZE + 1):
+                out.append(await read_frame(reader))
+        except asyncio.IncompleteReadError as exc:
+            assert exc.partial == b"", "IncompleteReadError is for a clean end only"
+            return out, False
+        except FrameError:
+            return out, True
+        raise AssertionError("read_frame returned more frames than the stream can hold")
+
+    return asyncio.run(run())
+
+
+@settings(max_examples=300, deadline=None)
+@given(garbage=garbage_streams, cuts=st.lists(st.integers(0, 2000), max_size=8))
+def test_random_garbage_never_hangs(garbage: bytes, cuts: list[int]) -> None:
+    """Random bytes give frames, a wait for more, or a FrameError: never a loop, never another
+    exception (an IndexError, a struct.error or a bare ValueError would fail here), and every
+    reader and every chunking agrees on where the frames end and the error begins."""
+    points = sorted({c % (len(garbage) + 1) for c in cuts} | {0, len(garbage)})
+    chunks = [garbage[a:b] for a, b in itertools.pairwise(points)]
+    with step_budget(20_000 + 200 * len(garbage)):
+        whole = _decode_chunks([garbage])
+        chunked = _decode_chunks(chunks)
+        sync = _read_all_sync(garbage)
+        in_async = _read_all_async(garbage)
+
+    frames_whole, failed, waiting = whole
+    assert chunked[:2] == (frames_whole, failed)
+    # The stream readers see an end of stream: bytes the decoder still waits for are an error.
+    assert sync == in_async == (frames_whole, failed or waiting > 0)
+    if not failed:
+        assert waiting == len(garbage) - sum(len(encode_frame(f)) for f in frames_whole)
 
 
 def test_too_many_options_refused() -> None:

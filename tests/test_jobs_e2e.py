@@ -3,7 +3,9 @@
 Every test runs against each driver (embedded SQLite, and the machine's Redis, RabbitMQ and NATS
 JetStream; unreachable brokers skip, or fail under CI), each on a pipeline of its own (unique
 stream, queue and exchange names, removed afterwards). What the SMTP side pushed is checked by
-draining the pipeline from the test with the driver class itself (`make_driver`).
+draining the pipeline from the test with the driver class itself (`make_driver`). Each test
+starts its mailpipe and pipelines with one call of the `serve_with_pipeline` fixture (through
+`behind_proxy` when the broker is reached through a BrokerProxy).
 
 - producer: each email that got 250 is one job in RoadRunner's push format (name, id = the
   event uuid, payload = the schema-valid event, headers, options) and the stored event says so;
@@ -62,6 +64,7 @@ BROKERS = {"redis": ("127.0.0.1", 6379), "amqp": ("127.0.0.1", 5672), "nats": ("
 CONSUMER = ROOT / "tests" / "jobs" / "consumer.py"
 PHP_CONSUMER = ROOT / "examples" / "php" / "goridge_consumer.php"
 PY_CONSUMER = ROOT / "examples" / "consumer.py"
+
 
 def broker_addr(driver: str, port: int | None = None) -> str:
     host, default = BROKERS[driver]
@@ -335,6 +338,18 @@ async def send_one(port: int, subject: str) -> Sent:
         return Sent(subject, 0, f"{type(exc).__name__}: {exc}")
 
 
+async def finish_together(port: int, emails: list[tuple[str, int]]) -> list[Sent]:
+    """One session per (subject, size), each held at DATA's end, then every body sent at once:
+    the emails reach their final dot at the same moment."""
+    sessions = [Session(port) for _ in emails]
+    async with contextlib.AsyncExitStack() as stack:
+        for session in sessions:
+            await stack.enter_async_context(session)
+            await session.start()
+        pairs = zip(sessions, emails, strict=True)
+        return list(await asyncio.gather(*(s.finish(*email) for s, email in pairs)))
+
+
 def accepted(sent: list[Sent]) -> list[str]:
     ids = [s.uuid for s in sent if s.code == 250]
     assert all(ids), "a 250 without `queued as <uuid>`"
@@ -398,19 +413,103 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
+def consumer_command(kind: str) -> list[str]:
+    if kind == "php":
+        require_tool("php")
+        assert PHP_CONSUMER.is_file(), f"{PHP_CONSUMER} is missing"
+        return [shutil.which("php") or "php", str(PHP_CONSUMER)]
+    if kind == "python":
+        assert PY_CONSUMER.is_file(), f"{PY_CONSUMER} is missing"
+        return [sys.executable, str(PY_CONSUMER)]
+    return [sys.executable, str(CONSUMER)]
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterable[Callable[..., MailpipeServer]]:
-    """mailpipe_factory, plus a clear failure message with the log when something goes wrong."""
-    started: list[MailpipeServer] = []
+def test_log(tmp_path: Path) -> Path:
+    return tmp_path / "consumer.jsonl"
 
-    def factory(config: dict[str, Any], **kwargs: Any) -> MailpipeServer:
-        server = start_mailpipe(tmp_path / f"mp{len(started)}", config, **kwargs)
-        started.append(server)
-        return server
 
-    yield factory
-    for server in started:
-        server.stop(signal.SIGKILL)
+def consumer_env(tmp_path: Path, log: Path) -> dict[str, str]:
+    state = tmp_path / "consumer-state"
+    state.mkdir(exist_ok=True)
+    return {"MAILPIPE_TEST_LOG": str(log), "E2E_STATE_DIR": str(state)}
+
+
+@dataclass
+class Served:
+    """A running mailpipe whose SMTP emails go to `pipe` (and its dead letters to `dead`)."""
+
+    pipe: Pipe
+    server: MailpipeServer
+    config: dict[str, Any]
+    dead: Pipe | None
+    start: Callable[..., MailpipeServer]
+
+    @property
+    def port(self) -> int:
+        return self.server.smtp_port
+
+    def metric(self, name: str) -> float:
+        return metric(self.server, name, self.pipe.name)
+
+    def another(self) -> MailpipeServer:
+        """A second mailpipe with the same config: same pipeline, same consumers."""
+        return self.start(self.config)
+
+
+ServeWithPipeline = Callable[..., Served]
+
+
+@pytest.fixture
+def serve_with_pipeline(
+    pipes: Pipes,
+    mailpipe_factory: Callable[..., MailpipeServer],
+    tmp_path: Path,
+    test_log: Path,
+) -> ServeWithPipeline:
+    """Start a mailpipe on a new pipeline of `driver` (smtp.jobs.pipeline), removed afterwards.
+
+    - `pipeline`: the pipeline's driver options (`addr` points it at a proxy);
+    - `dead_letter`: give it a dead_letter pipeline of the same driver (`Served.dead`);
+    - `consume`: run that consumer ("php", "python" or "own", see `consumer_command`) in the
+      in-process jobs pool, `workers` of them, logging each delivery to `test_log`;
+    - `config`: more sections, merged into the generated ones; `wait`: for /healthz;
+    - any other keyword is an `smtp.jobs` key (batch_size, flush_interval, delay, ...).
+    """
+
+    def serve(
+        driver: str,
+        *,
+        pipeline: dict[str, Any] | None = None,
+        dead_letter: bool = False,
+        consume: str | None = None,
+        workers: int = 2,
+        config: dict[str, dict[str, Any]] | None = None,
+        wait: bool = True,
+        **smtp_jobs: Any,
+    ) -> Served:
+        dead = pipes.new(driver) if dead_letter else None
+        options = dict(pipeline or {}, **({"dead_letter": dead.name} if dead else {}))
+        pipe = pipes.new(driver, **options)
+        consumers: dict[str, Any] = {}
+        if consume is not None:
+            consumers = {
+                "consume": True,
+                "env": consumer_env(tmp_path, test_log),
+                "pool": {"command": consumer_command(consume), "num_workers": workers},
+            }
+        full = jobs_config(pipe, extra=[dead] if dead else [], **consumers, **smtp_jobs)
+        for section, values in (config or {}).items():
+            full.setdefault(section, {}).update(values)
+        return Served(pipe, mailpipe_factory(full, wait=wait), full, dead, mailpipe_factory)
+
+    return serve
 
 
 # ---- producer -------------------------------------------------------------------------------
@@ -419,13 +518,12 @@ def servers(tmp_path: Path) -> Iterable[Callable[..., MailpipeServer]]:
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_emails_become_jobs_in_roadrunner_push_format(
     driver: str,
-    pipes: Pipes,
-    servers: Callable[..., MailpipeServer],
+    serve_with_pipeline: ServeWithPipeline,
     validate_event: Callable[[dict[str, Any]], None],
 ) -> None:
-    pipe = pipes.new(driver)
-    server = servers(jobs_config(pipe, priority=7, headers={"x-app": "e2e", "x-tags": ["a", "b"]}))
-    sent = await send_many(server.smtp_port, [f"producer {i} caf\u00e9" for i in range(5)], 5)
+    served = serve_with_pipeline(driver, priority=7, headers={"x-app": "e2e", "x-tags": ["a", "b"]})
+    pipe = served.pipe
+    sent = await send_many(served.port, [f"producer {i} caf\u00e9" for i in range(5)], 5)
     ids = accepted(sent)
     assert len(ids) == 5, [s.reply for s in sent]
 
@@ -442,13 +540,13 @@ async def test_emails_become_jobs_in_roadrunner_push_format(
         validate_event(event)
         assert event["uuid"] == job_id and event["event"] == "EMAIL_RECEIVED"
         assert event["message"]["subject"].startswith("producer ")
-        stored = server.event(job_id)
+        stored = served.server.event(job_id)
         assert stored["mailpipe"]["outcomes"]["job"] == {
             "id": job_id,
             "pipeline": pipe.name,
             "driver": driver,
         }
-    assert metric(server, "mailpipe_jobs_confirmed_total", pipe.name) == 5
+    assert served.metric("mailpipe_jobs_confirmed_total") == 5
 
 
 # ---- batching --------------------------------------------------------------------------------
@@ -456,41 +554,38 @@ async def test_emails_become_jobs_in_roadrunner_push_format(
 
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_batches_by_size_and_by_timer(
-    driver: str,
-    pipes: Pipes,
-    servers: Callable[..., MailpipeServer],
+    driver: str, serve_with_pipeline: ServeWithPipeline
 ) -> None:
-    pipe = pipes.new(driver)
-    server = servers(jobs_config(pipe, batch_size=10, flush_interval="200ms"))
+    served = serve_with_pipeline(driver, batch_size=10, flush_interval="200ms")
+
+    def batches() -> tuple[float, float]:
+        """(batches pushed, jobs in them)."""
+        return (
+            served.metric("mailpipe_jobs_batch_size_count"),
+            served.metric("mailpipe_jobs_batch_size_sum"),
+        )
 
     # Warm the connection up (first batch: one job, by the timer).
-    first = await send_one(server.smtp_port, "warm-up")
+    first = await send_one(served.port, "warm-up")
     assert first.code == 250, first.reply
-    count = "mailpipe_jobs_batch_size_count"
-    total = "mailpipe_jobs_batch_size_sum"
-    assert (metric(server, count, pipe.name), metric(server, total, pipe.name)) == (1, 1)
+    assert batches() == (1, 1)
 
     # Ten sessions bring their emails to the final dot at the same moment: one batch of ten.
-    sessions = [Session(server.smtp_port) for _ in range(10)]
-    async with contextlib.AsyncExitStack() as stack:
-        for session in sessions:
-            await stack.enter_async_context(session)
-            await session.start()
-        sent = await asyncio.gather(*(s.finish(f"batch {i}") for i, s in enumerate(sessions)))
+    sent = await finish_together(served.port, [(f"batch {i}", 0) for i in range(10)])
     assert [s.code for s in sent] == [250] * 10, [s.reply for s in sent]
-    assert (metric(server, count, pipe.name), metric(server, total, pipe.name)) == (2, 11)
+    assert batches() == (2, 11)
     # Confirmed together, and sooner than the timer would have flushed them.
     assert max(s.done_at for s in sent) - min(s.done_at for s in sent) < 0.15
     assert max(s.latency for s in sent) < 0.2 + 1.0
 
     # A lone email is not stuck waiting for nine more: the timer flushes it.
-    lone = await send_one(server.smtp_port, "lone")
+    lone = await send_one(served.port, "lone")
     assert lone.code == 250, lone.reply
     assert 0.18 <= lone.latency < 2.0, lone.latency
-    assert (metric(server, count, pipe.name), metric(server, total, pipe.name)) == (3, 12)
+    assert batches() == (3, 12)
 
     ids = [first.uuid, *accepted(sent), lone.uuid]
-    got = await drain(await pipe.open(), 12, timeout=15)
+    got = await drain(await served.pipe.open(), 12, timeout=15)
     assert sorted(d.job.id for d in got) == sorted(ids)
 
 
@@ -500,26 +595,21 @@ async def test_batches_by_size_and_by_timer(
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_ten_thousand_emails_none_lost_none_twice(
-    driver: str,
-    pipes: Pipes,
-    servers: Callable[..., MailpipeServer],
+    driver: str, serve_with_pipeline: ServeWithPipeline
 ) -> None:
     total, connections = 10_000, 100
-    pipe = pipes.new(driver)
-    config = jobs_config(pipe)
-    config["smtp"]["max_connections"] = 2000
-    server = servers(config)
+    served = serve_with_pipeline(driver, config={"smtp": {"max_connections": 2000}})
     started = time.monotonic()
-    sent = await send_many(server.smtp_port, [f"load {i}" for i in range(total)], connections)
+    sent = await send_many(served.port, [f"load {i}" for i in range(total)], connections)
     send_s = time.monotonic() - started
     ids = accepted(sent)
     codes = Counter(s.code for s in sent)
     assert codes == {250: total}, f"{codes}: {[s.reply for s in sent if s.code != 250][:3]}"
     assert len(set(ids)) == total
-    assert metric(server, "mailpipe_jobs_confirmed_total", pipe.name) == total
+    assert served.metric("mailpipe_jobs_confirmed_total") == total
 
     started = time.monotonic()
-    got = await drain(await pipe.open(), total, timeout=60, settle=1.0)
+    got = await drain(await served.pipe.open(), total, timeout=60, settle=1.0)
     drain_s = time.monotonic() - started
     seen = Counter(d.job.id for d in got)
     twice = [i for i, n in seen.items() if n > 1]
@@ -527,7 +617,7 @@ async def test_ten_thousand_emails_none_lost_none_twice(
     missing = set(ids) - set(seen)
     assert not missing, f"{len(missing)} of {total} emails answered 250 are not in the pipeline"
     assert set(seen) == set(ids)
-    stats = await pipe.stats()
+    stats = await served.pipe.stats()
     assert (stats.ready, stats.reserved) == (0, 0)
     print(
         f"{driver}: {total} emails sent in {send_s:.1f}s ({total / send_s:.0f}/s), "
@@ -649,6 +739,24 @@ def proxies() -> Iterable[Callable[[str], BrokerProxy]]:
         proxy.close()
 
 
+@pytest.fixture
+def behind_proxy(
+    proxies: Callable[[str], BrokerProxy], serve_with_pipeline: ServeWithPipeline
+) -> Callable[..., tuple[Served, BrokerProxy]]:
+    """serve_with_pipeline, its pipeline reaching the broker through a new BrokerProxy (cut at
+    once with `cut=True`: the broker is away when mailpipe starts)."""
+
+    def serve(driver: str, *, cut: bool = False, **kwargs: Any) -> tuple[Served, BrokerProxy]:
+        require_broker(driver)
+        proxy = proxies(driver)
+        if cut:
+            proxy.cut()
+        addr = broker_addr(driver, proxy.port)
+        return serve_with_pipeline(driver, pipeline={"addr": addr}, **kwargs), proxy
+
+    return serve
+
+
 async def expect_451s(port: int, count: int, label: str) -> list[Sent]:
     sent = [await send_one(port, f"{label} {i}") for i in range(count)]
     codes = [s.code for s in sent]
@@ -676,16 +784,10 @@ async def back_to_250(port: int, label: str, timeout: float = 20.0) -> list[Sent
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("driver", BROKER_DRIVERS)
 async def test_broker_cut_or_silent_gives_451_then_recovers(
-    driver: str,
-    pipes: Pipes,
-    servers: Callable[..., MailpipeServer],
-    proxies: Callable[[str], BrokerProxy],
+    driver: str, behind_proxy: Callable[..., tuple[Served, BrokerProxy]]
 ) -> None:
-    require_broker(driver)
-    proxy = proxies(driver)
-    pipe = pipes.new(driver, addr=broker_addr(driver, proxy.port))
-    server = servers(jobs_config(pipe, push_timeout="1s"))
-    port = server.smtp_port
+    served, proxy = behind_proxy(driver, push_timeout="1s")
+    server, port = served.server, served.port
     before = await send_many(port, [f"before {i}" for i in range(10)], 5)
     assert [s.code for s in before] == [250] * 10
     assert health(server)[0] == 200
@@ -723,7 +825,7 @@ async def test_broker_cut_or_silent_gives_451_then_recovers(
 
     # Every 250 is in the pipeline, once; a 451'd email may be there too (at least once).
     ids = accepted(before) + accepted(back)
-    got = await drain(await pipe.open(), len(ids), timeout=30)
+    got = await drain(await served.pipe.open(), len(ids), timeout=30)
     seen = Counter(d.job.id for d in got)
     assert not [i for i, n in seen.items() if n > 1], "a job was pushed twice"
     assert set(ids) <= set(seen), f"{len(set(ids) - set(seen))} emails answered 250 were lost"
@@ -736,52 +838,22 @@ async def test_broker_cut_or_silent_gives_451_then_recovers(
 
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_kill_9_after_250_loses_nothing(
-    driver: str,
-    pipes: Pipes,
-    servers: Callable[..., MailpipeServer],
+    driver: str, serve_with_pipeline: ServeWithPipeline
 ) -> None:
-    pipe = pipes.new(driver)
-    server = servers(jobs_config(pipe))
-    sent = await send_many(server.smtp_port, [f"kill {i}" for i in range(300)], 20)
+    served = serve_with_pipeline(driver)
+    sent = await send_many(served.port, [f"kill {i}" for i in range(300)], 20)
     ids = accepted(sent)
     assert len(ids) == 300
-    server.process.send_signal(signal.SIGKILL)  # no consumer ever saw them
-    assert server.process.wait(10) == -signal.SIGKILL
-    got = await drain(await pipe.open(), len(ids), timeout=30)
+    process = served.server.process
+    process.send_signal(signal.SIGKILL)  # no consumer ever saw them
+    assert process.wait(10) == -signal.SIGKILL
+    got = await drain(await served.pipe.open(), len(ids), timeout=30)
     seen = Counter(d.job.id for d in got)
     assert set(seen) == set(ids), f"{len(set(ids) - set(seen))} lost after kill -9"
     assert max(seen.values()) == 1
 
 
 # ---- consumers ----------------------------------------------------------------------------
-
-
-def consumer_command(kind: str) -> list[str]:
-    if kind == "php":
-        require_tool("php")
-        assert PHP_CONSUMER.is_file(), f"{PHP_CONSUMER} is missing"
-        return [shutil.which("php") or "php", str(PHP_CONSUMER)]
-    if kind == "python":
-        assert PY_CONSUMER.is_file(), f"{PY_CONSUMER} is missing"
-        return [sys.executable, str(PY_CONSUMER)]
-    return [sys.executable, str(CONSUMER)]
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-@pytest.fixture
-def test_log(tmp_path: Path) -> Path:
-    return tmp_path / "consumer.jsonl"
-
-
-def consumer_env(tmp_path: Path, log: Path) -> dict[str, str]:
-    state = tmp_path / "consumer-state"
-    state.mkdir(exist_ok=True)
-    return {"MAILPIPE_TEST_LOG": str(log), "E2E_STATE_DIR": str(state)}
 
 
 async def wait_settled(pipe: Pipe, timeout: float = 15.0) -> PipelineStats:
@@ -795,23 +867,10 @@ async def wait_settled(pipe: Pipe, timeout: float = 15.0) -> PipelineStats:
 @pytest.mark.parametrize("kind", ["php", "python"])
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_in_process_consumers_take_and_ack_every_job(
-    driver: str,
-    kind: str,
-    pipes: Pipes,
-    servers: Callable[..., MailpipeServer],
-    tmp_path: Path,
-    test_log: Path,
+    driver: str, kind: str, serve_with_pipeline: ServeWithPipeline, test_log: Path
 ) -> None:
-    pipe = pipes.new(driver)
-    server = servers(
-        jobs_config(
-            pipe,
-            consume=True,
-            env=consumer_env(tmp_path, test_log),
-            pool={"command": consumer_command(kind), "num_workers": 2},
-        )
-    )
-    sent = await send_many(server.smtp_port, [f"consume {kind} {i}" for i in range(20)], 4)
+    served = serve_with_pipeline(driver, consume=kind, workers=2)
+    sent = await send_many(served.port, [f"consume {kind} {i}" for i in range(20)], 4)
     ids = accepted(sent)
     assert len(ids) == 20
 
@@ -823,33 +882,19 @@ async def test_in_process_consumers_take_and_ack_every_job(
     assert sorted(line["id"] for line in lines) == sorted(ids)
     assert {line["answer"] for line in lines} == {"ack"}
     assert all(line["subject"].startswith(f"consume {kind} ") for line in lines)
-    await wait_for(
-        lambda: metric(server, "mailpipe_jobs_acked_total", pipe.name) == 20, 10, "20 acks"
-    )
-    await wait_settled(pipe)
-    assert metric(server, "mailpipe_jobs_consumed_total", pipe.name) == 20
-    assert (await pipe.stats()).dead == 0
+    await wait_for(lambda: served.metric("mailpipe_jobs_acked_total") == 20, 10, "20 acks")
+    await wait_settled(served.pipe)
+    assert served.metric("mailpipe_jobs_consumed_total") == 20
+    assert (await served.pipe.stats()).dead == 0
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_consumer_crashing_mid_job_gets_the_job_again(
-    driver: str,
-    pipes: Pipes,
-    servers: Callable[..., MailpipeServer],
-    tmp_path: Path,
-    test_log: Path,
+    driver: str, serve_with_pipeline: ServeWithPipeline, test_log: Path
 ) -> None:
-    pipe = pipes.new(driver)
-    server = servers(
-        jobs_config(
-            pipe,
-            consume=True,
-            env=consumer_env(tmp_path, test_log),
-            pool={"command": consumer_command("own"), "num_workers": 2},
-        )
-    )
-    crash = await send_one(server.smtp_port, "boom [crash-once]")
-    others = await send_many(server.smtp_port, [f"fine {i}" for i in range(5)], 5)
+    served = serve_with_pipeline(driver, consume="own", workers=2)
+    crash = await send_one(served.port, "boom [crash-once]")
+    others = await send_many(served.port, [f"fine {i}" for i in range(5)], 5)
     assert crash.code == 250 and [s.code for s in others] == [250] * 5
 
     def processed() -> list[dict[str, Any]]:
@@ -863,12 +908,12 @@ async def test_consumer_crashing_mid_job_gets_the_job_again(
     assert [line["mp_attempt"] for line in mine] == [1, 2]  # mailpipe counts it too
     assert mine[0]["pid"] != mine[1]["pid"]  # the crashed worker was replaced
     assert mine[1]["context"]["driver"] == driver
-    assert mine[1]["context"]["pipeline"] == pipe.name
+    assert mine[1]["context"]["pipeline"] == served.pipe.name
     assert mine[1]["context"]["headers"]["uuid"] == [crash.uuid]
-    await wait_settled(pipe)
-    assert metric(server, "mailpipe_jobs_acked_total", pipe.name) == 6
-    assert metric(server, "mailpipe_jobs_nacked_total", pipe.name) == 1
-    assert (await pipe.stats()).dead == 0
+    await wait_settled(served.pipe)
+    assert served.metric("mailpipe_jobs_acked_total") == 6
+    assert served.metric("mailpipe_jobs_nacked_total") == 1
+    assert (await served.pipe.stats()).dead == 0
 
 
 @pytest.mark.parametrize(
@@ -885,43 +930,30 @@ async def test_consumer_crashing_mid_job_gets_the_job_again(
     ],
 )
 async def test_failing_job_is_retried_then_dead_lettered(
-    driver: str,
-    kind: str,
-    dlq: bool,
-    pipes: Pipes,
-    servers: Callable[..., MailpipeServer],
-    tmp_path: Path,
-    test_log: Path,
+    driver: str, kind: str, dlq: bool, serve_with_pipeline: ServeWithPipeline, test_log: Path
 ) -> None:
-    dead = pipes.new(driver) if dlq else None
-    pipe = pipes.new(driver, max_attempts=3, **({"dead_letter": dead.name} if dead else {}))
-    server = servers(
-        jobs_config(
-            pipe,
-            extra=[dead] if dead else [],
-            consume=True,
-            env=consumer_env(tmp_path, test_log),
-            pool={"command": consumer_command(kind), "num_workers": 2},
-        )
+    served = serve_with_pipeline(
+        driver, pipeline={"max_attempts": 3}, dead_letter=dlq, consume=kind, workers=2
     )
-    bad = await send_one(server.smtp_port, "refused [fail]")
-    good = await send_many(server.smtp_port, [f"fine {i}" for i in range(3)], 3)
+    pipe, dead = served.pipe, served.dead
+    bad = await send_one(served.port, "refused [fail]")
+    good = await send_many(served.port, [f"fine {i}" for i in range(3)], 3)
     assert bad.code == 250 and [s.code for s in good] == [250] * 3
     await wait_for(
-        lambda: metric(server, "mailpipe_jobs_dead_lettered_total", pipe.name) == 1,
+        lambda: served.metric("mailpipe_jobs_dead_lettered_total") == 1,
         15,
         "the failing job to be dead-lettered",
     )
     # One at a time: concurrent dead letters have a test of their own.
-    doomed = await send_one(server.smtp_port, "refused for good [dead]")
+    doomed = await send_one(served.port, "refused for good [dead]")
     assert doomed.code == 250
     await wait_for(
-        lambda: metric(server, "mailpipe_jobs_dead_lettered_total", pipe.name) == 2,
+        lambda: served.metric("mailpipe_jobs_dead_lettered_total") == 2,
         15,
         "the refused job to be dead-lettered",
     )
     await wait_for(
-        lambda: metric(server, "mailpipe_jobs_acked_total", pipe.name) == 3,
+        lambda: served.metric("mailpipe_jobs_acked_total") == 3,
         10,
         "the other jobs to be acked",
     )
@@ -936,7 +968,7 @@ async def test_failing_job_is_retried_then_dead_lettered(
         ]
     assert [line["answer"] for line in lines if line["id"] == doomed.uuid] == ["nack"]
     assert {line["id"] for line in lines if line["answer"] == "ack"} == set(accepted(good))
-    assert metric(server, "mailpipe_jobs_nacked_total", pipe.name) == 2
+    assert served.metric("mailpipe_jobs_nacked_total") == 2
     await wait_settled(pipe)
     if dead is None:
         assert (await pipe.stats()).dead == 2
@@ -957,107 +989,66 @@ async def test_failing_job_is_retried_then_dead_lettered(
     DRIVERS,
 )
 async def test_concurrent_dead_letters_reach_the_dead_letter_pipeline_at_once(
-    driver: str,
-    pipes: Pipes,
-    servers: Callable[..., MailpipeServer],
-    tmp_path: Path,
-    test_log: Path,
+    driver: str, serve_with_pipeline: ServeWithPipeline, test_log: Path
 ) -> None:
     """Eight workers refuse eight jobs for good within a few milliseconds of each other (the
     first dead letter connects the dead_letter pipeline's driver, the others arrive while it
     does): all eight are in the dead_letter pipeline right away, each delivered once."""
     count = 8
-    dead = pipes.new(driver)
-    pipe = pipes.new(driver, dead_letter=dead.name)
-    server = servers(
-        jobs_config(
-            pipe,
-            extra=[dead],
-            consume=True,
-            env=consumer_env(tmp_path, test_log),
-            pool={"command": consumer_command("own"), "num_workers": count},
-        )
-    )
+    served = serve_with_pipeline(driver, dead_letter=True, consume="own", workers=count)
+    assert served.dead is not None
     # Held at DATA's end, then released together; each worker waits a little longer.
-    sessions = [Session(server.smtp_port) for _ in range(count)]
-    async with contextlib.AsyncExitStack() as stack:
-        for session in sessions:
-            await stack.enter_async_context(session)
-            await session.start()
-        sent = await asyncio.gather(
-            *(
-                s.finish(f"refused {i} [dead] [sleep {0.0015 * i:.4f}]")
-                for i, s in enumerate(sessions)
-            )
-        )
+    sent = await finish_together(
+        served.port, [(f"refused {i} [dead] [sleep {0.0015 * i:.4f}]", 0) for i in range(count)]
+    )
     ids = accepted(sent)
     assert len(ids) == count
     await wait_for(
-        lambda: metric(server, "mailpipe_jobs_dead_lettered_total", pipe.name) == count,
+        lambda: served.metric("mailpipe_jobs_dead_lettered_total") == count,
         5,
         "the dead letters",
     )
-    letters = await drain(await dead.open(), count, timeout=10)
+    letters = await drain(await served.dead.open(), count, timeout=10)
     assert sorted(d.job.id for d in letters) == sorted(ids)
     assert Counter(x["id"] for x in read_log(test_log)) == dict.fromkeys(ids, 1)
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_consumer_crashing_on_every_delivery_is_dead_lettered(
-    driver: str,
-    pipes: Pipes,
-    servers: Callable[..., MailpipeServer],
-    tmp_path: Path,
-    test_log: Path,
+    driver: str, serve_with_pipeline: ServeWithPipeline, test_log: Path
 ) -> None:
     """The PHP example consumer exits on `[crash]` every time: the job must not loop forever
     (nor take the pool down with it): max_attempts deliveries, then dead letters."""
-    pipe = pipes.new(driver, max_attempts=2)
-    server = servers(
-        jobs_config(
-            pipe,
-            consume=True,
-            env=consumer_env(tmp_path, test_log),
-            pool={"command": consumer_command("php"), "num_workers": 1},
-        )
-    )
-    crash = await send_one(server.smtp_port, "boom [crash]")
+    served = serve_with_pipeline(driver, pipeline={"max_attempts": 2}, consume="php", workers=1)
+    crash = await send_one(served.port, "boom [crash]")
     assert crash.code == 250
     await wait_for(
-        lambda: metric(server, "mailpipe_jobs_dead_lettered_total", pipe.name) == 1,
+        lambda: served.metric("mailpipe_jobs_dead_lettered_total") == 1,
         30,
         "the crashing job to be dead-lettered",
     )
-    fine = await send_one(server.smtp_port, "after the crashes")
+    fine = await send_one(served.port, "after the crashes")
     await wait_for(
         lambda: any(line["id"] == fine.uuid for line in read_log(test_log)),
         20,
         "the pool to work again after the crashes",
     )
-    assert metric(server, "mailpipe_jobs_consumed_total", pipe.name) == 3
-    await wait_settled(pipe)
-    assert (await pipe.stats()).dead == 1
+    assert served.metric("mailpipe_jobs_consumed_total") == 3
+    await wait_settled(served.pipe)
+    assert (await served.pipe.stats()).dead == 1
 
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_kill_9_mid_consumption_then_restart_loses_nothing(
-    driver: str,
-    pipes: Pipes,
-    servers: Callable[..., MailpipeServer],
-    tmp_path: Path,
-    test_log: Path,
+    driver: str, serve_with_pipeline: ServeWithPipeline, test_log: Path
 ) -> None:
     """mailpipe killed -9 while its in-process consumers hold jobs: a new mailpipe on the same
     pipeline gets them (visibility timeout, or the broker's redelivery) and acks them."""
-    pipe = pipes.new(driver, visibility_timeout="1s")
-    config = jobs_config(
-        pipe,
-        consume=True,
-        env=consumer_env(tmp_path, test_log),
-        pool={"command": consumer_command("own"), "num_workers": 2},
+    served = serve_with_pipeline(
+        driver, pipeline={"visibility_timeout": "1s"}, consume="own", workers=2
     )
-    first = servers(config)
+    first = served.server
     held = await send_many(first.smtp_port, [f"held {i} [hang-once]" for i in range(2)], 2)
     assert [s.code for s in held] == [250, 250]
     await wait_for(
@@ -1072,7 +1063,7 @@ async def test_kill_9_mid_consumption_then_restart_loses_nothing(
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
-    second = servers(config)
+    second = served.another()
     later = await send_many(second.smtp_port, [f"later {i}" for i in range(3)], 3)
     ids = accepted(held) + accepted(later)
     assert len(ids) == 5
@@ -1086,7 +1077,7 @@ async def test_kill_9_mid_consumption_then_restart_loses_nothing(
         assert tries == [(1, "hang"), (2, "ack")], tries
         counted = [x["mp_attempt"] for x in read_log(test_log) if x["id"] == job_id]
         assert counted[0] == 1 and counted[1] >= 2, f"mailpipe's attempts: {counted}"
-    await wait_settled(pipe)
+    await wait_settled(served.pipe)
 
 
 def children_of(pid: int) -> list[int]:
@@ -1099,30 +1090,22 @@ def children_of(pid: int) -> list[int]:
 
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_an_email_too_big_for_the_broker_fails_alone(
-    driver: str,
-    pipes: Pipes,
-    servers: Callable[..., MailpipeServer],
+    driver: str, serve_with_pipeline: ServeWithPipeline
 ) -> None:
-    """A 2 MB email in the same batch as five small ones (one batch: a long flush_interval).
+    """A 2 MB email in the same batch as five small ones (one batch: it is sent when the sixth
+    job arrives, not on a timer, so a slow machine cannot split it).
     The small ones must get 250 whatever happens to the big one; the big one gets 250 and is
     in the pipeline whole, or an error, never 250-then-lost."""
-    pipe = pipes.new(driver)
-    server = servers(jobs_config(pipe, flush_interval="300ms"))
-    sessions = [Session(server.smtp_port) for _ in range(6)]
-    async with contextlib.AsyncExitStack() as stack:
-        for session in sessions:
-            await stack.enter_async_context(session)
-            await session.start()
-        sent = await asyncio.gather(
-            sessions[0].finish("big", 2_000_000),
-            *(s.finish(f"small {i}") for i, s in enumerate(sessions) if i),
-        )
-    assert metric(server, "mailpipe_jobs_batch_size_count", pipe.name) == 1  # one batch
+    served = serve_with_pipeline(driver, batch_size=6, flush_interval="10s")
+    sent = await finish_together(
+        served.port, [("big", 2_000_000), *((f"small {i}", 0) for i in range(1, 6))]
+    )
+    assert served.metric("mailpipe_jobs_batch_size_count") == 1  # one batch
     big, small = sent[0], sent[1:]
     assert big.code in (250, 451, 552, 554), big.reply
     assert [s.code for s in small] == [250] * 5, [s.reply for s in small]
     expected = accepted(small) + ([big.uuid] if big.code == 250 else [])
-    got = await drain(await pipe.open(), len(expected), timeout=15)
+    got = await drain(await served.pipe.open(), len(expected), timeout=15)
     assert sorted(d.job.id for d in got) == sorted(expected)
     if big.code == 250:
         [job] = [d.job for d in got if d.job.id == big.uuid]
@@ -1131,49 +1114,32 @@ async def test_an_email_too_big_for_the_broker_fails_alone(
 
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_jobs_waiting_for_a_free_worker_are_not_delivered_twice(
-    driver: str,
-    pipes: Pipes,
-    servers: Callable[..., MailpipeServer],
-    tmp_path: Path,
-    test_log: Path,
+    driver: str, serve_with_pipeline: ServeWithPipeline, test_log: Path
 ) -> None:
     """One worker, four jobs of 0.6 s each, visibility_timeout 1 s: the consumer is healthy
     and every job is answered within 0.6 s of reaching a worker, so each runs once."""
-    pipe = pipes.new(driver, visibility_timeout="1s")
-    server = servers(
-        jobs_config(
-            pipe,
-            consume=True,
-            env=consumer_env(tmp_path, test_log),
-            pool={"command": consumer_command("own"), "num_workers": 1},
-        )
+    served = serve_with_pipeline(
+        driver, pipeline={"visibility_timeout": "1s"}, consume="own", workers=1
     )
-    sent = await send_many(server.smtp_port, [f"queued {i} [sleep 0.6]" for i in range(4)], 4)
+    sent = await send_many(served.port, [f"queued {i} [sleep 0.6]" for i in range(4)], 4)
     ids = accepted(sent)
-    await wait_for(
-        lambda: metric(server, "mailpipe_jobs_acked_total", pipe.name) >= 4, 8, "four acks"
-    )
+    await wait_for(lambda: served.metric("mailpipe_jobs_acked_total") >= 4, 8, "four acks")
     # Every delivery counts in `consumed` as soon as the consumer holds it.
-    assert metric(server, "mailpipe_jobs_consumed_total", pipe.name) == 4
-    await wait_settled(pipe, timeout=3)
+    assert served.metric("mailpipe_jobs_consumed_total") == 4
+    await wait_settled(served.pipe, timeout=3)
     runs = Counter(x["id"] for x in read_log(test_log))
     assert runs == dict.fromkeys(ids, 1), f"runs per job: {sorted(runs.values())}"
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_delay_is_honoured_and_the_store_can_be_off(
-    driver: str,
-    pipes: Pipes,
-    servers: Callable[..., MailpipeServer],
+    driver: str, serve_with_pipeline: ServeWithPipeline
 ) -> None:
-    pipe = pipes.new(driver)
-    config = jobs_config(pipe, delay="1s")
-    config["store"] = {"enabled": False}
-    server = servers(config)
-    sent = await send_one(server.smtp_port, "later")
+    served = serve_with_pipeline(driver, delay="1s", config={"store": {"enabled": False}})
+    sent = await send_one(served.port, "later")
     assert sent.code == 250, sent.reply
-    assert server.request("GET", f"/api/v1/messages/{sent.uuid}")[0] != 200  # no store
-    driver_ = await pipe.open()
+    assert served.server.request("GET", f"/api/v1/messages/{sent.uuid}")[0] != 200  # no store
+    driver_ = await served.pipe.open()
     assert await driver_.receive(10, 0.4) == []  # not before its delay
     [delivery] = await drain(driver_, 1, timeout=10)
     assert delivery.job.id == sent.uuid and delivery.job.delay == 1.0
@@ -1182,18 +1148,12 @@ async def test_delay_is_honoured_and_the_store_can_be_off(
 
 @pytest.mark.parametrize("driver", BROKER_DRIVERS)
 async def test_broker_down_at_start_then_up(
-    driver: str,
-    pipes: Pipes,
-    servers: Callable[..., MailpipeServer],
-    proxies: Callable[[str], BrokerProxy],
+    driver: str, behind_proxy: Callable[..., tuple[Served, BrokerProxy]]
 ) -> None:
     """mailpipe starts with its broker unreachable: it serves (451s, /healthz degraded) and
     turns to 250s by itself once the broker is there."""
-    require_broker(driver)
-    proxy = proxies(driver)
-    proxy.cut()
-    pipe = pipes.new(driver, addr=broker_addr(driver, proxy.port))
-    server = servers(jobs_config(pipe, push_timeout="2s"), wait=False)
+    served, proxy = behind_proxy(driver, cut=True, push_timeout="2s", wait=False)
+    server = served.server
 
     def answering() -> tuple[int, dict[str, Any]] | None:
         assert server.process.poll() is None, server.log()
@@ -1204,12 +1164,12 @@ async def test_broker_down_at_start_then_up(
     status, doc = await wait_for(answering, 20, "mailpipe to serve without its broker")
     assert status == 503 and doc["status"] == "degraded", doc
     assert doc["sinks"]["jobs"]["ok"] is False
-    await expect_451s(server.smtp_port, 2, "down at start")
+    await expect_451s(served.port, 2, "down at start")
     proxy.restore()
-    back = await back_to_250(server.smtp_port, "down at start")
+    back = await back_to_250(served.port, "down at start")
     await wait_for(lambda: health(server)[0] == 200, 10, "/healthz to recover")
     ids = accepted(back)
-    got = await drain(await pipe.open(), len(ids), timeout=15)
+    got = await drain(await served.pipe.open(), len(ids), timeout=15)
     assert set(ids) <= {d.job.id for d in got}
 
 
@@ -1217,13 +1177,12 @@ async def test_broker_down_at_start_then_up(
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_jobs_consume_command_and_a_consumer_killed_mid_job(
     driver: str,
-    pipes: Pipes,
-    servers: Callable[..., MailpipeServer],
+    serve_with_pipeline: ServeWithPipeline,
     tmp_path: Path,
     test_log: Path,
 ) -> None:
-    pipe = pipes.new(driver, visibility_timeout="2s")
-    server = servers(jobs_config(pipe))
+    served = serve_with_pipeline(driver, pipeline={"visibility_timeout": "2s"})
+    pipe = served.pipe
     consumer_cfg = tmp_path / "consumer.yaml"
     consumer_cfg.write_text(
         json.dumps(
@@ -1262,8 +1221,8 @@ async def test_jobs_consume_command_and_a_consumer_killed_mid_job(
 
     first = consume()
     try:
-        slow = await send_one(server.smtp_port, "slow [hang-once]")
-        quick = await send_many(server.smtp_port, [f"quick {i}" for i in range(5)], 5)
+        slow = await send_one(served.port, "slow [hang-once]")
+        quick = await send_many(served.port, [f"quick {i}" for i in range(5)], 5)
         assert slow.code == 250 and [s.code for s in quick] == [250] * 5
 
         def taken() -> bool:

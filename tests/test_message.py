@@ -1,7 +1,8 @@
 """build_event: every message, however broken, becomes a valid EMAIL_RECEIVED event.
 
-Events are checked as sinks see them (serialised, then parsed back) against the shared
-schema, with format checking including date-time.
+Events are checked as sinks see them (serialised, then parsed back) against the schema the
+package ships (mailpipe/schema/email-event.schema.json), with format checking including
+date-time, and against a strict copy of it, so that every field emitted is documented there.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import json
 import os
 import re
 import stat
@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker
 
+from conftest import CORPUS, CORPUS_MANIFEST
 from mailpipe.capture import message as message_module
 from mailpipe.capture.attachments import (
     AttachmentStorage,
@@ -42,10 +43,9 @@ from mailpipe.capture.message import (
     parse_message,
 )
 from mailpipe.capture.types import AuthInfo, Envelope
+from mailpipe.schema import event_schema
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
-CORPUS = SHARED / "corpus"
-MANIFEST = [json.loads(line) for line in (CORPUS / "manifest.jsonl").read_text().splitlines()]
+MANIFEST = CORPUS_MANIFEST
 CPYTHON_DATA = Path(sysconfig.get_paths()["stdlib"]) / "test" / "test_email" / "data"
 CPYTHON_FILES = sorted(CPYTHON_DATA.iterdir()) if CPYTHON_DATA.is_dir() else []
 GENERATED_NAME = re.compile(r"[0-9a-f]{32}(\.[a-z0-9]{1,16})?")
@@ -73,9 +73,20 @@ def _is_date_time(value: object) -> bool:
     return RFC3339.fullmatch(value) is not None
 
 
-VALIDATOR = Draft202012Validator(
-    json.loads((SHARED / "spec" / "email-event.schema.json").read_text()), format_checker=FORMATS
-)
+def documented_only(schema: Any) -> Any:
+    """A copy of the schema that also refuses any object member it does not declare."""
+    if isinstance(schema, list):
+        return [documented_only(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {key: documented_only(value) for key, value in schema.items()}
+    if "properties" in strict and "additionalProperties" not in strict:
+        strict["additionalProperties"] = False
+    return strict
+
+
+VALIDATOR = Draft202012Validator(event_schema(), format_checker=FORMATS)
+DOCUMENTED = Draft202012Validator(documented_only(event_schema()))
 
 
 def build(
@@ -101,6 +112,8 @@ def build(
     event = orjson.loads(captured.json())
     errors = [f"{list(e.absolute_path)}: {e.message}" for e in VALIDATOR.iter_errors(event)]
     assert errors == []
+    undocumented = [f"{list(e.absolute_path)}: {e.message}" for e in DOCUMENTED.iter_errors(event)]
+    assert undocumented == [], "a field the package's schema does not describe"
     return event
 
 
@@ -134,7 +147,7 @@ def mime(*lines: str, body: bytes = b"") -> bytes:
     return "".join(line + "\r\n" for line in lines).encode() + b"\r\n" + body
 
 
-# ---- the shared corpus: real mailers ---------------------------------------------------
+# ---- the corpus of real mailers (tests/data/corpus) -------------------------------------
 
 
 def attachment_keys(items: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
@@ -724,3 +737,14 @@ async def test_run_sweeper_sweeps_until_cancelled(tmp_path: Path) -> None:
 async def test_run_sweeper_rejects_a_non_positive_interval() -> None:
     with pytest.raises(ValueError, match="positive"):
         await run_sweeper(AttachmentStorage(), interval=0)
+
+
+def test_the_sdk_gets_back_the_exact_bytes_of_a_non_utf8_message() -> None:
+    """8-bit mail that is not UTF-8 travels as Latin-1 text in the event: a worker's
+    `Email.raw` must still be the bytes the client sent."""
+    from mailpipe.sdk import Email
+
+    raw = b"Subject: caf\xe9\r\nContent-Type: text/plain; charset=latin-1\r\n\r\nd\xe9j\xe0 vu\r\n"
+    event = build(raw)
+    assert event["message"]["raw_encoding"] == "latin-1"
+    assert Email.from_event(event).raw == raw

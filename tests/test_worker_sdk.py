@@ -69,7 +69,7 @@ RAW = (
 
 
 def make_event(subject: str | None = "hello", **overrides: Any) -> dict[str, Any]:
-    """A realistic EMAIL_RECEIVED document (shape of shared/spec/email-event.schema.json)."""
+    """A realistic EMAIL_RECEIVED document (shape of mailpipe/schema/email-event.schema.json)."""
     attachment = b"a,b\r\n"
     event: dict[str, Any] = {
         "event": "EMAIL_RECEIVED",

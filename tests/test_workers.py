@@ -10,11 +10,13 @@ uuid, subject, answer); they also print one line per email to stderr, which mail
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -29,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT, MailpipeServer, free_port, require_tool
+from conftest import IN_CI, ROOT, MailpipeServer, free_port, require_tool
 
 Factory = Callable[..., MailpipeServer]
 
@@ -292,6 +294,74 @@ def outcome(pool: Pool, uuid: str) -> dict[str, Any]:
     return pool.server.event(uuid)["mailpipe"]["outcomes"]["worker"]
 
 
+# ---- the documented workers run as written ------------------------------------------------
+
+
+def documented_command(command: str, *dirs: Path) -> list[str]:
+    """A command from the docs, its relative paths taken in `dirs` (where a user runs it: their
+    project, this repository); the venv's Python must be there, as a user's would be."""
+    argv = []
+    for token in shlex.split(command):
+        found = next((d / token for d in dirs if (d / token).exists()), None)
+        if token.startswith(".venv/") and found is None:
+            message = f"{token} does not exist: make creates the venv the docs refer to"
+            if IN_CI:
+                pytest.fail(message)
+            pytest.skip(message)
+        argv.append(str(found) if found is not None else token)
+    return argv
+
+
+def readme_python_worker() -> tuple[str, str]:
+    """README's Python worker snippet and the server.command it says to run it with."""
+    text = (ROOT / "README.md").read_text()
+    part = text[text.index("**Python workers**"):]
+    snippet = re.search(r"```python\n(.*?)```", part, re.DOTALL)
+    command = re.search(r'`server\.command: "([^"]+)"`', part)
+    assert snippet and command, "README's Python worker section lost its snippet or command"
+    return snippet.group(1), command.group(1)
+
+
+@pytest.mark.parametrize("how", ["venv-python", "venv-on-path"])
+def test_readme_python_worker_runs_as_pasted(
+    mailpipe_factory: Factory, tmp_path: Path, how: str
+) -> None:
+    snippet, command = readme_python_worker()
+    (tmp_path / "worker.py").write_text(snippet)
+    argv = documented_command(command, tmp_path, ROOT)
+    env: dict[str, str] = {}
+    if how == "venv-on-path":  # README's other way: .venv/bin first on the worker's PATH
+        python, script = argv
+        assert python.endswith("/.venv/bin/python")
+        argv = ["python3", script]
+        env = {"PATH": f"{Path(python).parent}:$PATH"}
+    server = mailpipe_factory(
+        {"server": {"command": argv, "env": env}, "smtp": {"pool": {"num_workers": 1}}}
+    )
+    reply = send_one(server.smtp_port, f"pasted from the README ({how})")
+    assert reply.code == 250, (reply, server.log()[-2000:])
+    assert server.event(reply.uuid)["mailpipe"]["outcomes"]["worker"]["response"] == "CONTINUE"
+    # The snippet prints each subject on stderr, which mailpipe logs as the worker's.
+    assert re.search(rf"pasted from the README \({how}\).* worker=\d+", server.log())
+    assert "Traceback" not in server.log()
+
+
+def test_examples_worker_runs_as_its_docstring_says(
+    mailpipe_factory: Factory, tmp_path: Path
+) -> None:
+    doc = ast.get_docstring(ast.parse(PY_EXAMPLE.read_text())) or ""
+    command = re.search(r'server\.command: "([^"]+)"', doc)
+    assert command, "examples/worker.py no longer says how to run it"
+    argv = documented_command(command.group(1), ROOT)
+    assert argv[-1] == str(PY_EXAMPLE)
+    server = mailpipe_factory({"server": {"command": argv}, "smtp": {"pool": {"num_workers": 1}}})
+    client = Client(server.smtp_port)
+    assert client.send("as the docstring says").code == 250
+    assert client.send("and goodbye [close]").code == 250  # CLOSE: 250, then 221
+    assert client.reply().code == 221
+    assert "'as the docstring says' from app@example.com" in server.log()
+
+
 # ---- CONTINUE / CLOSE / error frames --------------------------------------------------------
 
 
@@ -419,6 +489,38 @@ def test_worker_initiated_stop_hands_the_email_to_another_worker(
     assert outcome(pool, reply.uuid) == {"pid": answerer, "response": "CONTINUE"}
     pool.wait_pids(lambda p: len(p) == 2 and quitter not in p, "the quitter replaced")
     assert client.send("after a stop").code == 250
+
+
+@pytest.mark.parametrize("retries", [None, 1], ids=["default", "one"])
+def test_an_email_every_worker_stops_on_is_poison_451_and_the_pool_serves_on(
+    mailpipe_factory: Factory, tmp_path: Path, retries: int | None
+) -> None:
+    settings = {} if retries is None else {"max_retries_per_email": retries}
+    pool = start_pool(mailpipe_factory, tmp_path, "hooks", pool=settings)
+    before = pool.wait_pids(lambda p: len(p) == 2, "2 workers")
+    client = pool.client()
+    assert client.send("good before").code == 250
+    poison = client.send("poison [stop-always]")
+    assert poison.code == 451 and "4.3.0" in poison.text, poison
+    # The same session goes on, and so does the pool: a good email right after gets its 250.
+    after = client.send("good after")
+    assert after.code == 250, after
+    assert outcome(pool, after.uuid)["response"] == "CONTINUE"
+
+    attempts = retries or 3  # pool.max_retries_per_email, default 3
+    tried = [line for line in pool.log.lines() if "poison" in line["subject"]]
+    assert len(tried) == attempts, tried  # bounded: each attempt a different worker, no more
+    assert len({line["pid"] for line in tried}) == attempts
+    assert {line["pid"] for line in tried} & before
+    [uuid] = {line["uuid"] for line in tried}
+    assert re.search(rf"ERROR .*poison.*{uuid}", pool.server.log()), pool.server.log()[-3000:]
+    text = pool.metrics()
+    assert metric(text, "mailpipe_worker_poison_emails_total") == 1
+    assert metric(text, "mailpipe_worker_restarts_total") == attempts
+    pool.wait_pids(lambda p: len(p) == 2 and not p & {line["pid"] for line in tried},
+                   "the pool back to 2 workers without the ones that stopped")
+    assert pool.client().send("a new session").code == 250
+    assert client.send("the old session too").code == 250
 
 
 def test_text_on_the_frame_channel_gives_451_and_a_clear_log(

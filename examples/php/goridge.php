@@ -3,7 +3,7 @@
  * Goridge v3 frames over STDIN/STDOUT for the dependency-free examples (php-cli only, no
  * composer): goridge_worker.php and goridge_consumer.php require it.
  *
- * RoadRunner's worker protocol, shared/spec/protocols.md sections 1 and 2: a 12-byte header
+ * RoadRunner's worker protocol, docs/protocols.md sections 1 and 2: a 12-byte header
  * (version 1 and header size in words, flags, payload length, CRC32 of the first 6 bytes,
  * byte10 for streams), the options (uint32 LE; a request's first is its context length),
  * then the payload. Requiring this file also keeps STDOUT for frames alone.

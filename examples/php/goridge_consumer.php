@@ -3,7 +3,7 @@
  * A dependency-free mailpipe jobs consumer: php-cli only, no composer.
  *
  * It speaks RoadRunner's worker protocol and its jobs response protocol directly (Goridge v3
- * frames over STDIN/STDOUT, see shared/spec/protocols.md sections 1, 2 and 3.3-3.4; the frames
+ * frames over STDIN/STDOUT, see docs/protocols.md sections 1, 2 and 3.3-3.4; the frames
  * are in goridge.php beside it), so it shows the whole protocol in two short pages. For real
  * projects prefer spiral/roadrunner-jobs (see ../consumer.php); both run unchanged under
  * mailpipe:

@@ -3,7 +3,7 @@
  * A dependency-free mailpipe worker: php-cli only, no composer.
  *
  * It speaks RoadRunner's worker protocol directly (Goridge v3 frames over STDIN/STDOUT,
- * see shared/spec/protocols.md sections 1 and 2; the frames are in goridge.php beside it), so
+ * see docs/protocols.md sections 1 and 2; the frames are in goridge.php beside it), so
  * it shows the whole protocol in two short pages.
  * For real projects prefer spiral/roadrunner-worker (see ../worker.php); both run unchanged
  * under mailpipe:

@@ -18,20 +18,22 @@ from typing import TYPE_CHECKING
 from mailpipe.admin import AdminMixin, JobsAdminMixin
 from mailpipe.capture.attachments import AttachmentStorage, run_sweeper
 from mailpipe.capture.message import EventOptions
-from mailpipe.capture.server import CaptureServer
+from mailpipe.capture.server import CaptureServer, format_addr
 from mailpipe.capture.verdicts import Verdicts
-from mailpipe.config import Config, PoolConfig, is_loopback, split_host_port
+from mailpipe.config import Config, is_loopback, split_host_port
+from mailpipe.discovery import remove_state, write_state
+from mailpipe.jobs.sink import JobsSink
 from mailpipe.metrics import Metrics
 from mailpipe.sinks.base import Sink
 from mailpipe.sinks.dispatch import Dispatcher
-from mailpipe.sinks.jsonl import JSONLSink
+from mailpipe.sinks.registry import build_sinks
 from mailpipe.store.sqlite import SQLiteStore, StoreSink
 from mailpipe.workers.pool import PoolError
+from mailpipe.workers.sink import WorkerSink
 
 if TYPE_CHECKING:
     from mailpipe.jobs.base import Driver
     from mailpipe.jobs.consumer import JobsConsumer
-    from mailpipe.jobs.sink import JobsSink
     from mailpipe.workers.pool import WorkerPool
 
 log = logging.getLogger("mailpipe")
@@ -75,37 +77,16 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
         self._signals = 0
 
     def _make_sinks(self) -> list[Sink]:
-        sinks: list[Sink] = []
-        if self.config.delivers_to_workers():
-            sinks.append(self._make_worker_sink())
-        if self.config.delivers_to_jobs():
-            from mailpipe.jobs.runner import build_jobs_sink
-
-            self.jobs_sink = build_jobs_sink(self.config, self.metrics)
-            sinks.append(self.jobs_sink)
-        if self.config.store.enabled:
-            store_cfg = self.config.store
-            self.store = SQLiteStore(
-                self.config.store_path,
-                max_messages=store_cfg.max_messages,
-                max_age=store_cfg.max_age,
-                synchronous=store_cfg.synchronous,
-                metrics=self.metrics,
-            )
-            sinks.append(StoreSink(self.store))
-        jsonl = self.config.sinks.jsonl
-        if jsonl is not None:
-            sinks.append(JSONLSink(jsonl.path, required=jsonl.required))
+        sinks = build_sinks(self.config, self.metrics)
+        # The HTTP and admin APIs reach into three built-ins: the store, the pool, the pipeline.
+        for sink in sinks:
+            if isinstance(sink, StoreSink):
+                self.store = sink.store
+            elif isinstance(sink, WorkerSink):
+                self.pool = sink.pool
+            elif isinstance(sink, JobsSink):
+                self.jobs_sink = sink
         return sinks
-
-    def _make_worker_sink(self) -> Sink:
-        from mailpipe.workers.pool import WorkerPool
-        from mailpipe.workers.sink import WorkerSink
-
-        config = self.config
-        self.pool = WorkerPool(config.smtp.pool or PoolConfig(), config.server,
-                               metrics=self.metrics, mode="smtp", rpc_address=config.admin_url)
-        return WorkerSink(self.pool, self.metrics, include_raw=config.smtp.include_raw)
 
     def health(self) -> dict[str, object]:
         sinks = self.dispatcher.health()
@@ -127,6 +108,17 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
             interval = max(1.0, min(60.0, self.attachments.cleanup_after / 4))
             self._tasks.append(asyncio.create_task(run_sweeper(self.attachments, interval)))
         self._watch_jobs()
+        self._write_state_file()
+
+    def _write_state_file(self) -> None:
+        """Where admin commands find this server (what it bound, not only what was asked)."""
+        runner = self._http_runner
+        bound = runner.addresses if runner is not None else []  # type: ignore[attr-defined]
+        try:
+            write_state(self.data_dir, http_addr=format_addr(bound[0]) if bound else None,
+                        smtp=self.capture.addresses())
+        except OSError as exc:  # serving matters more than being found without --api
+            log.warning("cannot write the state file for admin commands: %s", exc)
 
     def _watch_jobs(self) -> None:
         drivers = {c.driver.pipeline: c.driver for c in
@@ -184,6 +176,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
 
             await stop_http(self._http_runner)  # type: ignore[arg-type]
         await self.dispatcher.close()
+        remove_state(self.data_dir)
         log.info("stopped")
 
     def stop(self) -> None:

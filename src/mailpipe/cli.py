@@ -177,19 +177,34 @@ def _auth_header(config: Config | None, token: str | None) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
 
 
-def _client(config_file: str | None, api: str | None, token: str | None) -> AdminClient:
+def _client(config_file: str | None, api: str | None, token: str | None,
+            data_dir: str | None = None) -> AdminClient:
     config: Config | None = None
     if api is None or token is None:
-        config, _ = _load(config_file)
+        config, _ = _load(config_file, _overrides((("data_dir", data_dir),)))
     if api is None:
         assert config is not None
-        if not config.http.enabled:
-            _fail("the HTTP API is disabled in the configuration (http.enabled); pass --api URL")
-        api = _api_url(config.http.addr)
+        api = _api_url(_server_http_addr(config))
     elif "://" not in api:
         api = "http://" + api
     return AdminClient(api.rstrip("/"), {"Accept": "application/json",
                                          **_auth_header(config, token)})
+
+
+def _server_http_addr(config: Config) -> str:
+    """The HTTP address of the server that uses this config's data dir: the one it bound (its
+    state file says; `--http` or MAILPIPE_HTTP__ADDR may have moved it), else the configured."""
+    from mailpipe.discovery import read_state
+
+    state = read_state(config.data_dir)
+    if state is not None:
+        if state.get("http_addr"):
+            return str(state["http_addr"])
+        _fail(f"the mailpipe running on {config.data_dir} (pid {state.get('pid')}) serves no "
+              "HTTP API (http.enabled); pass --api URL")
+    if not config.http.enabled:
+        _fail("the HTTP API is disabled in the configuration (http.enabled); pass --api URL")
+    return config.http.addr
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -200,14 +215,17 @@ def admin_options(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(config_file: str | None, api: str | None, token: str | None,
-                **kwargs: Any) -> Any:
-        return func(client=_client(config_file, api, token), **kwargs)
+                data_dir: str | None, **kwargs: Any) -> Any:
+        return func(client=_client(config_file, api, token, data_dir), **kwargs)
 
     options = [
         click.option("--api", metavar="URL",
-                     help="The admin API (default: http://<http.addr> from the config)."),
+                     help="The admin API (default: the one the server of the data dir bound, "
+                          "else http://<http.addr> from the config)."),
         click.option("-c", "--config", "config_file", metavar="FILE",
                      help="Config file for the API address and http.auth."),
+        click.option("--data-dir", metavar="DIR",
+                     help="The data dir of the server to manage (as given to serve)."),
         click.option("--token", metavar="TOKEN", help="Bearer token (default: http.auth)."),
         click.option("--json", "as_json", is_flag=True, help="Print the raw JSON."),
     ]
@@ -251,6 +269,13 @@ def _megabytes(value: int | None) -> str:
     return "-" if value is None else f"{value / (1024 * 1024):.1f} MB"
 
 
+def _add_row(table: Table, *cells: str) -> None:
+    """Cells as they are: text in square brackets (an error, an IPv6 address) is not markup."""
+    from rich.text import Text
+
+    table.add_row(*(Text(cell) for cell in cells))
+
+
 def _workers_table(workers: list[dict[str, Any]]) -> Table:
     from rich.table import Table
 
@@ -258,7 +283,8 @@ def _workers_table(workers: list[dict[str, Any]]) -> Table:
     for column in table.columns[2:4]:
         column.justify = "right"
     for worker in workers:
-        table.add_row(
+        _add_row(
+            table,
             str(worker.get("pid", "-")),
             str(worker.get("status", "-")),
             str(worker.get("num_execs", 0)),
@@ -276,7 +302,8 @@ def _connections_table(connections: list[dict[str, Any]]) -> Table:
     table.columns[0].no_wrap = True
     table.columns[4].justify = "right"
     for conn in connections:
-        table.add_row(
+        _add_row(
+            table,
             str(conn.get("uuid")),
             str(conn.get("remote_addr", "")),
             str(conn.get("server", "")),
@@ -366,7 +393,7 @@ def connections_list(client: AdminClient, as_json: bool) -> None:
 @click.argument("uuid")
 @admin_options
 def connections_close(client: AdminClient, as_json: bool, uuid: str) -> None:
-    """Close one session with 421 (after the email in flight, if any)."""
+    """Close one session with 421 (after the email being sent; not waiting on a worker)."""
     client.call("DELETE", f"/api/v1/connections/{urllib.parse.quote(uuid, safe='')}")
     _emit({"closed": uuid}, as_json, f"closed connection {uuid}")
 
@@ -464,7 +491,7 @@ def _pipelines_table(pipelines: list[dict[str, Any]]) -> Table:
     for column in table.columns[3:7]:
         column.justify = "right"
     for pipeline in pipelines:
-        table.add_row(*_pipeline_row(pipeline)[:len(table.columns)])
+        _add_row(table, *_pipeline_row(pipeline)[:len(table.columns)])
     return table
 
 

@@ -199,6 +199,9 @@ class PoolConfig(Section):
 
     num_workers: int = Field(default=4, ge=0)
     max_jobs: int = Field(default=0, ge=0)
+    # Workers that ask to stop hand the email to another worker; after this many attempts
+    # the email is poison: 451 to the client rather than an endless loop of restarts.
+    max_retries_per_email: int = Field(default=3, ge=1)
     allocate_timeout: Duration = 60.0
     destroy_timeout: Duration = 60.0
     reset_timeout: Duration = 60.0
@@ -420,13 +423,24 @@ class StoreConfig(Section):
         return value.upper() if isinstance(value, str) else value
 
 
-class JSONLSinkConfig(Section):
-    path: str
-    required: bool = False
-
-
 class SinksConfig(Section):
-    jsonl: JSONLSinkConfig | None = None
+    """`sinks.NAME`: one section per registered sink, validated by that sink's own model
+    (`mailpipe.sinks.registry`); an unknown NAME is an error listing the known ones."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _registered(cls, value: Any) -> Any:
+        if not isinstance(value, dict) or not value:
+            return value
+        from mailpipe.sinks.registry import validate_sections
+
+        return validate_sections(value)
+
+    def sections(self) -> dict[str, Any]:
+        """Each configured sink's validated settings, by name."""
+        return dict(self.model_extra or {})
 
 
 class LogConfig(Section):

@@ -14,7 +14,7 @@ class CapturedEmail:
     """One captured email.
 
     `event` is the EMAIL_RECEIVED document (validates against
-    shared/spec/email-event.schema.json); `raw` is the message as received, kept apart so the
+    mailpipe/schema/email-event.schema.json); `raw` is the message as received, kept apart so the
     store can serve it even when `include_raw` leaves it out of the event. `outcomes` lets
     sinks note what became of the email (the store keeps it beside the event).
     """
@@ -22,8 +22,6 @@ class CapturedEmail:
     event: dict[str, Any]
     raw: bytes
     outcomes: dict[str, Any] = field(default_factory=dict)
-    # Set by a sink (a worker answering CLOSE) to end the SMTP session after the 250.
-    close_connection: bool = False
     _json: bytes | None = None
 
     @property

@@ -50,6 +50,13 @@ class Metrics:
         self.sink_failures = Counter(
             "mailpipe_sink_failures", "Events a sink failed to accept", ["sink"], registry=r
         )
+        self.sink_results = Counter(
+            "mailpipe_sink_results",
+            "Sink answers other than accepted (counted by mailpipe_sink_latency_seconds_count):"
+            " tempfail, reject, ignored (a failure its policy let pass)",
+            ["sink", "result"],
+            registry=r,
+        )
         self.parse_latency = Histogram(
             "mailpipe_parse_latency_seconds",
             "Time to turn a received message into an event",
@@ -77,6 +84,11 @@ class Metrics:
         )
         self.worker_errors = Counter(
             "mailpipe_worker_errors", "Error frames answered by workers", registry=r
+        )
+        self.worker_poison = Counter(
+            "mailpipe_worker_poison_emails",
+            "Emails given up (451) after every worker tried asked to stop on them",
+            registry=r,
         )
         p = ["pipeline"]
         self.jobs_pushed = Counter("mailpipe_jobs_pushed", "Jobs handed to the pusher", p,

@@ -74,7 +74,7 @@ A consumer answers each job, not each SMTP session::
 - Delivery is at least once: the same job (same ``job.id`` = the email's uuid) may come twice.
 - ``AsyncConsumer`` is the same over asyncio: ``async for job in consumer: await job.ack()``.
 
-Wire details (shared/spec/protocols.md section 2): mailpipe opens with a control frame
+Wire details (docs/protocols.md section 2): mailpipe opens with a control frame
 ``{"pid":N}`` and the worker answers with its own pid (also any later ``{"pid":…}``). A request
 has one option, the context length; its context is the event JSON and its body the raw message
 (empty unless ``include_raw`` is on). A response has flags 0 and one option = len(context).
@@ -264,9 +264,14 @@ class Email:
 
 
 def _raw_from_event(message: Mapping[str, Any]) -> bytes:
+    """The exact bytes received: mailpipe writes `raw` as UTF-8 text when the bytes are valid
+    UTF-8, else as Latin-1 text (one code point a byte); base64 is accepted too."""
     text = message["raw"]
-    if message.get("raw_encoding") == "base64":
+    encoding = message.get("raw_encoding") or "utf-8"
+    if encoding == "base64":
         return base64.b64decode(text)
+    if encoding == "latin-1":
+        return text.encode("latin-1")
     return text.encode("utf-8", "surrogateescape")
 
 

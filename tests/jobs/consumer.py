@@ -1,6 +1,6 @@
 """A tiny jobs consumer for the end-to-end tests, on mailpipe's own Goridge codec only (no SDK).
 
-It speaks RoadRunner's jobs worker protocol as spiral/roadrunner-jobs does (protocols.md 3.3-3.4):
+It speaks RoadRunner's jobs worker protocol like spiral/roadrunner-jobs (docs/protocols.md 3.3-3.4):
 the request's context is the job's metadata JSON, its body the payload (the EMAIL_RECEIVED
 event); the answer is a response frame with an EMPTY context and the JSON answer in the body.
 

@@ -9,6 +9,7 @@ Same test hooks as examples/worker.py, plus what some tests need beyond them:
 - ``[answer X]`` -> answer with context X (anything but CONTINUE/CLOSE);
 - ``[stop]`` with env HOOKS_STOP_MARK=/path -> worker-initiated stop (context ``{"stop":true}``)
   if that file does not exist yet, creating it: only the first worker to get the email stops;
+- ``[stop-always]`` -> every worker that gets the email asks to stop (a poison email);
 - ``[stderr-flood]`` -> write 3 MB on stderr without a newline before answering;
 - ``[stdout-garbage]`` -> write text on the frame channel instead of a frame (a broken worker);
 - env HOOKS_ENV_LOG=/path: at start, append one JSON line with the pid and the RR_* and TEST_*
@@ -137,6 +138,9 @@ def main() -> None:
         stop_mark = os.environ.get("HOOKS_STOP_MARK")
         if "[stop]" in subject and stop_mark and not os.path.exists(stop_mark):
             open(stop_mark, "w").close()
+            send(encode_payload(b'{"stop":true}', b""))
+            return
+        if "[stop-always]" in subject:
             send(encode_payload(b'{"stop":true}', b""))
             return
         if "[stderr-flood]" in subject:

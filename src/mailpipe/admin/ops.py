@@ -4,8 +4,10 @@ and the parts it manages (worker pool, SMTP sessions, the process itself)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mailpipe.capture.server import REPLY_CLOSED_BY_ADMIN
 from mailpipe.config import Config
 from mailpipe.jobs.base import DriverError
 
@@ -15,6 +17,8 @@ if TYPE_CHECKING:
     from mailpipe.jobs.consumer import JobsConsumer, PipelineConsumer
     from mailpipe.jobs.sink import JobsSink
     from mailpipe.workers.pool import WorkerPool
+
+log = logging.getLogger("mailpipe.admin")
 
 
 class NoWorkerPool(Exception):
@@ -52,7 +56,8 @@ class AdminOps(Protocol):
         ...
 
     def close_connection(self, uuid: str) -> bool:
-        """Close one session with 421 (after the email in flight, if any); False if unknown."""
+        """Close one session with 421 (after the email the client is sending, if any; an email
+        waiting on a worker is not waited for); False if unknown."""
         ...
 
     def stop(self) -> None:
@@ -113,7 +118,9 @@ class AdminMixin:
     def close_connection(self, uuid: str) -> bool:
         for session in self.capture.sessions():
             if session.id == uuid:
-                session.request_close()
+                log.info("closing connection at an administrator's request",
+                         extra={"session": uuid, "state": session.info()["state"]})
+                session.request_close(REPLY_CLOSED_BY_ADMIN)
                 return True
         return False
 

@@ -10,6 +10,7 @@ round trip to another process costs more than the parse.
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -19,6 +20,8 @@ from typing import Any
 from mailpipe.capture.message import build_event
 from mailpipe.capture.types import MessageBody
 from mailpipe.event import CapturedEmail
+
+log = logging.getLogger("mailpipe.capture")
 
 # Above this size a message is parsed in a helper process.
 OFFLOAD_ABOVE = 512 * 1024
@@ -49,8 +52,10 @@ class EventBuilder:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor(), _build_from_body, body, kwargs)
-        except BrokenProcessPool:
+        except BrokenProcessPool as exc:
             # A helper died (killed, out of memory): start afresh and parse here this once.
+            log.warning("event helper process died (%s); parsing this %d-byte message in place",
+                        exc, body.size)
             self._pool = None
             return await asyncio.to_thread(build_event, body.read(), **kwargs)
 

@@ -49,6 +49,7 @@ log = logging.getLogger("mailpipe.capture")
 REPLY_RETRY = Reply(451, "4.3.0 Temporary failure, please retry")
 REPLY_TOO_MANY = Reply(421, "4.7.0 Too many connections, try again later")
 REPLY_CLOSING = Reply(421, "4.3.2 Closing connection")
+REPLY_CLOSED_BY_ADMIN = Reply(421, "4.3.2 Connection closed by administrator")
 _now = partial(datetime.now, UTC)
 
 
@@ -244,6 +245,7 @@ class SMTPSession(asyncio.Protocol):
         self.spooler = Spooler()
         self._asking: asyncio.Future[None] | None = None
         self._store: dict[str, object] | None = None  # for verdict callables, made on demand
+        self._close_reply: Reply | None = None  # why the server closes it, when not shutdown
 
     # ---- asyncio.Protocol ---------------------------------------------------------
 
@@ -395,10 +397,11 @@ class SMTPSession(asyncio.Protocol):
                 self._delivering = None
                 self._answer(verdict)
                 return
-            if await self.server.dispatcher.deliver(email):
-                reply = Reply(250, f"2.0.0 Ok: queued as {email.uuid}")
+            delivery = await self.server.dispatcher.deliver(email)
+            reply = Reply(delivery.code, f"{delivery.enhanced} {delivery.text}")
+            if delivery.accepted:
                 self._count_accepted(email)
-                if email.close_connection:
+                if delivery.close:
                     self._closing_after_reply = True
             else:
                 self.listener.metrics.rejected_sink.inc()
@@ -447,7 +450,7 @@ class SMTPSession(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         # Closed by the server (shutdown, admin): 421 after the reply; by a worker's CLOSE: 221.
-        closing = REPLY_CLOSING if self._closing else None
+        closing = (self._close_reply or REPLY_CLOSING) if self._closing else None
         close_after = self._closing or self._closing_after_reply
         self._handle(self.conn.reply_to_message(reply, close_after=close_after,
                                                 close_reply=closing))
@@ -492,11 +495,21 @@ class SMTPSession(asyncio.Protocol):
         log.warning("write timeout, client stopped reading", extra={"session": self.id})
         self.abort()
 
-    def request_close(self) -> None:
-        """Close now if idle, else right after the message in flight gets its reply."""
+    def request_close(self, reply: Reply | None = None) -> None:
+        """Close now if idle, else right after the message in flight gets its reply. With a
+        `reply` (an administrator's close) a message awaiting its verdict does not hold the
+        session: its delivery (a hanging worker, say) is cancelled and the client told."""
         self._closing = True
+        if reply is not None:
+            self._close_reply = reply
+            if self.conn.awaiting_reply and self._delivering is not None:
+                self._delivering.cancel()
+                self._delivering = None
+                self._handle(self.conn.close_now(reply))
+                return
         if not (self.conn.closed or self.conn.in_transaction or self.conn.awaiting_reply):
-            self._handle(self.conn.shutdown())
+            reason = self._close_reply
+            self._handle(self.conn.close_now(reason) if reason else self.conn.shutdown())
 
     def abort(self) -> None:
         if self.transport is not None:

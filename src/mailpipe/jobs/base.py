@@ -75,7 +75,7 @@ class Delivery:
     queue: str = ""
 
     def context(self, driver: str) -> bytes:
-        """The worker-protocol context RoadRunner sends a jobs worker (protocols.md 3.3)."""
+        """The worker-protocol context RoadRunner sends a jobs worker (docs/protocols.md 3.3)."""
         return orjson.dumps({
             "id": self.job.id,
             "job": self.job.name,

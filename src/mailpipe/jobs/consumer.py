@@ -3,7 +3,7 @@
 Each delivery goes to a worker as one request: context = the job's metadata JSON, body = the
 job's payload (the EMAIL_RECEIVED event), flags CODEC_RAW, as the RoadRunner jobs plugin sends
 it, so a PHP consumer written with spiral/roadrunner-jobs works unchanged. The worker answers
-in the response body with `{"type": n, "data": {...}}` (protocols.md 3.4). Delivery is at least
+in the response body with `{"type": n, "data": {...}}` (docs/protocols.md 3.4). Delivery is at least
 once: a job is acked only after its worker succeeded.
 """
 

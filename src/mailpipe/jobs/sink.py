@@ -9,13 +9,25 @@ from mailpipe.event import CapturedEmail
 from mailpipe.jobs.base import JOB_NAME, Driver, DriverError, Job
 from mailpipe.jobs.producer import BatchPusher
 from mailpipe.metrics import Metrics
-from mailpipe.sinks.base import DELIVER, Sink, SinkError
+from mailpipe.sinks.base import DELIVER, Sink, SinkContext, SinkError, SinkSettings
+from mailpipe.sinks.results import Accepted
 
 
 class JobsSink(Sink):
     name = "jobs"
     required = True
     stage = DELIVER
+    timeout = 0.0  # smtp.jobs.push_timeout bounds the wait for the broker's confirm
+    outcome_key = "job"
+    needs_section = False  # on when smtp.jobs is set (see Config.delivers_to_jobs)
+
+    @classmethod
+    def create(cls, settings: SinkSettings, context: SinkContext) -> JobsSink | None:
+        if not context.config.delivers_to_jobs():
+            return None
+        from mailpipe.jobs.runner import build_jobs_sink  # runner imports this module
+
+        return build_jobs_sink(context.config, context.metrics)
 
     def __init__(self, driver: Driver, config: SMTPJobsConfig, metrics: Metrics) -> None:
         self.driver = driver
@@ -54,13 +66,13 @@ class JobsSink(Sink):
             auto_ack=self.config.auto_ack,
         )
 
-    async def submit(self, email: CapturedEmail) -> None:
+    async def submit(self, email: CapturedEmail) -> Accepted:
         try:
             await self.pusher.push(self.job_for(email))
         except DriverError as exc:
             raise SinkError(str(exc)) from exc
-        email.outcomes["job"] = {"id": email.uuid, "pipeline": self.config.pipeline,
-                                 "driver": self.driver.name}
+        return Accepted(note={"id": email.uuid, "pipeline": self.config.pipeline,
+                              "driver": self.driver.name})
 
     def health(self) -> dict[str, object]:
         status = dict(self.driver.health())

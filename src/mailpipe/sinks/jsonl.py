@@ -7,15 +7,27 @@ import sys
 from typing import BinaryIO
 
 from mailpipe.event import CapturedEmail
-from mailpipe.sinks.base import Sink
+from mailpipe.sinks.base import Sink, SinkContext, SinkSettings
+from mailpipe.sinks.results import ACCEPTED, Accepted
+
+
+class JSONLSettings(SinkSettings):
+    path: str  # "-": stdout
 
 
 class JSONLSink(Sink):
     name = "jsonl"
+    required = False
+    timeout = 0.0  # a write to a file does not wait on anything a timer could cut short
+    Settings = JSONLSettings
 
-    def __init__(self, path: str, *, required: bool = False) -> None:
+    @classmethod
+    def create(cls, settings: SinkSettings, context: SinkContext) -> JSONLSink:
+        assert isinstance(settings, JSONLSettings)
+        return cls(settings.path)
+
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.required = required
         self._file: BinaryIO | None = None
         self._lock = asyncio.Lock()
         self._last_error: str | None = None
@@ -23,7 +35,7 @@ class JSONLSink(Sink):
     async def start(self) -> None:
         self._file = sys.stdout.buffer if self.path == "-" else open(self.path, "ab")  # noqa: SIM115
 
-    async def submit(self, email: CapturedEmail) -> None:
+    async def submit(self, email: CapturedEmail) -> Accepted:
         assert self._file is not None, "JSONLSink.start() was not called"
         line = email.json() + b"\n"
         async with self._lock:
@@ -35,6 +47,7 @@ class JSONLSink(Sink):
                 self._last_error = f"{self.path}: {exc.strerror or exc}"
                 raise
             self._last_error = None
+        return ACCEPTED
 
     def health(self) -> dict[str, object]:
         # An optional sink's failure leaves the service healthy; a required one's does not.

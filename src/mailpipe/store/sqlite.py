@@ -25,7 +25,8 @@ import orjson
 
 from mailpipe.event import CapturedEmail
 from mailpipe.metrics import Metrics
-from mailpipe.sinks.base import Sink
+from mailpipe.sinks.base import STORE, Sink, SinkContext, SinkSettings
+from mailpipe.sinks.results import ACCEPTED, Accepted
 from mailpipe.store.writer import GroupCommitWriter
 
 T = TypeVar("T")
@@ -355,10 +356,27 @@ class SQLiteStore:
 
 
 class StoreSink(Sink):
-    """The store as a sink: an email gets its 250 only once its row is committed."""
+    """The store as a sink: an email gets its 250 only once its row is committed. It runs
+    last, so its row holds what every other sink made of the email (a refusal included)."""
 
     name = "store"
     required = True
+    stage = STORE
+    timeout = 0.0  # none by default: a commit waits for the disk (set sinks.store.timeout)
+    needs_section = False  # on unless `store.enabled: false`; `sinks.store` is optional
+
+    @classmethod
+    def create(cls, settings: SinkSettings, context: SinkContext) -> StoreSink | None:
+        config = context.config
+        if not config.store.enabled:
+            return None
+        return cls(SQLiteStore(
+            config.store_path,
+            max_messages=config.store.max_messages,
+            max_age=config.store.max_age,
+            synchronous=config.store.synchronous,
+            metrics=context.metrics,
+        ))
 
     def __init__(self, store: SQLiteStore) -> None:
         self.store = store
@@ -366,8 +384,9 @@ class StoreSink(Sink):
     async def start(self) -> None:
         await self.store.start()
 
-    async def submit(self, email: CapturedEmail) -> None:
+    async def submit(self, email: CapturedEmail) -> Accepted:
         await self.store.add(email)
+        return ACCEPTED
 
     async def close(self) -> None:
         await self.store.close()

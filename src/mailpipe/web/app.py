@@ -1,4 +1,4 @@
-"""The REST API over the store, plus /healthz, /metrics and the OpenAPI document."""
+"""The REST API over the store, plus /healthz, /metrics, the OpenAPI document, the event schema."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mailpipe.admin import AdminOps
 from mailpipe.metrics import Metrics
+from mailpipe.schema import event_schema_bytes
 from mailpipe.store.sqlite import SQLiteStore, StoreClosedError
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ def create_app(
         middlewares.append(_auth_middleware(auth))
     app = web.Application(middlewares=middlewares)
     _openapi_bytes()  # a missing or broken document should stop startup, not a request
+    event_schema_bytes()  # likewise the event schema
     if health is None:
         health = store.health if store is not None else lambda: {"ok": True}
     service = _Service(metrics, health)
@@ -112,6 +114,7 @@ def create_app(
             web.get("/healthz", service.healthz),
             web.get("/metrics", service.metrics_text),
             web.get("/api/openapi.json", service.openapi),
+            web.get("/api/v1/schema", service.event_schema),
             *AdminRoutes(admin).routes(),
         ]
     )
@@ -249,6 +252,9 @@ class _Service:
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.Response(body=_openapi_bytes(), content_type="application/json")
+
+    async def event_schema(self, request: web.Request) -> web.Response:
+        return web.Response(body=event_schema_bytes(), content_type="application/schema+json")
 
 
 # ---- middlewares --------------------------------------------------------------------------

@@ -5,5 +5,5 @@ frames (:mod:`mailpipe.workers.goridge`) over the worker's stdin/stdout (or a tc
 with RoadRunner's worker protocol on top (pid handshake, request = event JSON in the context and
 the raw message in the body, response context ``CONTINUE`` or ``CLOSE``, error frame, stop
 control frame). PHP workers written with spiral/roadrunner-worker run unchanged; Python workers
-use :mod:`mailpipe.sdk`. See shared/spec/protocols.md sections 1 and 2.
+use :mod:`mailpipe.sdk`. See docs/protocols.md sections 1 and 2.
 """

@@ -1,6 +1,6 @@
 """Goridge v3 frames: the framing RoadRunner uses between its server and its workers.
 
-Byte layout (shared/spec/protocols.md section 1), all integers little-endian::
+Byte layout (docs/protocols.md section 1), all integers little-endian::
 
     byte 0      version (1) << 4 | HL, HL = header length in 32-bit words = 3 + options
     byte 1      flags (CONTROL, codec bits, ERROR)
@@ -11,7 +11,7 @@ Byte layout (shared/spec/protocols.md section 1), all integers little-endian::
     options     HL - 3 u32 words (at most 10)
     payload     payload-length bytes
 
-The worker protocol (spec section 2) always sends exactly one option on requests and responses:
+The worker protocol (section 2 there) always sends exactly one option on requests and responses:
 the context length, so that payload = context || body. Control frames (``{"pid":N}``,
 ``{"stop":true}``) and error frames have no options.
 

@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from mailpipe.config import PoolConfig, ServerConfig
 from mailpipe.metrics import Metrics
 from mailpipe.workers.goridge import CODEC_JSON
@@ -43,6 +45,19 @@ class PoolError(Exception):
 
 class NoFreeWorker(PoolError):
     """Every worker stayed busy for allocate_timeout."""
+
+
+class PoisonEmail(PoolError):
+    """Every worker given the request asked to stop on it, max_retries_per_email times."""
+
+
+def _request_id(context: bytes) -> str:
+    """The email's uuid (or the job's id) in a request context, for the log."""
+    try:
+        doc = orjson.loads(context)
+        return str(doc.get("uuid") or doc.get("id") or "?")
+    except (orjson.JSONDecodeError, AttributeError):
+        return "?"
 
 
 class WorkerListener:
@@ -183,24 +198,43 @@ class WorkerPool:
     # ---- borrowing -----------------------------------------------------------------
 
     async def exec(self, context: bytes, body: bytes, flags: int = CODEC_JSON) -> WorkerResponse:
-        """Run one request on a free worker. Raises PoolError or WorkerError."""
-        while True:
+        """Run one request on a free worker. Raises PoolError (PoisonEmail when every worker
+        tried asked to stop on it) or WorkerError."""
+        for _ in range(self.config.max_retries_per_email):
             worker = await self._acquire()
-            started = time.perf_counter()
             try:
-                response = await worker.exec(
-                    context, body, self.config.effective_exec_ttl or None, flags
-                )
+                return await self._exec_on(worker, context, body, flags)
             except WorkerStopped:
                 self._retire(worker, "asked to stop")
-                continue  # RoadRunner sends the same request to another worker
-            except WorkerError:
-                self._retire(worker, worker.last_error or "failed")
-                raise
-            self.metrics.worker_exec.observe(time.perf_counter() - started)
-            self.metrics.worker_execs.labels(str(worker.pid)).set(worker.num_execs)
-            self._release(worker)
-            return response
+                # RoadRunner sends the same request to another worker; we do, a bounded number
+                # of times, since an email that makes every worker stop would loop for ever.
+        raise self._poison(context)
+
+    async def _exec_on(self, worker: WorkerProcess, context: bytes, body: bytes,
+                       flags: int) -> WorkerResponse:
+        started = time.perf_counter()
+        try:
+            response = await worker.exec(
+                context, body, self.config.effective_exec_ttl or None, flags
+            )
+        except (WorkerError, asyncio.CancelledError):
+            # Cancelled: the session gave up on the email (an administrator closed it); the
+            # worker has been killed, as its late answer would otherwise go to the next email.
+            self._retire(worker, worker.last_error or "failed")
+            raise
+        self.metrics.worker_exec.observe(time.perf_counter() - started)
+        self.metrics.worker_execs.labels(str(worker.pid)).set(worker.num_execs)
+        self._release(worker)
+        return response
+
+    def _poison(self, context: bytes) -> PoisonEmail:
+        attempts = self.config.max_retries_per_email
+        self.metrics.worker_poison.inc()
+        request = _request_id(context)
+        log.error("poison email %s: %d workers in a row asked to stop on it; giving up (451)",
+                  request, attempts, extra={"uuid": request})
+        return PoisonEmail(f"poison email: {attempts} workers in a row asked to stop on it "
+                           "(pool.max_retries_per_email)")
 
     async def _acquire(self) -> WorkerProcess:
         if self._stopping:
@@ -221,11 +255,19 @@ class WorkerPool:
             raise NoFreeWorker(
                 f"no free worker within allocate_timeout ({self.config.allocate_timeout}s)"
             ) from None
+        except asyncio.CancelledError:
+            self._unclaimed(waiter)
+            raise
         finally:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
         self.metrics.worker_wait.observe(time.perf_counter() - started)
         return worker
+
+    def _unclaimed(self, waiter: asyncio.Future[WorkerProcess]) -> None:
+        """A worker handed to a session that gave up in the same instant goes back."""
+        if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+            self._make_idle(waiter.result())
 
     def _release(self, worker: WorkerProcess) -> None:
         max_jobs = self.config.max_jobs

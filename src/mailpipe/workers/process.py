@@ -203,6 +203,12 @@ class WorkerProcess:
         except WorkerStopped:
             self.mark_invalid("the worker asked to stop")
             raise
+        except asyncio.CancelledError:
+            # Whoever waited gave up: the request is still in the worker, and its answer
+            # would be read as the next request's. This worker is done.
+            self.mark_invalid("its request was cancelled")
+            self.kill()
+            raise
         self.last_used = time.monotonic()
         if response.error is not None:
             self.last_error = response.error
