@@ -1364,3 +1364,28 @@ async def test_shutdown_timeout_aborts_a_session_still_busy(inproc: InProc) -> N
     assert await client.closed()
     client.close()
     assert not any(True for _ in app.capture.sessions())
+
+
+async def test_an_administrator_closes_a_session_waiting_for_a_verdict(inproc: InProc) -> None:
+    app = await inproc()
+    asked = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def hangs(context: VerdictContext) -> None:
+        asked.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    app.verdicts.register(Stage.HELO, hangs)
+    client = await AsyncSMTP.open(port_of(app))
+    client.writer.write(b"EHLO stuck.test\r\n")
+    await asyncio.wait_for(asked.wait(), 10)
+    (session,) = app.capture.sessions()
+    assert app.close_connection(session.id)
+    assert await client.reply() == (421, "4.3.2 Connection closed by administrator")
+    assert await client.closed()
+    await asyncio.wait_for(cancelled.wait(), 10)
+    client.close()

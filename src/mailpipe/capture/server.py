@@ -370,7 +370,9 @@ class SMTPSession(asyncio.Protocol):
 
     async def _ask(self, needed: VerdictNeeded) -> None:
         context = self._context(needed.stage, needed.args, needed.envelope)
-        self._answer(await self.server.verdicts.decide(context))
+        verdict = await self.server.verdicts.decide(context)
+        self._asking = None
+        self._answer(verdict)
 
     async def _message_verdict(self, received: MessageReceived,
                                email: CapturedEmail) -> Verdict:
@@ -502,9 +504,10 @@ class SMTPSession(asyncio.Protocol):
         self._closing = True
         if reply is not None:
             self._close_reply = reply
-            if self.conn.awaiting_reply and self._delivering is not None:
-                self._delivering.cancel()
-                self._delivering = None
+            pending = self._delivering or self._asking  # a message's or a stage's verdict
+            if self.conn.awaiting_reply and pending is not None:
+                pending.cancel()
+                self._delivering = self._asking = None
                 self._handle(self.conn.close_now(reply))
                 return
         if not (self.conn.closed or self.conn.in_transaction or self.conn.awaiting_reply):

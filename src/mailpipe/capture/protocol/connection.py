@@ -285,6 +285,11 @@ class SMTPConnection:
     def shutdown(self) -> list[Event]:
         return self._abort(replies.shutting_down(self.settings.hostname))
 
+    def close_now(self, reply: Reply) -> list[Event]:
+        """End the session with `reply` in any state, even while a message awaits its verdict
+        (whoever was to give it has been cancelled)."""
+        return self._abort(reply.encode())
+
     def connection_lost(self) -> None:
         """The client went away: drop any half-received body."""
         self._reset_transaction()
