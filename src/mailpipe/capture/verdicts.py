@@ -80,9 +80,9 @@ VerdictCheck = Callable[[VerdictContext], Awaitable[Verdict | None]]
 class Verdicts:
     """The callables registered per stage. `held` is what sessions opened from now on hold."""
 
-    timeout: float = 30.0
-    _checks: dict[Stage, list[VerdictCheck]] = field(default_factory=dict)
-    held: frozenset[Stage] = frozenset()
+    timeout: float = 30.0  # seconds a callable may take; past it the client gets 451
+    _checks: dict[Stage, list[VerdictCheck]] = field(default_factory=dict, init=False)
+    held: frozenset[Stage] = field(default=frozenset(), init=False)
 
     def register(self, stage: Stage, check: VerdictCheck) -> None:
         """Call `check` at `stage`, after those registered before it."""

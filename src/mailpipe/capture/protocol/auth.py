@@ -13,8 +13,6 @@ import secrets
 
 from . import replies
 
-MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2")
-
 
 class BadResponse(Exception):
     """The client's response is not base64."""
@@ -32,7 +30,8 @@ def decode(text: str) -> str:
 
 
 class Exchange:
-    """One AUTH exchange for `mechanism` (upper case, one of MECHANISMS)."""
+    """One AUTH exchange for `mechanism`: PLAIN, LOGIN, CRAM-MD5 or XOAUTH2 (which ones are
+    offered is the listener's `auth_mechanisms`)."""
 
     __slots__ = ("_step", "mechanism", "password", "username")
 
