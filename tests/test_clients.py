@@ -39,6 +39,11 @@ CONFIG: dict[str, Any] = {
     "smtp": {"include_raw": True, "transcript": True},
     "store": {"max_messages": 10_000},
 }
+# CRAM-MD5 is offered only when configured: clients prefer it, and the password is lost.
+WITH_CRAM: dict[str, Any] = {
+    **CONFIG,
+    "smtp": {**CONFIG["smtp"], "auth": {"mechanisms": ["PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"]}},
+}
 PHP_DIR = Path(__file__).resolve().parent / "php"
 NO_AUTH = {"attempted": False, "mechanism": None, "username": None, "password": None}
 V_BARE_LF = "bare LF line ending in message data"
@@ -125,6 +130,17 @@ def server(mailpipe_factory: Factory) -> MailpipeServer:
 @pytest.fixture
 def api(server: MailpipeServer, validate_event: Validate) -> Api:
     return Api(server, validate_event)
+
+
+@pytest.fixture
+def cram_server(mailpipe_factory: Factory) -> MailpipeServer:
+    return mailpipe_factory(WITH_CRAM)
+
+
+def server_offering(request: pytest.FixtureRequest, mechanism: str) -> tuple[MailpipeServer, Api]:
+    """The default server, or one with CRAM-MD5 added when `mechanism` needs it."""
+    server = request.getfixturevalue("cram_server" if mechanism == "CRAM-MD5" else "server")
+    return server, Api(server, request.getfixturevalue("validate_event"))
 
 
 def transcript_challenge(event: dict[str, Any]) -> bytes:
@@ -334,7 +350,8 @@ def test_smtplib_xoauth2(server: MailpipeServer, api: Api) -> None:
     }
 
 
-def test_smtplib_cram_md5(server: MailpipeServer, api: Api) -> None:
+def test_smtplib_cram_md5(request: pytest.FixtureRequest) -> None:
+    server, api = server_offering(request, "CRAM-MD5")
     user, password = "cram@example.test", "cram secret"
     with smtplib.SMTP("127.0.0.1", server.smtp_port) as smtp:
         # smtplib prefers CRAM-MD5 when the server offers it.
@@ -359,7 +376,9 @@ def test_smtplib_several_emails_on_one_connection(server: MailpipeServer, api: A
         assert event["envelope"]["to"] == [f"to{i}@example.test"]
         # AUTH belongs to the session: every email of it carries it.
         assert event["authentication"]["username"] == "same@example.test"
-        assert event["authentication"]["mechanism"] == "CRAM-MD5"
+        # CRAM-MD5 is not offered by default: smtplib's next choice sends the password
+        assert event["authentication"]["mechanism"] == "PLAIN"
+        assert event["authentication"]["password"] == "conn-pw"
     assert [e["received_at"] for e in events] == sorted(e["received_at"] for e in events)
 
 
@@ -409,7 +428,9 @@ def test_smtplib_ehlo_features(server: MailpipeServer) -> None:
         ):
             assert smtp.has_extn(extension), extension
         assert smtp.esmtp_features["size"] == str(10 * 1024 * 1024)
-        assert set(smtp.esmtp_features["auth"].split()) >= {"PLAIN", "LOGIN", "CRAM-MD5"}
+        assert smtp.esmtp_features["auth"].split() == ["PLAIN", "LOGIN", "XOAUTH2"]
+        # a mechanism not offered is refused
+        assert smtp.docmd("AUTH", "CRAM-MD5") == (504, b"5.5.4 Unrecognized authentication type")
         assert not smtp.has_extn("starttls")  # no TLS configured
         # HELO answers without extensions.
         assert smtp.helo("plain-helo.test")[0] == 250
@@ -465,7 +486,8 @@ def _async_message(subject: str, to: str = "rcpt@example.test") -> EmailMessage:
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN", "CRAM-MD5"])
-async def test_aiosmtplib_auth(server: MailpipeServer, api: Api, mechanism: str) -> None:
+async def test_aiosmtplib_auth(request: pytest.FixtureRequest, mechanism: str) -> None:
+    server, api = server_offering(request, mechanism)
     user, password = "async-user", "async pässword ✓"
     smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.smtp_port, start_tls=False)
     async with smtp:
@@ -679,7 +701,8 @@ def test_swaks_pipeline(server: MailpipeServer, api: Api) -> None:
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN", "CRAM-MD5"])
-def test_swaks_auth(server: MailpipeServer, api: Api, mechanism: str) -> None:
+def test_swaks_auth(request: pytest.FixtureRequest, mechanism: str) -> None:
+    server, api = server_offering(request, mechanism)
     user, password = "swaks-user@example.test", "pässwörd with spaces"
     run_swaks(
         server,
@@ -841,8 +864,10 @@ SYMFONY_AUTOLOAD = "/usr/share/php/Symfony/Component/Mailer/autoload.php"
 PHPMAILER_AUTOLOAD = "/usr/share/php/libphp-phpmailer/autoload.php"
 
 
-def test_symfony_mailer(server: MailpipeServer, api: Api, tmp_path: Path) -> None:
+@pytest.mark.parametrize("offered", ["default", "CRAM-MD5"])
+def test_symfony_mailer(request: pytest.FixtureRequest, tmp_path: Path, offered: str) -> None:
     require_php_library(SYMFONY_AUTOLOAD)
+    server, api = server_offering(request, offered)
     pdf = os.urandom(50_000) + b"\r\n.\r\n"
     csv = "a;b\nä;ö\n".encode()
     (tmp_path / "cv.pdf").write_bytes(pdf)
@@ -883,8 +908,12 @@ def test_symfony_mailer(server: MailpipeServer, api: Api, tmp_path: Path) -> Non
     assert envelope["from"] == "sender@example.test"
     assert envelope["to"] == rcpts
     assert envelope["helo"] == "symfony.test"
-    # Symfony picks CRAM-MD5 first among the mechanisms offered.
-    check_cram(event, user, password)
+    # Symfony tries CRAM-MD5, LOGIN, PLAIN, XOAUTH2 in this order, the first one offered:
+    # by default that is LOGIN, and the event holds the password the app was configured with.
+    if offered == "CRAM-MD5":
+        check_cram(event, user, password)
+    else:
+        check_auth(event, "LOGIN", user, password)
     message = event["message"]
     headers = {name.lower(): value for name, value in message["header_list"]}
     assert "bcc" not in headers  # Bcc is in the envelope only
@@ -904,14 +933,16 @@ def test_symfony_mailer(server: MailpipeServer, api: Api, tmp_path: Path) -> Non
     assert "250 2.0.0 Ok" in sent["debug"]
 
 
-@pytest.mark.parametrize("auth_type", ["LOGIN", "PLAIN", "CRAM-MD5"])
+# "": PHPMailer picks (CRAM-MD5, LOGIN, PLAIN, XOAUTH2: the first one offered, LOGIN here)
+@pytest.mark.parametrize("auth_type", ["", "LOGIN", "PLAIN", "CRAM-MD5"])
 def test_phpmailer_keepalive(
-    server: MailpipeServer, api: Api, tmp_path: Path, auth_type: str
+    request: pytest.FixtureRequest, tmp_path: Path, auth_type: str
 ) -> None:
     require_php_library(PHPMAILER_AUTOLOAD)
+    server, api = server_offering(request, auth_type)
     report = os.urandom(40_000)
     (tmp_path / "report.bin").write_bytes(report)
-    user, password = f"phpm-{auth_type.lower()}", "πassword:with:colons"
+    user, password = f"phpm-{auth_type.lower() or 'auto'}", "πassword:with:colons"
 
     def message(i: int, attachments: list[dict[str, str]]) -> dict[str, Any]:
         return {
@@ -963,7 +994,7 @@ def test_phpmailer_keepalive(
         names = {name.lower() for name, _ in message_doc["header_list"]}
         assert "bcc" not in names
         assert message_doc["headers"]["Cc"] == f"cc{i}@example.test"
-        check_auth(event, auth_type, user, password)
+        check_auth(event, auth_type or "LOGIN", user, password)
     api.check_attachments(
         events[0], [("rapport annuel 📊.bin", report, "application/octet-stream")]
     )

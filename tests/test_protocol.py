@@ -7,9 +7,10 @@ import os
 import random
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from datetime import UTC
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,16 +26,26 @@ from mailpipe.capture.protocol import (
     ProtocolSettings,
     SMTPConnection,
 )
+from mailpipe.capture.server import protocol_settings
+from mailpipe.capture.spool import SPOOL_FAILED, Spooler
 from mailpipe.capture.types import (
+    BodyChunk,
+    BodyDropped,
     Close,
+    Disconnect,
     Event,
     MessageReceived,
+    Proceed,
     Reply,
+    Respond,
     Send,
+    Stage,
     StartTLS,
     Trace,
+    VerdictNeeded,
     Violation,
 )
+from mailpipe.config import SMTPConfig
 
 OK = Reply(250, "2.0.0 Ok: queued")
 ENVELOPE = b"EHLO client.example\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<user@example.org>\r\n"
@@ -45,8 +56,84 @@ def b64(data: str | bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
-def connect(**kwargs: object) -> SMTPConnection:
-    conn = SMTPConnection(ProtocolSettings(**kwargs))  # type: ignore[arg-type]
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def clock() -> datetime:
+    return NOW
+
+
+def make_settings(**overrides: Any) -> ProtocolSettings:
+    """The settings a listener gets from the config's defaults, with `overrides`."""
+    smtp = SMTPConfig()
+    base = protocol_settings(
+        smtp.listeners()[0], spool_threshold=smtp.spool_threshold, transcript=False,
+        tls_available=False,
+    )
+    return replace(base, **overrides)
+
+
+class Driven:
+    """An SMTPConnection with the body spool the transport gives it (server.py does the
+    same): BodyChunk events go to a temp file in `spool_dir`, which a chunked message's body
+    then is. Everything else is the connection's own."""
+
+    def __init__(self, conn: SMTPConnection, spool_dir: str | None = None) -> None:
+        self.conn = conn
+        self.spooler = Spooler(spool_dir)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+    def _spool(self, events: list[Event]) -> list[Event]:
+        out: list[Event] = []
+        for event in events:
+            out.append(event)
+            if isinstance(event, BodyChunk):
+                self.spooler.chunk(event.data)
+            elif isinstance(event, BodyDropped):
+                self.spooler.drop()
+            elif (isinstance(event, MessageReceived) and event.chunked
+                  and not self.spooler.attach(event)):
+                out.pop()
+                out += self._spool(self.conn.verdict(SPOOL_FAILED))
+        return out
+
+    def start(self) -> list[Event]:
+        return self._spool(self.conn.start())
+
+    def receive(self, data: bytes) -> list[Event]:
+        return self._spool(self.conn.receive(data))
+
+    def verdict(self, *args: Any, **kwargs: Any) -> list[Event]:
+        return self._spool(self.conn.verdict(*args, **kwargs))
+
+    def reply_to_message(self, *args: Any, **kwargs: Any) -> list[Event]:
+        return self._spool(self.conn.reply_to_message(*args, **kwargs))
+
+    def tls_started(self) -> list[Event]:
+        return self._spool(self.conn.tls_started())
+
+    def idle_timeout(self) -> list[Event]:
+        return self._spool(self.conn.idle_timeout())
+
+    def shutdown(self) -> list[Event]:
+        return self._spool(self.conn.shutdown())
+
+    def connection_lost(self) -> None:
+        self.conn.connection_lost()
+        self.spooler.drop()
+
+
+def new_conn(*, tls_active: bool = False, spool_dir: str | None = None,
+             held: frozenset[Any] = frozenset(), **kwargs: Any) -> Driven:
+    settings = make_settings(**kwargs)
+    conn = SMTPConnection(settings, clock=clock, tls_active=tls_active, held=held)
+    return Driven(conn, spool_dir)
+
+
+def connect(**kwargs: Any) -> Driven:
+    conn = new_conn(**kwargs)
     conn.start()
     return conn
 
@@ -83,7 +170,7 @@ def one_message(events: list[Event]) -> MessageReceived:
 class Session:
     """Drives a connection like a transport would, accepting every message."""
 
-    conn: SMTPConnection
+    conn: Driven
     output: bytearray = field(default_factory=bytearray)
     received: list[MessageReceived] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
@@ -91,7 +178,7 @@ class Session:
 
     @classmethod
     def start(cls, **kwargs: object) -> Session:
-        conn = SMTPConnection(ProtocolSettings(**kwargs))  # type: ignore[arg-type]
+        conn = new_conn(**kwargs)
         session = cls(conn)
         session._handle(conn.start())
         return session
@@ -115,13 +202,15 @@ class Session:
                     events = self.conn.reply_to_message(OK)
                 elif isinstance(event, StartTLS):
                     events = self.conn.tls_started()
+                elif isinstance(event, VerdictNeeded):
+                    events = self.conn.verdict(Proceed())
 
 
 # ---- greeting, EHLO, basic commands ---------------------------------------------------
 
 
 def test_greeting_uses_hostname() -> None:
-    conn = SMTPConnection(ProtocolSettings(hostname="mx.test"))
+    conn = new_conn(hostname="mx.test")
     assert conn.start() == [Send(b"220 mx.test ESMTP mailpipe\r\n")]
 
 
@@ -135,17 +224,29 @@ def test_ehlo_advertises_extensions() -> None:
         "250-SMTPUTF8",
         "250-CHUNKING",
         "250-ENHANCEDSTATUSCODES",
-        "250-AUTH PLAIN LOGIN CRAM-MD5 XOAUTH2",
+        "250-AUTH PLAIN LOGIN XOAUTH2",
         "250 HELP",
     ]
     assert conn.helo == "client"
+
+
+def test_auth_offers_the_configured_mechanisms_and_refuses_the_others() -> None:
+    conn = connect(auth_mechanisms=("LOGIN", "CRAM-MD5"))
+    assert "250-AUTH LOGIN CRAM-MD5" in replies(conn.receive(b"EHLO client\r\n"))
+    assert final_codes(conn.receive(b"AUTH PLAIN " + b64("\0u\0p").encode() + b"\r\n")) == [
+        "504 5.5.4"
+    ]
+    assert not conn.auth.attempted
+    bare = connect(auth_mechanisms=())
+    assert not any("AUTH" in line for line in replies(bare.receive(b"EHLO client\r\n")))
+    assert final_codes(bare.receive(b"AUTH LOGIN\r\n")) == ["504 5.5.4"]
 
 
 def test_ehlo_plain_size_when_unlimited_and_starttls_when_available() -> None:
     lines = replies(connect(max_message_size=0, tls_available=True).receive(b"EHLO c\r\n"))
     assert "250-SIZE" in lines
     assert "250-STARTTLS" in lines
-    active = SMTPConnection(ProtocolSettings(tls_available=True), tls_active=True)
+    active = new_conn(tls_available=True, tls_active=True)
     assert "250-STARTTLS" not in replies(active.receive(b"EHLO c\r\n"))
 
 
@@ -722,7 +823,7 @@ def test_auth_login_both_ways() -> None:
 
 
 def test_auth_cram_md5() -> None:
-    conn = connect(hostname="mx.test")
+    conn = connect(hostname="mx.test", auth_mechanisms=("CRAM-MD5",))
     (challenge,) = auth(conn, "AUTH CRAM-MD5")
     assert challenge.startswith("334 ")
     assert re.fullmatch(r"<\d+\.\d+@mx\.test>", base64.b64decode(challenge[4:]).decode())
@@ -834,7 +935,7 @@ def test_starttls_injection_is_discarded() -> None:
 def test_starttls_with_argument_and_tls_started_misuse() -> None:
     conn = connect(tls_available=True)
     assert final_codes(conn.receive(b"STARTTLS now\r\n")) == ["501 5.5.4"]
-    active = SMTPConnection(ProtocolSettings(tls_available=True), tls_active=True)
+    active = new_conn(tls_available=True, tls_active=True)
     assert replies(active.receive(b"STARTTLS\r\n")) == ["503 5.5.1 Error: TLS already active"]
     with pytest.raises(RuntimeError):
         conn.tls_started()
@@ -889,7 +990,7 @@ def test_transaction_properties() -> None:
 
 
 def test_transcript_records_commands_and_replies_but_not_data() -> None:
-    conn = SMTPConnection(ProtocolSettings(hostname="mx.test", transcript=True))
+    conn = new_conn(hostname="mx.test", transcript=True)
     conn.start()
     events = conn.receive(
         b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n..secret\r\n.\r\n"
@@ -1109,3 +1210,221 @@ def test_random_splits_of_a_spooled_message_match(tmp_path: Path) -> None:
         pieces = drive(split(wire, cuts), spool_threshold=64, spool_dir=str(tmp_path))
         assert outcome(pieces) == outcome(whole)
     assert spooled(tmp_path) == []
+
+
+# ---- verdicts at every stage ----------------------------------------------------------
+
+# stage -> (settings, input before the stage, the input that reaches it, the default reply)
+STAGES: dict[Stage, tuple[dict[str, Any], bytes, bytes, str]] = {
+    Stage.CONNECT: ({}, b"", b"", "220"),
+    Stage.HELO: ({}, b"", b"EHLO client.example\r\n", "250"),
+    Stage.AUTH: ({}, b"EHLO c\r\n", b"AUTH PLAIN " + b64("\0u\0p").encode() + b"\r\n",
+                 "235 2.7.0"),
+    Stage.STARTTLS: ({"tls_available": True}, b"EHLO c\r\n", b"STARTTLS\r\n", "220 2.0.0"),
+    Stage.MAIL: ({}, b"EHLO c\r\n", b"MAIL FROM:<app@example.com> SIZE=10\r\n", "250 2.1.0"),
+    Stage.RCPT: ({}, b"EHLO c\r\nMAIL FROM:<a@b>\r\n", b"RCPT TO:<user@example.org>\r\n",
+                 "250 2.1.5"),
+    Stage.DATA: ({}, ENVELOPE, b"DATA\r\n", "354"),
+}
+REFUSED = Respond(451, "4.7.1", "Not now")
+
+
+def held_at(stage: Stage, **extra: Any) -> tuple[Driven, list[Event], VerdictNeeded]:
+    """A connection holding `stage`, driven up to it, with a NOOP pipelined behind."""
+    kwargs, before, trigger, _ = STAGES[stage]
+    conn = new_conn(held=frozenset({stage}), **kwargs, **extra)
+    events = conn.start()
+    events += conn.receive(before + trigger + (b"NOOP\r\n" if stage != Stage.STARTTLS else b""))
+    needed = [e for e in events if isinstance(e, VerdictNeeded)]
+    assert len(needed) == 1 and needed[0].stage == stage, events
+    assert conn.awaiting_reply and conn.waiting_stage == stage
+    return conn, events, needed[0]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_held_stage_waits_and_proceed_gives_the_default_reply(stage: Stage) -> None:
+    conn, events, _ = held_at(stage)
+    assert conn.receive(b"NOOP\r\n") == []  # buffered while the verdict is awaited
+    before = len(replies(events))
+    events += conn.verdict(Proceed())
+    answered = [line for line in replies(events)[before:] if line[3:4] == " "]
+    assert answered[0].startswith(STAGES[stage][3])
+    if stage not in (Stage.DATA, Stage.STARTTLS):  # DATA reads the NOOPs as body
+        assert answered[1:] == ["250 2.0.0 Ok", "250 2.0.0 Ok"]
+
+
+@pytest.mark.parametrize("stage", [s for s in STAGES if s != Stage.CONNECT])
+def test_a_held_stage_can_be_refused_and_the_session_goes_on(stage: Stage) -> None:
+    conn, events, _ = held_at(stage)
+    before = len(replies(events))
+    events += conn.verdict(REFUSED)
+    answered = replies(events)[before:]
+    assert answered[0] == "451 4.7.1 Not now"
+    if stage != Stage.STARTTLS:
+        assert answered[1:] == ["250 2.0.0 Ok"]
+    assert not conn.closed and not any(isinstance(e, StartTLS) for e in events)
+
+
+def test_refusals_undo_what_the_command_would_have_done() -> None:
+    conn, _, _ = held_at(Stage.MAIL)
+    conn.verdict(REFUSED)
+    assert final_codes(conn.receive(b"RCPT TO:<x@y>\r\n")) == ["503 5.5.1"]
+    conn, _, _ = held_at(Stage.RCPT)
+    conn.verdict(REFUSED)
+    assert final_codes(conn.receive(b"DATA\r\n")) == ["503 5.5.1"]
+    conn, _, _ = held_at(Stage.AUTH)
+    conn.verdict(Respond(535, "5.7.8", "Authentication credentials invalid"))
+    assert conn.auth.username == "u" and conn.auth.password == "p"  # captured all the same
+    conn.receive(b"AUTH PLAIN " + b64("\0v\0q").encode() + b"\r\n")  # not authenticated: may retry
+    assert final_codes(conn.verdict(Proceed())) == ["235 2.7.0"]
+    conn, _, _ = held_at(Stage.HELO)
+    conn.verdict(REFUSED)
+    assert conn.helo == ""
+
+
+def test_a_refused_connection_is_closed() -> None:
+    conn, events, _ = held_at(Stage.CONNECT)
+    assert sent(events) == b""  # no greeting before the verdict
+    events = conn.verdict(Respond(554, "5.7.1", "No service"))
+    assert events == [Send(b"554 5.7.1 No service\r\n"), Close()]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_disconnect_at_any_stage(stage: Stage) -> None:
+    conn, _, _ = held_at(stage)
+    events = conn.verdict(Disconnect("Bye now"))
+    assert events == [Send(b"421 4.7.0 Bye now\r\n"), Close()]
+    assert conn.closed
+
+
+def test_stage_arguments_and_envelope() -> None:
+    _, _, needed = held_at(Stage.MAIL)
+    assert needed.args == {"sender": "app@example.com", "params": ["SIZE=10"]}
+    _, _, needed = held_at(Stage.RCPT)
+    assert needed.args == {"recipient": "user@example.org", "params": []}
+    assert needed.envelope is not None and needed.envelope.mail_from == "a@b"
+    _, _, needed = held_at(Stage.HELO)
+    assert needed.args == {"hostname": "client.example", "verb": "EHLO"}
+    _, _, needed = held_at(Stage.AUTH)
+    assert needed.args == {"mechanism": "PLAIN", "username": "u"}
+
+
+def test_only_4xx_and_5xx_may_refuse_a_command() -> None:
+    conn, _, _ = held_at(Stage.RCPT)
+    with pytest.raises(ValueError):
+        conn.verdict(Respond(250, "2.1.5", "Fine"))
+    assert final_codes(conn.verdict(Proceed()))[0] == "250 2.1.5"
+
+
+def test_nothing_is_held_when_no_stage_is_asked_for() -> None:
+    session = drive([ENVELOPE + b"DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n"])
+    assert not any(isinstance(e, VerdictNeeded) for e in session.events)
+
+
+def test_the_end_of_the_message_uses_the_same_verdict() -> None:
+    conn = connect()
+    one_message(conn.receive(ENVELOPE + b"DATA\r\nhi\r\n.\r\n"))
+    assert conn.waiting_stage == Stage.MESSAGE
+    assert replies(conn.verdict(Proceed())) == ["250 2.0.0 Ok"]
+    one_message(conn.receive(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nhi\r\n.\r\n"))
+    assert replies(conn.verdict(Respond(554, "5.7.1", "Spam"))) == ["554 5.7.1 Spam"]
+    assert not conn.in_transaction
+
+
+HEADERS_WIRE = b"Subject: held\r\nX-Two: 2\r\n\r\nline one\r\n..dot\r\n.\r\n"
+
+
+def test_headers_verdict_in_data_sees_the_header_block() -> None:
+    conn = connect(held=frozenset({Stage.HEADERS}))
+    events = conn.receive(ENVELOPE + b"DATA\r\n" + HEADERS_WIRE + b"NOOP\r\n")
+    needed = [e for e in events if isinstance(e, VerdictNeeded)]
+    assert [n.stage for n in needed] == [Stage.HEADERS]
+    assert needed[0].args == {"headers": b"Subject: held\r\nX-Two: 2\r\n"}
+    assert not messages(events)
+    events = conn.verdict(Proceed())
+    assert one_message(events).body.data == b"Subject: held\r\nX-Two: 2\r\n\r\nline one\r\n.dot\r\n"
+
+
+def test_headers_refused_in_data_reads_the_rest_then_answers() -> None:
+    conn = connect(held=frozenset({Stage.HEADERS}))
+    conn.receive(ENVELOPE + b"DATA\r\nSubject: held\r\n\r\nfirst part ")
+    assert conn.waiting_stage == Stage.HEADERS
+    events = conn.verdict(Respond(550, "5.7.1", "Bad headers"))
+    assert sent(events) == b"" and conn.in_data  # the body is still being read
+    events = conn.receive(b"second part\r\n.\r\nNOOP\r\n")
+    assert replies(events) == ["550 5.7.1 Bad headers", "250 2.0.0 Ok"]
+    assert not messages(events) and not conn.in_transaction
+
+
+@pytest.mark.parametrize("cut", [1, 5, 14, 16, 17, 30])
+def test_headers_found_however_the_input_is_split(cut: int) -> None:
+    conn = connect(held=frozenset({Stage.HEADERS}))
+    conn.receive(ENVELOPE + b"DATA\r\n")
+    events = conn.receive(HEADERS_WIRE[:cut]) + conn.receive(HEADERS_WIRE[cut:])
+    needed = [e for e in events if isinstance(e, VerdictNeeded)]
+    assert needed and needed[0].args["headers"] == b"Subject: held\r\nX-Two: 2\r\n"
+
+
+def test_a_message_without_a_blank_line_is_all_headers() -> None:
+    conn = connect(held=frozenset({Stage.HEADERS}))
+    events = conn.receive(ENVELOPE + b"DATA\r\nSubject: only\r\n.\r\n")
+    assert [e.args for e in events if isinstance(e, VerdictNeeded)] == [
+        {"headers": b"Subject: only\r\n"}
+    ]
+    assert one_message(conn.verdict(Proceed())).body.data == b"Subject: only\r\n"
+
+
+def test_headers_verdict_in_bdat_comes_at_the_chunk_that_ends_them() -> None:
+    conn = connect(held=frozenset({Stage.HEADERS}))
+    events = conn.receive(ENVELOPE + b"BDAT 10\r\nSubject: x")
+    assert final_codes(events)[-1] == "250 2.0.0" and conn.waiting_stage is None
+    events = conn.receive(b"BDAT 8\r\n\r\n\r\nbody")
+    assert [e.args for e in events if isinstance(e, VerdictNeeded)] == [
+        {"headers": b"Subject: x\r\n"}
+    ]
+    events = conn.verdict(Respond(552, "5.3.4", "No"))
+    assert replies(events) == ["250 2.0.0 8 bytes received"]  # refused at the end
+    events = conn.receive(b"BDAT 4 LAST\r\nmore")
+    assert replies(events) == ["552 5.3.4 No"] and not messages(events)
+
+
+def test_data_verdict_refusing_bdat_reads_the_chunk() -> None:
+    conn = connect(held=frozenset({Stage.DATA}))
+    events = conn.receive(ENVELOPE + b"BDAT 5\r\nhello")
+    assert [e.args for e in events if isinstance(e, VerdictNeeded)] == [{"verb": "BDAT"}]
+    events = conn.verdict(REFUSED)
+    assert replies(events) == ["451 4.7.1 Not now"]
+    events = conn.receive(b"BDAT 3 LAST\r\nabcNOOP\r\n")
+    assert final_codes(events) == ["503 5.5.1", "250 2.0.0"]
+
+
+def test_data_verdict_proceeding_bdat_keeps_the_chunks() -> None:
+    conn = connect(held=frozenset({Stage.DATA}))
+    conn.receive(ENVELOPE + b"BDAT 5\r\nhello")
+    events = conn.verdict(Proceed()) + conn.receive(b"BDAT 3 LAST\r\nabc")
+    assert one_message(events).body.data == b"helloabc"
+
+
+def test_clock_gives_received_at_and_the_cram_md5_nonce() -> None:
+    conn = connect(auth_mechanisms=("CRAM-MD5",))
+    events = conn.receive(b"EHLO c\r\nAUTH CRAM-MD5\r\n")
+    challenge = base64.b64decode(replies(events)[-1][4:]).decode()
+    assert f".{int(NOW.timestamp())}@" in challenge
+    conn.receive(b64("u digest").encode() + b"\r\n")
+    msg = one_message(conn.receive(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nx\r\n.\r\n"))
+    assert msg.received_at == NOW
+
+
+ALL_STAGES = frozenset(Stage) - {Stage.MESSAGE}
+
+
+@FAST
+@given(full_session(), st.lists(st.integers(min_value=0), max_size=12))
+def test_holding_every_stage_and_proceeding_changes_nothing(
+    session_wire: tuple[bytes, list[bytes]], cuts: list[int]
+) -> None:
+    wire, _ = session_wire
+    plain = drive([wire])
+    held = drive(split(wire, cuts), held=ALL_STAGES)
+    assert outcome(held) == outcome(plain)
+    assert sum(isinstance(e, VerdictNeeded) for e in held.events) >= 2  # CONNECT, HELO...

@@ -17,15 +17,26 @@ import socket
 import sqlite3
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import pytest
 
 from conftest import MailpipeServer, free_port, wait_until_ready
+from mailpipe.app import Mailpipe
+from mailpipe.capture.verdicts import (
+    Disconnect,
+    Proceed,
+    Respond,
+    Stage,
+    Verdict,
+    VerdictContext,
+)
+from mailpipe.config import load_config
 
 Factory = Callable[..., MailpipeServer]
 
@@ -992,3 +1003,389 @@ def test_retention_keeps_the_newest(mailpipe_factory: Factory) -> None:
     assert listing["total"] == 3
     assert [m["subject"] for m in listing["messages"]] == ["kept? 4", "kept? 3", "kept? 2"]
     assert metric(server, "mailpipe_store_messages") == 3
+
+
+# ---- in process: CaptureServer's own behaviour and the verdict seam ----------------------
+# The server runs in the test's event loop (a real Mailpipe with its store, HTTP off), so
+# verdict callables can be registered on it; clients still talk over real sockets.
+
+InProc = Callable[..., Awaitable[Mailpipe]]
+
+
+@pytest.fixture
+async def inproc(tmp_path: Path) -> AsyncIterator[InProc]:
+    apps: list[Mailpipe] = []
+
+    async def start(smtp: dict[str, Any] | None = None, **top: Any) -> Mailpipe:
+        overrides = {
+            "data_dir": str(tmp_path / f"data{len(apps)}"),
+            "http": {"enabled": False},
+            "smtp": {"addr": "127.0.0.1:0", **(smtp or {})},
+            **top,
+        }
+        config, _ = load_config(cwd=tmp_path, overrides=overrides)
+        app = Mailpipe(config)
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        if not app.capture.stopping:
+            await app.shutdown()
+
+
+def port_of(app: Mailpipe, listener: str = "default") -> int:
+    return int(app.capture.addresses()[listener].rsplit(":", 1)[1])
+
+
+async def stored(app: Mailpipe) -> int:
+    assert app.store is not None
+    return await app.store.count()
+
+
+class AsyncSMTP:
+    """An SMTP client over an asyncio stream, for exact control of what is sent when."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int, *, greet: int | None = 220) -> AsyncSMTP:
+        client = cls(*await asyncio.open_connection("127.0.0.1", port))
+        if greet is not None:
+            code, text = await client.reply()
+            assert code == greet, text
+        return client
+
+    async def reply(self) -> tuple[int, str]:
+        return await asyncio.wait_for(_async_reply(self.reader), 10)
+
+    async def command(self, line: str | bytes) -> tuple[int, str]:
+        self.writer.write(line.encode() + b"\r\n" if isinstance(line, str) else line)
+        return await self.reply()
+
+    async def closed(self) -> bool:
+        """True once the server has closed the connection."""
+        try:
+            return await asyncio.wait_for(self.reader.read(), 5) == b""
+        except ConnectionError:
+            return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+PLAIN = "AUTH PLAIN " + base64.b64encode(b"\0user\0secret").decode()
+BODY = b"Subject: verdicts\r\nFrom: <app@example.com>\r\n\r\nHello.\r\n.\r\n"
+
+
+async def run_until(client: AsyncSMTP, stage: Stage) -> tuple[int, str]:
+    """Drive a session opened with greet=None up to `stage`; the reply that stage got."""
+    greeting = await client.reply()
+    if stage == Stage.CONNECT:
+        return greeting
+    steps: list[tuple[Stage, str | bytes]] = [
+        (Stage.HELO, "EHLO client.test"),
+        (Stage.AUTH, PLAIN),
+        (Stage.MAIL, f"MAIL FROM:<{SENDER}>"),
+        (Stage.RCPT, f"RCPT TO:<{RCPT}>"),
+        (Stage.DATA, "DATA"),
+        (Stage.HEADERS, BODY),
+    ]
+    for step, line in steps:
+        code, text = await client.command(line)
+        if step == stage or (stage == Stage.MESSAGE and step == Stage.HEADERS):
+            return code, text
+    raise AssertionError(stage)
+
+
+SMTP_STAGES = [s for s in Stage if s != Stage.STARTTLS]  # STARTTLS: its own test
+
+
+@pytest.mark.parametrize("stage", SMTP_STAGES, ids=lambda s: s.name)
+async def test_a_verdict_can_refuse_any_stage_with_its_code_and_text(
+    inproc: InProc, stage: Stage
+) -> None:
+    app = await inproc()
+    seen: list[VerdictContext] = []
+
+    async def refuse(context: VerdictContext) -> Verdict:
+        seen.append(context)
+        return Respond(550, "5.7.1", f"No {stage.name} today")
+
+    app.verdicts.register(stage, refuse)
+    client = await AsyncSMTP.open(port_of(app), greet=None)
+    assert await run_until(client, stage) == (550, f"5.7.1 No {stage.name} today")
+    assert [c.stage for c in seen] == [stage]
+    if stage == Stage.CONNECT:
+        assert await client.closed()
+    else:
+        assert (await client.command("NOOP"))[0] == 250  # the session goes on
+        assert await client.command("QUIT") == (221, "2.0.0 Bye")
+    client.close()
+    assert await stored(app) == 0
+
+
+@pytest.mark.parametrize("stage", SMTP_STAGES, ids=lambda s: s.name)
+async def test_a_verdict_can_disconnect_at_any_stage(inproc: InProc, stage: Stage) -> None:
+    app = await inproc()
+
+    async def disconnect(context: VerdictContext) -> Verdict:
+        return Disconnect("Go away")
+
+    app.verdicts.register(stage, disconnect)
+    client = await AsyncSMTP.open(port_of(app), greet=None)
+    assert await run_until(client, stage) == (421, "4.7.0 Go away")
+    assert await client.closed()
+    client.close()
+    assert await stored(app) == 0
+
+
+async def test_proceed_and_no_opinion_give_the_default_replies(inproc: InProc) -> None:
+    app = await inproc()
+    contexts: list[VerdictContext] = []
+
+    async def proceed(context: VerdictContext) -> Verdict:
+        contexts.append(context)
+        return Proceed()
+
+    async def no_opinion(context: VerdictContext) -> None:
+        context.store[context.stage.name] = True  # the session's store is shared
+
+    for stage in SMTP_STAGES:
+        app.verdicts.register(stage, no_opinion)
+        app.verdicts.register(stage, proceed)
+    client = await AsyncSMTP.open(port_of(app), greet=None)
+    code, text = await run_until(client, Stage.MESSAGE)
+    assert code == 250 and text.startswith("2.0.0 Ok: queued as "), text
+    client.close()
+    assert await stored(app) == 1
+    assert [c.stage for c in contexts] == SMTP_STAGES
+    by_stage = {c.stage: c for c in contexts}
+    assert by_stage[Stage.HELO].args == {"hostname": "client.test", "verb": "EHLO"}
+    assert by_stage[Stage.AUTH].args == {"mechanism": "PLAIN", "username": "user"}
+    assert by_stage[Stage.RCPT].args == {"recipient": RCPT, "params": []}
+    assert by_stage[Stage.RCPT].envelope is not None
+    assert by_stage[Stage.RCPT].envelope.mail_from == SENDER
+    assert by_stage[Stage.HEADERS].args["headers"].startswith(b"Subject: verdicts\r\n")
+    message = by_stage[Stage.MESSAGE]
+    assert message.email is not None and message.email.event["message"]["subject"] == "verdicts"
+    assert message.helo == "client.test" and message.auth.password == "secret"
+    assert message.remote_addr.startswith("127.0.0.1:") and message.server == "default"
+    assert len({c.session for c in contexts}) == 1 and len(message.store) == len(SMTP_STAGES)
+
+
+async def test_aiosmtplib_sees_a_refused_recipient_and_the_others_get_through(
+    inproc: InProc,
+) -> None:
+    app = await inproc()
+
+    async def no_bob(context: VerdictContext) -> Verdict | None:
+        if context.args["recipient"] == "bob@example.test":
+            return Respond(550, "5.1.1", "No such user here")
+        return None
+
+    app.verdicts.register(Stage.RCPT, no_bob)
+    refused, _ = await aiosmtplib.send(
+        message("partly refused"), sender=SENDER,
+        recipients=["alice@example.test", "bob@example.test"],
+        hostname="127.0.0.1", port=port_of(app),
+    )
+    assert refused["bob@example.test"].code == 550
+    assert refused["bob@example.test"].message == "5.1.1 No such user here"
+    assert "alice@example.test" not in refused
+    assert await stored(app) == 1
+
+
+@pytest.mark.parametrize("failure", ["raises", "hangs", "nonsense"])
+@pytest.mark.parametrize("stage", [Stage.RCPT, Stage.HEADERS, Stage.MESSAGE], ids=str)
+async def test_a_failing_verdict_tempfails_and_loses_nothing(
+    inproc: InProc, stage: Stage, failure: str
+) -> None:
+    app = await inproc()
+    app.verdicts.timeout = 0.3
+
+    async def broken(context: VerdictContext) -> Verdict:
+        if failure == "raises":
+            raise RuntimeError("plugin bug")
+        if failure == "hangs":
+            await asyncio.Event().wait()
+        return Respond(250, "2.0.0", "a 2xx is not a refusal")
+
+    app.verdicts.register(stage, broken)
+    client = await AsyncSMTP.open(port_of(app), greet=None)
+    assert await run_until(client, stage) == (451, "4.3.0 Temporary failure, please retry")
+    assert await stored(app) == 0
+    # the client retries once the plugin is fixed, and the email is captured
+    app.verdicts.unregister(stage, broken)
+    assert (await client.command("RSET"))[0] == 250
+    for line in (f"MAIL FROM:<{SENDER}>", f"RCPT TO:<{RCPT}>", "DATA"):
+        assert (await client.command(line))[0] in (250, 354)
+    assert (await client.command(BODY))[0] == 250
+    client.close()
+    assert await stored(app) == 1
+
+
+async def test_starttls_verdict(inproc: InProc) -> None:
+    app = await inproc({"tls": {"mode": "starttls", "self_signed": True}})
+
+    async def no_tls(context: VerdictContext) -> Verdict:
+        return Respond(454, "4.7.0", "TLS not available due to temporary reason")
+
+    app.verdicts.register(Stage.STARTTLS, no_tls)
+    client = await AsyncSMTP.open(port_of(app))
+    await client.command("EHLO client.test")
+    assert await client.command("STARTTLS") == (
+        454, "4.7.0 TLS not available due to temporary reason"
+    )
+    assert (await client.command("NOOP"))[0] == 250  # still in clear text, still served
+    client.close()
+    app.verdicts.unregister(Stage.STARTTLS, no_tls)
+    client = await AsyncSMTP.open(port_of(app))
+    await client.command("EHLO client.test")
+    assert await client.command("STARTTLS") == (220, "2.0.0 Ready to start TLS")
+    client.close()
+
+
+async def test_nothing_registered_nothing_held(inproc: InProc) -> None:
+    app = await inproc()
+    assert app.verdicts.held == frozenset()
+    client = await AsyncSMTP.open(port_of(app), greet=None)
+    assert (await run_until(client, Stage.MESSAGE))[0] == 250
+    session = next(iter(app.capture.sessions()))
+    assert session.conn.held == frozenset()
+    assert session._asking is None  # no verdict task was ever started
+    client.close()
+
+
+# ---- CaptureServer itself: listeners, limits, shutdown -----------------------------------
+
+
+async def send_one(port: int, subject: str) -> tuple[int, str]:
+    client = await AsyncSMTP.open(port)
+    try:
+        for line in ("EHLO client.test", f"MAIL FROM:<{SENDER}>", f"RCPT TO:<{RCPT}>", "DATA"):
+            assert (await client.command(line))[0] in (250, 354)
+        return await client.command(message(subject) + b".\r\n")
+    finally:
+        client.close()
+
+
+async def test_listeners_bind_their_own_ports_and_say_which_they_are(inproc: InProc) -> None:
+    app = await inproc({"servers": [
+        {"name": "apps", "addr": "127.0.0.1:0", "hostname": "apps.test"},
+        {"name": "tests", "addr": "127.0.0.1:0", "hostname": "tests.test"},
+    ]})  # fmt: skip
+    addresses = app.capture.addresses()
+    assert set(addresses) == {"apps", "tests"}
+    ports = {name: port_of(app, name) for name in addresses}
+    assert 0 not in ports.values() and len(set(ports.values())) == 2  # the real ports
+    for name, port in ports.items():
+        client = await AsyncSMTP.open(port, greet=None)
+        assert await client.reply() == (220, f"{name}.test ESMTP mailpipe")
+        client.close()
+        code, text = await send_one(port, f"via {name}")
+        assert code == 250, text
+    assert app.store is not None
+    listing, _ = await app.store.list(limit=10)
+    events = [await app.store.get(item["uuid"]) for item in listing]
+    servers = {e["message"]["subject"]: e["session"]["server"] for e in events if e}
+    assert servers == {"via apps": "apps", "via tests": "tests"}
+
+
+async def test_max_connections_answers_421_and_frees_the_slot(inproc: InProc) -> None:
+    app = await inproc({"max_connections": 1})
+    port = port_of(app)
+    first = await AsyncSMTP.open(port)
+    second = await AsyncSMTP.open(port, greet=None)
+    assert await second.reply() == (421, "4.7.0 Too many connections, try again later")
+    assert await second.closed()
+    second.close()
+    assert (await first.command("NOOP"))[0] == 250  # the first one is untouched
+    assert await first.command("QUIT") == (221, "2.0.0 Bye")
+    first.close()
+    for _ in range(100):  # the slot is freed once the server has seen the close
+        if not any(True for _ in app.capture.sessions()):
+            break
+        await asyncio.sleep(0.02)
+    code, text = await send_one(port, "after the slot was freed")
+    assert code == 250, text
+
+
+async def test_shutdown_finishes_messages_in_flight_and_421s_idle_sessions(
+    inproc: InProc,
+) -> None:
+    app = await inproc(shutdown_timeout="10s")
+    port = port_of(app)
+    release = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def slow_commit(context: VerdictContext) -> None:
+        arrived.set()
+        await release.wait()  # the message is in flight until released
+
+    app.verdicts.register(Stage.MESSAGE, slow_commit)
+    idle = await AsyncSMTP.open(port)
+    busy = await AsyncSMTP.open(port)
+    for line in ("EHLO busy.test", f"MAIL FROM:<{SENDER}>", f"RCPT TO:<{RCPT}>", "DATA"):
+        await busy.command(line)
+    busy.writer.write(message("in flight at shutdown") + b".\r\n")
+    await asyncio.wait_for(arrived.wait(), 10)
+
+    stopping = asyncio.create_task(app.shutdown())
+    code, _ = await idle.reply()  # the idle session is told at once
+    assert code == 421 and await idle.closed()
+    with pytest.raises(OSError):  # no new connections
+        await asyncio.open_connection("127.0.0.1", port)
+    assert not stopping.done()
+    release.set()
+    code, text = await busy.reply()
+    assert code == 250 and text.startswith("2.0.0 Ok: queued as "), text
+    assert (await busy.reply())[0] == 421  # then closed, as the server is stopping
+    assert await busy.closed()
+    await asyncio.wait_for(stopping, 10)
+    idle.close()
+    busy.close()
+    assert not any(True for _ in app.capture.sessions())
+    # committed before the 250, so in the database the shutdown closed
+    db = Path(app.config.data_dir) / "mailpipe.db"
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (1,)
+
+
+async def test_shutdown_timeout_aborts_a_session_still_busy(inproc: InProc) -> None:
+    app = await inproc(shutdown_timeout="0.3s")
+    client = await AsyncSMTP.open(port_of(app))
+    for line in ("EHLO slow.test", f"MAIL FROM:<{SENDER}>", f"RCPT TO:<{RCPT}>", "DATA"):
+        await client.command(line)
+    client.writer.write(b"Subject: never finished\r\n\r\nhalf a bo")
+    await asyncio.wait_for(app.shutdown(), 10)
+    assert await client.closed()
+    client.close()
+    assert not any(True for _ in app.capture.sessions())
+
+
+async def test_an_administrator_closes_a_session_waiting_for_a_verdict(inproc: InProc) -> None:
+    app = await inproc()
+    asked = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def hangs(context: VerdictContext) -> None:
+        asked.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    app.verdicts.register(Stage.HELO, hangs)
+    client = await AsyncSMTP.open(port_of(app))
+    client.writer.write(b"EHLO stuck.test\r\n")
+    await asyncio.wait_for(asked.wait(), 10)
+    (session,) = app.capture.sessions()
+    assert app.close_connection(session.id)
+    assert await client.reply() == (421, "4.3.2 Connection closed by administrator")
+    assert await client.closed()
+    await asyncio.wait_for(cancelled.wait(), 10)
+    client.close()

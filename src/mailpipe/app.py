@@ -16,6 +16,7 @@ from mailpipe.admin import AdminMixin, JobsAdminMixin
 from mailpipe.capture.attachments import AttachmentStorage, run_sweeper
 from mailpipe.capture.message import EventOptions
 from mailpipe.capture.server import CaptureServer, format_addr
+from mailpipe.capture.verdicts import Verdicts
 from mailpipe.config import Config, is_loopback, split_host_port
 from mailpipe.discovery import remove_state, write_state
 from mailpipe.jobs.sink import JobsSink
@@ -56,6 +57,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
         self.attachments = AttachmentStorage(
             mode=storage.mode, temp_dir=storage.temp_dir, cleanup_after=storage.cleanup_after
         )
+        self.verdicts = Verdicts()  # plugins register here: an answer at every SMTP stage
         self.capture = CaptureServer(
             config.smtp.listeners(),
             dispatcher=self.dispatcher,
@@ -66,6 +68,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
             transcript=config.smtp.transcript,
             spool_threshold=config.smtp.spool_threshold,
             data_dir=self.data_dir,
+            verdicts=self.verdicts,
         )
         self._http_runner: object | None = None
         self._tasks: list[asyncio.Task[None]] = []

@@ -156,6 +156,22 @@ def _tls_shorthand(value: Any) -> Any:
 TLSSetting = Annotated[TLSConfig | None, BeforeValidator(_tls_shorthand)]
 
 
+AuthMechanism = Literal["PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"]
+
+
+class SMTPAuthConfig(Section):
+    """AUTH mechanisms offered in EHLO, in this order; others answer 504. CRAM-MD5 is off by
+    default: clients prefer it when offered (Symfony Mailer, PHPMailer, smtplib), and then
+    only a digest of the password is captured."""
+
+    mechanisms: list[AuthMechanism] = Field(default_factory=lambda: ["PLAIN", "LOGIN", "XOAUTH2"])
+
+    @field_validator("mechanisms", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return [str(v).upper() for v in value] if isinstance(value, list) else value
+
+
 class ListenerLimits(Section):
     """The limits an SMTP listener runs with, and their defaults: declared here and nowhere
     else. The `smtp` section sets them for every listener; an entry of `smtp.servers`
@@ -169,6 +185,7 @@ class ListenerLimits(Section):
     max_line_length: int = Field(default=4096, ge=512)
     max_connections: int = Field(default=1000, ge=1)
     tls: TLSSetting = None
+    auth: SMTPAuthConfig = SMTPAuthConfig()
 
 
 class ListenerConfig(ListenerLimits):

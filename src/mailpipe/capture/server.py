@@ -11,23 +11,34 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import cast
 
 from mailpipe.capture.message import EventOptions, SessionInfo
 from mailpipe.capture.offload import EventBuilder
 from mailpipe.capture.protocol import ProtocolSettings, SMTPConnection
+from mailpipe.capture.spool import SPOOL_FAILED, Spooler
 from mailpipe.capture.tls import server_context
 from mailpipe.capture.types import (
+    PROCEED,
+    BodyChunk,
+    BodyDropped,
     Close,
+    Envelope,
     Event,
     MessageReceived,
+    Proceed,
     Reply,
     Send,
+    Stage,
     StartTLS,
     Trace,
+    Verdict,
+    VerdictNeeded,
     Violation,
 )
+from mailpipe.capture.verdicts import VerdictContext, Verdicts
 from mailpipe.config import ResolvedListener, split_host_port
 from mailpipe.event import CapturedEmail, new_uuid
 from mailpipe.metrics import Metrics
@@ -39,6 +50,24 @@ REPLY_RETRY = Reply(451, "4.3.0 Temporary failure, please retry")
 REPLY_TOO_MANY = Reply(421, "4.7.0 Too many connections, try again later")
 REPLY_CLOSING = Reply(421, "4.3.2 Closing connection")
 REPLY_CLOSED_BY_ADMIN = Reply(421, "4.3.2 Connection closed by administrator")
+_now = partial(datetime.now, UTC)
+
+
+def protocol_settings(
+    listener: ResolvedListener, *, spool_threshold: int, transcript: bool, tls_available: bool
+) -> ProtocolSettings:
+    """The protocol core's settings for one listener: every limit comes from its config."""
+    return ProtocolSettings(
+        hostname=listener.hostname,
+        max_message_size=listener.max_message_size,
+        max_recipients=listener.max_recipients,
+        max_line_length=listener.max_line_length,
+        spool_threshold=spool_threshold,
+        auth_mechanisms=tuple(listener.auth.mechanisms),
+        tls_available=tls_available,
+        transcript=transcript,
+        trace=log.isEnabledFor(logging.DEBUG),
+    )
 
 
 def format_addr(peer: object) -> str:
@@ -93,17 +122,17 @@ class CaptureServer:
         dispatcher: Dispatcher,
         metrics: Metrics,
         event_options: EventOptions,
-        transcript: bool = False,
-        spool_threshold: int = 1024 * 1024,
-        spool_dir: str | None = None,
+        transcript: bool,
+        spool_threshold: int,
         data_dir: Path | None = None,
+        verdicts: Verdicts | None = None,
     ) -> None:
         self.dispatcher = dispatcher
+        self.verdicts = verdicts if verdicts is not None else Verdicts()
         self.metrics = metrics
         self.event_options = event_options
         self.listeners = [
-            self._make_listener(item, transcript, spool_threshold, spool_dir, data_dir)
-            for item in listeners
+            self._make_listener(item, transcript, spool_threshold, data_dir) for item in listeners
         ]
         self.stopping = False
         self.builder = EventBuilder()
@@ -113,21 +142,15 @@ class CaptureServer:
         item: ResolvedListener,
         transcript: bool,
         spool_threshold: int,
-        spool_dir: str | None,
         data_dir: Path | None,
     ) -> Listener:
         context = server_context(item.tls, item.hostname, data_dir) if item.tls else None
-        settings = ProtocolSettings(
-            hostname=item.hostname,
-            max_message_size=item.max_message_size,
-            max_recipients=item.max_recipients,
-            max_line_length=item.max_line_length,
+        settings = protocol_settings(
+            item,
             spool_threshold=spool_threshold,
-            spool_dir=spool_dir,
+            transcript=transcript,
             tls_available=context is not None and item.tls is not None
             and item.tls.mode == "starttls",
-            transcript=transcript,
-            trace=log.isEnabledFor(logging.DEBUG),
         )
         return Listener(
             config=item,
@@ -203,7 +226,8 @@ class SMTPSession(asyncio.Protocol):
         self.server = server
         self.listener = listener
         self.id = new_uuid()
-        self.conn = SMTPConnection(listener.settings, tls_active=listener.implicit_tls)
+        self.conn = SMTPConnection(listener.settings, clock=_now, tls_active=listener.implicit_tls,
+                                   held=server.verdicts.held)
         self.transport: asyncio.Transport | None = None
         self.remote_addr = ""
         self.local_addr = ""
@@ -218,6 +242,9 @@ class SMTPSession(asyncio.Protocol):
         self._closing = False
         self._write_blocked = False
         self._closing_after_reply = False
+        self.spooler = Spooler()
+        self._asking: asyncio.Future[None] | None = None
+        self._store: dict[str, object] | None = None  # for verdict callables, made on demand
         self._close_reply: Reply | None = None  # why the server closes it, when not shutdown
 
     # ---- asyncio.Protocol ---------------------------------------------------------
@@ -257,6 +284,7 @@ class SMTPSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.conn.connection_lost()
+        self.spooler.drop()
         for timer in (self._idle_timer, self._write_timer):
             if timer is not None:
                 timer.cancel()
@@ -301,6 +329,12 @@ class SMTPSession(asyncio.Protocol):
                     transport.write(event.data)
             elif type(event) is MessageReceived:
                 self._update_reading()
+                if event.chunked and not self.spooler.attach(event):
+                    log.error("could not spool a message body", extra={"session": self.id})
+                    self.listener.metrics.rejected_error.inc()
+                    self._handle(self.conn.verdict(SPOOL_FAILED))
+                    self._update_reading()
+                    continue
                 self._delivering = asyncio.ensure_future(self._deliver(event))
             elif type(event) is Close:
                 if transport is not None:
@@ -313,11 +347,58 @@ class SMTPSession(asyncio.Protocol):
                             extra={"session": self.id, "remote": self.remote_addr})
             elif type(event) is Trace:
                 log.debug("%s: %s", event.direction, event.line, extra={"session": self.id})
+            elif type(event) is BodyChunk:
+                self.spooler.chunk(event.data)
+            elif type(event) is BodyDropped:
+                self.spooler.drop()
+            elif type(event) is VerdictNeeded:
+                self._update_reading()
+                self._asking = asyncio.ensure_future(self._ask(event))
+
+    # ---- verdicts -----------------------------------------------------------------
+
+    def _context(self, stage: Stage, args: dict[str, object], envelope: Envelope | None,
+                 email: CapturedEmail | None = None) -> VerdictContext:
+        if self._store is None:
+            self._store = {}
+        return VerdictContext(
+            stage=stage, session=self.id, server=self.listener.name,
+            remote_addr=self.remote_addr, local_addr=self.local_addr,
+            tls=self.conn.tls_active, helo=self.conn.helo, auth=self.conn.auth,
+            envelope=envelope, args=args, store=self._store, email=email,
+        )
+
+    async def _ask(self, needed: VerdictNeeded) -> None:
+        context = self._context(needed.stage, needed.args, needed.envelope)
+        verdict = await self.server.verdicts.decide(context)
+        self._asking = None
+        self._answer(verdict)
+
+    async def _message_verdict(self, received: MessageReceived,
+                               email: CapturedEmail) -> Verdict:
+        """The MESSAGE stage's callables, before the sinks see the message."""
+        if Stage.MESSAGE not in self.conn.held:
+            return PROCEED
+        context = self._context(Stage.MESSAGE, {}, received.envelope, email)
+        return await self.server.verdicts.decide(context)
+
+    def _answer(self, verdict: Verdict) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._handle(self.conn.verdict(verdict))
+        self._update_reading()
+        if self._closing:
+            self.request_close()
 
     async def _deliver(self, received: MessageReceived) -> None:
         reply = REPLY_RETRY
         try:
             email = await self._capture(received)
+            verdict = await self._message_verdict(received, email)
+            if type(verdict) is not Proceed:  # refused before any sink saw it
+                self._delivering = None
+                self._answer(verdict)
+                return
             delivery = await self.server.dispatcher.deliver(email)
             reply = Reply(delivery.code, f"{delivery.enhanced} {delivery.text}")
             if delivery.accepted:
@@ -423,9 +504,10 @@ class SMTPSession(asyncio.Protocol):
         self._closing = True
         if reply is not None:
             self._close_reply = reply
-            if self.conn.awaiting_reply and self._delivering is not None:
-                self._delivering.cancel()
-                self._delivering = None
+            pending = self._delivering or self._asking  # a message's or a stage's verdict
+            if self.conn.awaiting_reply and pending is not None:
+                pending.cancel()
+                self._delivering = self._asking = None
                 self._handle(self.conn.close_now(reply))
                 return
         if not (self.conn.closed or self.conn.in_transaction or self.conn.awaiting_reply):

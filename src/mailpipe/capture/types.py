@@ -9,6 +9,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import IntEnum
 
 
 @dataclass(slots=True)
@@ -81,6 +82,56 @@ class Reply:
         return "".join(out).encode("utf-8", "surrogateescape")
 
 
+# ---- verdicts --------------------------------------------------------------------------
+
+
+class Stage(IntEnum):
+    """A point of the session where the driver may be asked for a verdict before the core
+    answers. MESSAGE is always held (the sinks' verdict); the others only when asked for."""
+
+    CONNECT = 0  # before the greeting
+    HELO = 1  # HELO or EHLO, before its 250
+    AUTH = 2  # credentials captured, before the 235
+    STARTTLS = 3  # before the 220 that starts the handshake
+    MAIL = 4
+    RCPT = 5
+    DATA = 6  # DATA, or the first BDAT of a transaction, before the body is read
+    HEADERS = 7  # the blank line ending the header block has arrived
+    MESSAGE = 8  # the whole message has arrived
+
+
+@dataclass(frozen=True, slots=True)
+class Proceed:
+    """Go on as if nobody had been asked: the default reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class Respond:
+    """Answer with this reply instead (4xx/5xx; any code at the end of a message)."""
+
+    code: int
+    enhanced: str
+    text: str
+
+    def reply(self) -> Reply:
+        return Reply(self.code, f"{self.enhanced} {self.text}" if self.enhanced else self.text)
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Answer 421 and close the connection."""
+
+    text: str = "Service not available, closing transmission channel"
+    enhanced: str = "4.7.0"
+
+    def reply(self) -> Reply:
+        return Reply(421, f"{self.enhanced} {self.text}")
+
+
+Verdict = Proceed | Respond | Disconnect
+PROCEED = Proceed()
+
+
 # ---- events the protocol core emits ---------------------------------------------------
 
 
@@ -91,10 +142,35 @@ class Send:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class BodyChunk:
+    """Part of a body too big to keep in memory (dot-unstuffed): the driver stores it (see
+    `capture.spool`); the MessageReceived that follows says the body continues there."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BodyDropped:
+    """The body whose chunks were handed out will never complete: throw them away."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictNeeded:
+    """The core waits (buffering pipelined input) at `stage` until the driver calls
+    `SMTPConnection.verdict()`. `args` are the stage's own: hostname, mechanism and username,
+    sender or recipient and params, headers (bytes)."""
+
+    stage: Stage
+    args: dict[str, object]
+    envelope: Envelope | None
+
+
 @dataclass(slots=True)
 class MessageReceived:
-    """A complete message. The core waits (buffering any pipelined input) until the driver
-    calls `SMTPConnection.reply_to_message()` with the verdict of the sinks."""
+    """A complete message: the verdict of the MESSAGE stage. The core waits (buffering any
+    pipelined input) until the driver calls `SMTPConnection.verdict()` with the sinks' answer.
+    With `chunked`, the body came first as BodyChunk events and `body` holds nothing."""
 
     envelope: Envelope
     auth: AuthInfo
@@ -103,6 +179,7 @@ class MessageReceived:
     violations: list[str]
     transcript: list[str] | None
     tls: bool
+    chunked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,4 +208,7 @@ class Trace:
     line: str
 
 
-Event = Send | MessageReceived | StartTLS | Close | Violation | Trace
+Event = (
+    Send | MessageReceived | StartTLS | Close | Violation | Trace | BodyChunk | BodyDropped
+    | VerdictNeeded
+)

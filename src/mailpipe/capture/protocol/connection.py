@@ -1,0 +1,933 @@
+"""`SMTPConnection`: one SMTP session, server side, as a sans-I/O state machine (h11 style).
+
+It takes the bytes a client sent and returns events for whoever drives it: bytes to send,
+body chunks to store, verdicts to ask for, complete messages, "start TLS now", "close". It
+never touches a socket, a file, a clock (the driver gives one) or a logger, so it can be
+tested byte by byte. The parts it wires together each have one job: `states` (which command
+is legal where, and where it leads), `commands` (parsing), `replies` (every text), `body`
+(the DATA scanner) and `auth` (SASL capture).
+
+It is deliberately permissive: mailpipe captures what applications send, so sloppy clients
+(bare LF, long lines, 8-bit data without BODY=8BITMIME...) are accepted and their sins are
+reported as `Violation` events instead of being refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from ..types import (
+    AuthInfo,
+    BodyChunk,
+    BodyDropped,
+    Close,
+    Disconnect,
+    Envelope,
+    Event,
+    MessageBody,
+    MessageReceived,
+    Proceed,
+    Reply,
+    Respond,
+    Send,
+    Stage,
+    StartTLS,
+    Trace,
+    Verdict,
+    VerdictNeeded,
+    Violation,
+)
+from . import auth, replies
+from .body import (
+    TERMINATOR,
+    TERMINATOR_TAIL,
+    BodyScan,
+    HeaderWatch,
+    copy,
+    headers_end,
+    unstuff,
+)
+from .commands import (
+    AUTH_LINE_LENGTH,
+    NOT_IMPLEMENTED,
+    mask_auth,
+    parse_bdat,
+    parse_path,
+    size_param,
+    strip_keyword,
+)
+from .settings import ProtocolSettings
+from .states import COMMANDS, MODES, Mode, Phase
+
+__all__ = ["SMTPConnection"]
+
+# Plain ints in the hot loops: comparing them is cheaper than comparing enum members.
+_COMMAND = int(Mode.COMMAND)
+_AUTH = int(Mode.AUTH)
+_DATA = int(Mode.DATA)
+_BDAT = int(Mode.BDAT)
+_WAIT = int(Mode.WAIT)
+_WAIT_TLS = int(Mode.WAIT_TLS)
+_CLOSED = int(Mode.CLOSED)
+_IDLE = int(Phase.IDLE)
+_RCPT = int(Phase.RCPT)
+_MESSAGE = Stage.MESSAGE  # an enum's attribute lookup costs more than a global's
+_MODES = {int(k): frozenset(int(m) for m in v) for k, v in MODES.items()}
+# How a verdict resolves a wait
+_PROCEED, _REFUSE, _DISCONNECT = 0, 1, 2
+
+# A hostile client must not grow these without bound (or make each check O(n)).
+_MAX_VIOLATIONS = 50
+_MAX_TRANSCRIPT = 10_000
+_NO_STAGES: frozenset[Stage] = frozenset()
+
+Then = Callable[[], None]
+Refuse = Callable[[bytes], None]
+
+
+class SMTPConnection:
+    """One SMTP session, server side. Feed it bytes, act on the events it returns.
+
+    `clock` gives the time (received_at, the CRAM-MD5 nonce); `held` are the stages at
+    which the driver wants to give a verdict (MESSAGE is always held)."""
+
+    # Slots: past 30 attributes an instance dict loses CPython's fast attribute access.
+    __slots__ = (
+        "_authenticated",
+        "_bdat_buf",
+        "_bdat_keep",
+        "_bdat_last",
+        "_bdat_left",
+        "_bdat_refusal",
+        "_bdat_size",
+        "_body_scan",
+        "_body_start",
+        "_bol",
+        "_buf",
+        "_chunked",
+        "_clock",
+        "_drop",
+        "_env",
+        "_events",
+        "_exchange",
+        "_head",
+        "_held",
+        "_log",
+        "_mode",
+        "_out",
+        "_phase",
+        "_raw_size",
+        "_refuse_with",
+        "_resume",
+        "_scan",
+        "_skip_line",
+        "_stage",
+        "_then",
+        "_transcript",
+        "_violations",
+        "auth",
+        "held",
+        "helo",
+        "settings",
+        "tls_active",
+    )
+
+    def __init__(
+        self,
+        settings: ProtocolSettings,
+        *,
+        clock: Callable[[], datetime],
+        tls_active: bool = False,
+        held: frozenset[Stage] = _NO_STAGES,
+    ) -> None:
+        self.settings = settings
+        self.tls_active = tls_active
+        self.helo = ""
+        self.auth = AuthInfo()
+        self._clock = clock
+        self._held = self.held = held
+        self._mode = _COMMAND
+        self._phase = _IDLE
+        self._buf = bytearray()
+        self._events: list[Event] = []
+        self._out: list[bytes] = []  # replies not yet wrapped in a Send
+        self._log = settings.transcript or settings.trace
+        self._transcript: list[str] | None = [] if settings.transcript else None
+        self._violations: list[str] = []  # since the last message
+        self._skip_line = False  # discarding the rest of an over-long line
+        self._authenticated = False
+        self._exchange: auth.Exchange | None = None
+        self._env: Envelope | None = None
+        # what a verdict resumes: the mode, and what Proceed or Respond then does
+        self._resume = _COMMAND
+        self._then: Then | None = None
+        self._refuse_with: Refuse | None = None
+        self._stage = _MESSAGE
+        self._bdat_left = 0
+        self._bdat_size = 0
+        self._bdat_last = False
+        self._bdat_keep = False
+        self._bdat_refusal = b""  # answers a chunk that is read but not kept
+        self._reset_body()
+
+    # ---- public API -------------------------------------------------------------------
+
+    @property
+    def awaiting_reply(self) -> bool:
+        """A verdict is awaited (the message's, or a held stage's)."""
+        return self._mode == _WAIT
+
+    @property
+    def waiting_stage(self) -> Stage | None:
+        return self._stage if self._mode == _WAIT else None
+
+    @property
+    def in_transaction(self) -> bool:
+        # A message waiting for its verdict still has a client waiting for the reply.
+        return self._phase != _IDLE or _DATA <= self._mode <= _WAIT
+
+    @property
+    def in_data(self) -> bool:
+        return self._mode == _DATA or self._mode == _BDAT
+
+    @property
+    def closed(self) -> bool:
+        return self._mode == _CLOSED
+
+    def start(self) -> list[Event]:
+        greeting = replies.greeting(self.settings.hostname)
+        if self._held and Stage.CONNECT in self._held:
+            self._hold(Stage.CONNECT, {}, lambda: self._send(greeting), self._close)
+        else:
+            self._send(greeting)
+        return self._take_events()
+
+    def receive(self, data: bytes) -> list[Event]:
+        mode = self._mode
+        if mode >= _WAIT:
+            if mode == _WAIT:
+                self._buf += data
+            elif mode == _WAIT_TLS and data:
+                self._violation(replies.V_PRE_TLS_DATA)
+            return self._take_events()
+        self._buf += data
+        self._run()
+        return self._take_events()
+
+    def verdict(self, verdict: Verdict, *, close_reply: Reply | None = None) -> list[Event]:
+        """Answer the stage awaiting a verdict (a VerdictNeeded or a MessageReceived), then
+        read on; with `close_reply`, end the session with it right after."""
+        if type(verdict) is Proceed:
+            return self._resolve(_PROCEED, b"", close_reply)
+        if type(verdict) is Respond:
+            if self._stage != _MESSAGE and not 400 <= verdict.code < 600:
+                raise ValueError(f"a {self._stage.name} verdict must be 4xx or 5xx: {verdict}")
+            return self._resolve(_REFUSE, verdict.reply().encode(), close_reply)
+        if type(verdict) is Disconnect:
+            return self._resolve(_DISCONNECT, verdict.reply().encode(), close_reply)
+        raise TypeError(f"not a verdict: {verdict!r}")
+
+    def reply_to_message(self, reply: Reply, *, close_after: bool = False,
+                         close_reply: Reply | None = None) -> list[Event]:
+        """`verdict()` for the end of a message, given as a Reply; with close_after, then end
+        the session with `close_reply` (221 Bye unless given, e.g. a 421 when closing)."""
+        if self._mode == _WAIT and self._stage != _MESSAGE:
+            raise RuntimeError("no message is awaiting a reply")
+        final = (close_reply or _BYE) if close_after else None
+        return self._resolve(_REFUSE, reply.encode(), final)
+
+    def _resolve(self, how: int, reply: bytes, close_reply: Reply | None) -> list[Event]:
+        if self._mode != _WAIT:
+            if self._mode == _CLOSED:
+                return []
+            raise RuntimeError("no verdict is awaited")
+        then, refuse = self._then, self._refuse_with
+        self._then = self._refuse_with = None
+        self._goto(self._resume)
+        if how == _PROCEED:
+            if then is not None:
+                then()
+            else:
+                self._send(replies.OK)
+        elif how == _REFUSE:
+            if refuse is not None:
+                refuse(reply)
+            else:
+                self._send(reply)
+        else:
+            self._close(reply)
+        if close_reply is not None and self._mode != _CLOSED:
+            self._close(close_reply.encode())
+        if self._mode < _WAIT:
+            self._run()
+        return self._take_events()
+
+    def tls_started(self) -> list[Event]:
+        if self._mode != _WAIT_TLS:
+            if self._mode == _CLOSED:
+                return []
+            raise RuntimeError("STARTTLS was not requested")
+        # RFC 3207 4.2: forget everything learnt from the client before the handshake
+        self.tls_active = True
+        self.helo = ""
+        self.auth = AuthInfo()
+        self._authenticated = False
+        self._reset_transaction()
+        self._buf.clear()
+        self._goto(_COMMAND)
+        return self._take_events()
+
+    def idle_timeout(self) -> list[Event]:
+        return self._abort(replies.timeout(self.settings.hostname))
+
+    def shutdown(self) -> list[Event]:
+        return self._abort(replies.shutting_down(self.settings.hostname))
+
+    def close_now(self, reply: Reply) -> list[Event]:
+        """End the session with `reply` in any state, even while a message awaits its verdict
+        (whoever was to give it has been cancelled)."""
+        return self._abort(reply.encode())
+
+    def connection_lost(self) -> None:
+        """The client went away: drop any half-received body."""
+        self._reset_transaction()
+        self._buf.clear()
+        self._goto(_CLOSED)
+        self._events.clear()
+
+    # ---- state ------------------------------------------------------------------------
+
+    def _goto(self, mode: int, phase: int | None = None) -> None:
+        """The only place the state changes; `states.MODES` says which moves are legal."""
+        if mode != self._mode:
+            if mode not in _MODES[self._mode]:
+                raise AssertionError(f"{Mode(self._mode).name} -> {Mode(mode).name}")
+            self._mode = mode
+        if phase is not None:
+            self._phase = phase
+
+    def _hold(self, stage: Stage, args: dict[str, object], then: Then | None,
+              refuse: Refuse | None) -> None:
+        """Ask the driver for a verdict at `stage`: Proceed runs `then`, Respond `refuse`
+        (None: send the reply as it is)."""
+        self._flush()
+        self._events.append(VerdictNeeded(stage, args, self._env))
+        self._await(stage, then, refuse)
+
+    def _await(self, stage: Stage, then: Then | None, refuse: Refuse | None,
+               phase: int | None = None) -> None:
+        self._stage = stage
+        self._then = then
+        self._refuse_with = refuse
+        self._resume = self._mode
+        self._goto(_WAIT, phase)
+
+    # ---- output -----------------------------------------------------------------------
+
+    def _send(self, reply: bytes) -> None:
+        self._out.append(reply)
+        if self._log:
+            for line in reply.decode("utf-8", "replace").split("\r\n")[:-1]:
+                self._log_line("S", line, line)
+
+    def _flush(self) -> None:
+        if self._out:
+            self._events.append(Send(b"".join(self._out)))
+            self._out.clear()
+
+    def _take_events(self) -> list[Event]:
+        self._flush()
+        events = self._events
+        self._events = []
+        return events
+
+    def _log_line(self, direction: str, line: str, masked: str) -> None:
+        transcript = self._transcript
+        if transcript is not None:
+            if len(transcript) < _MAX_TRANSCRIPT - 1:
+                transcript.append(f"{direction}: {line}")
+            elif len(transcript) == _MAX_TRANSCRIPT - 1:
+                transcript.append("[transcript truncated]")
+        if self.settings.trace:
+            self._events.append(Trace(direction, masked))
+
+    def _log_data(self, size: int) -> None:
+        if self._log:
+            text = f"<message data: {size} bytes>"
+            self._log_line("C", text, text)
+
+    def _violation(self, text: str) -> None:
+        if len(self._violations) < _MAX_VIOLATIONS and text not in self._violations:
+            self._violations.append(text)
+            self._events.append(Violation(text))
+
+    def _close(self, reply: bytes) -> None:
+        self._send(reply)
+        self._reset_transaction()
+        self._flush()
+        self._events.append(Close())
+        self._goto(_CLOSED)
+        self._buf.clear()
+
+    def _abort(self, reply: bytes) -> list[Event]:
+        if self._mode == _CLOSED:
+            return []
+        self._close(reply)
+        return self._take_events()
+
+    # ---- input loop -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        # Each reader returns True only after a mode change, so this cannot spin.
+        while True:
+            mode = self._mode
+            if mode <= _AUTH:
+                more = self._read_lines()
+            elif mode == _DATA:
+                more = self._read_data()
+            elif mode == _BDAT:
+                more = self._read_bdat()
+            else:
+                return
+            if not more:
+                return
+
+    def _read_lines(self) -> bool:
+        buf = self._buf
+        while self._mode <= _AUTH:
+            idx = buf.find(b"\n")
+            if self._skip_line:
+                if idx < 0:
+                    buf.clear()
+                    return False
+                del buf[: idx + 1]
+                self._skip_line = False
+                continue
+            if idx < 0:
+                if len(buf) > self._line_limit(buf) + 1:  # +1: a CR may still be followed by LF
+                    buf.clear()
+                    self._skip_line = True
+                    self._line_too_long()
+                return False
+            end = idx
+            if idx and buf[idx - 1] == 13:
+                end -= 1
+            else:
+                self._violation(replies.V_BARE_LF_COMMAND)
+            if end > self.settings.max_line_length and end > self._line_limit(buf):
+                del buf[: idx + 1]
+                self._line_too_long()
+                continue
+            line = buf[:end].decode("utf-8", "replace")
+            del buf[: idx + 1]
+            if self._mode == _COMMAND:
+                self._command(line)
+            else:
+                self._auth_line(line)
+        return True
+
+    def _line_limit(self, buf: bytearray) -> int:
+        limit = self.settings.max_line_length
+        if self._mode == _AUTH or buf[:5].upper() == b"AUTH ":
+            return max(limit, AUTH_LINE_LENGTH)
+        return limit
+
+    def _line_too_long(self) -> None:
+        if self._log:
+            self._log_line("C", replies.V_OVERLONG_LINE, replies.V_OVERLONG_LINE)
+        self._violation(replies.v_long_command(self.settings.max_line_length))
+        self._exchange = None  # an over-long AUTH response ends the exchange too
+        self._goto(_COMMAND)
+        self._send(replies.LINE_TOO_LONG)
+
+    def _command(self, line: str) -> None:
+        verb, _, arg = line.partition(" ")
+        verb = verb.upper()
+        if self._log:
+            self._log_line("C", line, mask_auth(line) if verb == "AUTH" else line)
+        rule = _RULES.get(verb)
+        if rule is None:
+            self._unknown(verb)
+            return
+        handler, entry = rule
+        outcome = entry[self._phase]
+        if type(outcome) is bytes and verb != "BDAT":  # BDAT reads its chunk even so
+            self._send(outcome)
+            return
+        handler(self, arg.strip(), outcome)
+
+    def _unknown(self, verb: str) -> None:
+        if verb in NOT_IMPLEMENTED:
+            self._violation(replies.v_unimplemented(verb))
+            self._send(replies.NOT_IMPLEMENTED)
+        else:
+            self._violation(replies.v_unrecognized(verb))
+            self._send(replies.UNRECOGNIZED)
+
+    # ---- commands: each gets its argument and what the state table says ---------------
+
+    def _cmd_ehlo(self, arg: str, to: Phase) -> None:
+        if not arg:
+            self._send(replies.SYNTAX_EHLO)
+            return
+        reply = replies.ehlo(self.settings, self.tls_active)
+        self._greeted("EHLO", arg, reply, to)
+
+    def _cmd_helo(self, arg: str, to: Phase) -> None:
+        if not arg:
+            self._send(replies.SYNTAX_HELO)
+            return
+        self._greeted("HELO", arg, replies.helo(self.settings.hostname), to)
+
+    def _greeted(self, verb: str, hostname: str, reply: bytes, to: Phase) -> None:
+        if self._held and Stage.HELO in self._held:
+            self._hold(Stage.HELO, {"hostname": hostname, "verb": verb},
+                       lambda: self._greeted_ok(hostname, reply), None)
+        else:
+            self._greeted_ok(hostname, reply)
+
+    def _greeted_ok(self, hostname: str, reply: bytes) -> None:
+        self.helo = hostname
+        self._reset_transaction()
+        self._send(reply)
+
+    def _cmd_mail(self, arg: str, to: Phase) -> None:
+        rest, colon = strip_keyword(arg, "FROM")
+        address, params = parse_path(rest) if rest is not None else (None, [])
+        if address is None:
+            self._send(replies.SYNTAX_MAIL)
+            return
+        if not colon:
+            self._violation(replies.V_NO_COLON)
+        if not self.helo:
+            self._violation(replies.V_NO_HELO)
+        size = size_param(params)
+        limit = self.settings.max_message_size
+        if size is not None and limit and size > limit:
+            self._send(replies.TOO_BIG)
+            return
+        if self._held and Stage.MAIL in self._held:
+            self._hold(Stage.MAIL, {"sender": address, "params": params},
+                       lambda: self._mail_ok(address, params, to), None)
+        else:
+            self._mail_ok(address, params, to)
+
+    def _mail_ok(self, address: str, params: list[str], to: Phase) -> None:
+        self._env = Envelope(mail_from=address, mail_options=params, helo=self.helo)
+        self._goto(self._mode, to)
+        self._send(replies.MAIL_OK)
+
+    def _cmd_rcpt(self, arg: str, to: Phase) -> None:
+        rest, colon = strip_keyword(arg, "TO")
+        address, params = parse_path(rest) if rest is not None else (None, [])
+        if not address:
+            self._send(replies.SYNTAX_RCPT)
+            return
+        if not colon:
+            self._violation(replies.V_NO_COLON)
+        limit = self.settings.max_recipients
+        if limit and self._env is not None and len(self._env.rcpt_to) >= limit:
+            self._send(replies.TOO_MANY_RCPTS)
+            return
+        if self._held and Stage.RCPT in self._held:
+            self._hold(Stage.RCPT, {"recipient": address, "params": params},
+                       lambda: self._rcpt_ok(address, params, to), None)
+        else:
+            self._rcpt_ok(address, params, to)
+
+    def _rcpt_ok(self, address: str, params: list[str], to: Phase) -> None:
+        env = self._env
+        if env is not None:  # never None: the state table allows RCPT only after MAIL
+            env.rcpt_to.append(address)
+            env.rcpt_options.append(params)
+        self._goto(self._mode, to)
+        self._send(replies.RCPT_OK)
+
+    def _cmd_data(self, arg: str, to: Phase) -> None:
+        if self._held and Stage.DATA in self._held:
+            self._hold(Stage.DATA, {"verb": "DATA"}, self._data_start, None)
+        else:
+            self._data_start()
+
+    def _data_start(self) -> None:
+        self._send(replies.DATA_GO_AHEAD)
+        self._goto(_DATA)
+        # Put back the LF that ended the DATA line: then one search for "\n.\r\n"
+        # also finds a terminator on the very first line (an empty message).
+        self._buf[0:0] = b"\n"
+        self._body_start = 1
+        if self._held and Stage.HEADERS in self._held:
+            self._head = HeaderWatch()
+
+    def _cmd_bdat(self, arg: str, to: Phase | bytes) -> None:
+        parsed = parse_bdat(arg)
+        if parsed is None:
+            self._send(replies.SYNTAX_BDAT)
+            return
+        size, last = parsed
+        if type(to) is bytes:
+            self._bdat_read_only(size, last, to)
+        elif self._phase == _RCPT and self._held and Stage.DATA in self._held:
+            self._hold(Stage.DATA, {"verb": "BDAT"},
+                       lambda: self._bdat_start(size, last, to),  # type: ignore[arg-type]
+                       lambda reply: self._bdat_refused(size, last, reply))
+        else:
+            self._bdat_start(size, last, to)  # type: ignore[arg-type]
+
+    def _bdat_start(self, size: int, last: bool, to: Phase) -> None:
+        if self._phase == _RCPT and self._held and Stage.HEADERS in self._held:
+            self._head = HeaderWatch()
+        self._bdat_keep = True
+        self._bdat_size = self._bdat_left = size
+        self._bdat_last = last
+        self._goto(_BDAT, to)
+
+    def _bdat_refused(self, size: int, last: bool, reply: bytes) -> None:
+        """A verdict refused the transaction at its first chunk: read the chunk, answer
+        `reply`; later chunks find no transaction."""
+        self._reset_transaction()
+        self._bdat_read_only(size, last, reply)
+
+    def _bdat_read_only(self, size: int, last: bool, reply: bytes) -> None:
+        self._bdat_keep = False
+        self._bdat_refusal = reply
+        self._bdat_size = self._bdat_left = size
+        self._bdat_last = last
+        self._goto(_BDAT)
+
+    def _cmd_rset(self, arg: str, to: Phase) -> None:
+        self._reset_transaction()
+        self._send(replies.OK)
+
+    def _cmd_noop(self, arg: str, to: None) -> None:
+        self._send(replies.OK)
+
+    def _cmd_vrfy(self, arg: str, to: None) -> None:
+        self._send(replies.VRFY)
+
+    def _cmd_help(self, arg: str, to: None) -> None:
+        self._send(replies.HELP)
+
+    def _cmd_quit(self, arg: str, to: None) -> None:
+        self._close(replies.BYE)
+
+    def _cmd_starttls(self, arg: str, to: Phase) -> None:
+        if not self.settings.tls_available:
+            self._send(replies.NOT_IMPLEMENTED)
+        elif self.tls_active:
+            self._send(replies.TLS_ACTIVE)
+        elif arg:
+            self._send(replies.SYNTAX_STARTTLS)
+        elif self._held and Stage.STARTTLS in self._held:
+            self._hold(Stage.STARTTLS, {}, self._starttls_go, None)
+        else:
+            self._starttls_go()
+
+    def _starttls_go(self) -> None:
+        self._send(replies.TLS_READY)
+        self._flush()
+        self._events.append(StartTLS())
+        self._goto(_WAIT_TLS)
+        # RFC 3207 5: anything pipelined after STARTTLS was sent in clear text and
+        # could be an injected command: it must not survive into the TLS session.
+        if self._buf:
+            self._violation(replies.V_PRE_TLS_DATA)
+            self._buf.clear()
+
+    # ---- AUTH -------------------------------------------------------------------------
+
+    def _cmd_auth(self, arg: str, to: None) -> None:
+        if self._authenticated:
+            self._send(replies.AUTH_TWICE)
+            return
+        mechanism, _, initial = arg.partition(" ")
+        if not mechanism:
+            self._send(replies.SYNTAX_AUTH)
+            return
+        mechanism = mechanism.upper()
+        if mechanism not in self.settings.auth_mechanisms:
+            self._send(replies.AUTH_UNKNOWN)
+            return
+        exchange = auth.Exchange(mechanism)
+        # A new object per attempt: messages already delivered keep the AuthInfo they had.
+        self.auth = AuthInfo(attempted=True, mechanism=mechanism)
+        try:
+            challenge = exchange.begin(initial.strip(), hostname=self.settings.hostname,
+                                       now=self._clock().timestamp())
+        except auth.BadResponse:
+            self._send(replies.AUTH_BAD_BASE64)
+            return
+        self._auth_progress(exchange, challenge)
+
+    def _auth_line(self, line: str) -> None:
+        if self._log:
+            self._log_line("C", line, "****")
+        exchange, self._exchange = self._exchange, None
+        self._goto(_COMMAND)
+        if line.strip() == "*":
+            self._send(replies.AUTH_CANCELLED)
+            return
+        if exchange is None:
+            return
+        try:
+            challenge = exchange.step(line)
+        except auth.BadResponse:
+            self._send(replies.AUTH_BAD_BASE64)
+            return
+        self._auth_progress(exchange, challenge)
+
+    def _auth_progress(self, exchange: auth.Exchange, challenge: bytes | None) -> None:
+        self.auth.username = exchange.username
+        self.auth.password = exchange.password
+        if challenge is not None:
+            self._send(challenge)
+            self._exchange = exchange
+            self._goto(_AUTH)
+        elif self._held and Stage.AUTH in self._held:
+            args: dict[str, object] = {"mechanism": exchange.mechanism,
+                                       "username": exchange.username}
+            self._hold(Stage.AUTH, args, self._auth_ok, None)
+        else:
+            self._auth_ok()
+
+    def _auth_ok(self) -> None:
+        self._authenticated = True
+        self._send(replies.AUTH_OK)
+
+    # ---- message bodies ---------------------------------------------------------------
+
+    def _reset_body(self) -> None:
+        self._chunked = False  # part of the body was handed out in BodyChunk events
+        self._drop: bytes | None = None  # reply that replaces delivery (too big, verdict)
+        self._raw_size = 0  # body bytes received and no longer in the input buffer
+        self._body_start = 0  # where the uncommitted body starts in the input buffer
+        self._scan = 0  # where the next terminator search starts
+        self._bol = True  # the chunks so far end at a line start
+        self._body_scan: BodyScan | None = None  # checks carried over chunks
+        self._bdat_buf = bytearray()
+        self._head: HeaderWatch | None = None  # while the HEADERS verdict is due
+
+    def _reset_transaction(self) -> None:
+        self._env = None
+        if self._chunked:
+            self._events.append(BodyDropped())
+        self._reset_body()
+        if self._phase != _IDLE:
+            self._goto(self._mode, _IDLE)
+
+    def _fail(self, reply: bytes) -> None:
+        """Stop keeping the body; keep reading it, then answer `reply` instead."""
+        if self._drop is None:
+            self._drop = reply
+            if self._chunked:
+                self._events.append(BodyDropped())
+                self._chunked = False
+            self._bdat_buf = bytearray()
+            self._head = None
+
+    def _chunk_out(self, data: bytes) -> None:
+        self._events.append(BodyChunk(data))
+        self._chunked = True
+
+    def _over_limit(self, size: int) -> bool:
+        limit = self.settings.max_message_size
+        return bool(limit) and size > limit
+
+    def _read_data(self) -> bool:
+        buf = self._buf
+        match = TERMINATOR.search(buf, self._scan)
+        head = self._head
+        if head is not None:
+            end = len(buf) if match is None else match.start() + 1
+            found = headers_end(buf, head.scan, end)
+            if found >= 0 or match is not None:
+                self._ask_headers(copy(buf, self._body_start, found if found >= 0 else end))
+                return True
+            head.scan = max(len(buf) - 2, 0)  # "\n\r" may straddle two reads
+        if match is None:
+            self._hold_data()
+            return False
+        body_end = match.start() + 1  # the CRLF before "." belongs to the message
+        raw = copy(buf, self._body_start, body_end)
+        bare_terminator = match.end() - match.start() == 3
+        del buf[: match.end()]
+        self._goto(_COMMAND)
+        self._end_data(raw, bare_terminator)
+        return True
+
+    def _ask_headers(self, raw: bytes) -> None:
+        self._head = None
+        headers = unstuff(raw, True)
+        self._hold(Stage.HEADERS, {"headers": headers}, _nothing, self._fail)
+
+    def _hold_data(self) -> None:
+        """No terminator yet: keep the body in the buffer, or hand it out when too big."""
+        buf = self._buf
+        cut = len(buf) - TERMINATOR_TAIL  # these last bytes may begin the terminator
+        self._scan = max(cut, 0)
+        held = cut - self._body_start
+        if held <= 0:
+            return
+        if self._drop is None and self._over_limit(self._raw_size + held):
+            self._fail(replies.TOO_BIG)
+        if self._drop is None and not self._chunked and held <= self.settings.spool_threshold:
+            return
+        if self._head is not None:  # a header block this big: ask before it leaves the buffer
+            self._ask_headers(copy(buf, self._body_start, cut))
+            return
+        chunk = copy(buf, self._body_start, cut)
+        del buf[:cut]
+        self._body_start = self._scan = 0
+        self._raw_size += len(chunk)
+        if self._drop is None:
+            self._scan_out(chunk)
+
+    def _scan_out(self, raw: bytes) -> None:
+        if self._body_scan is None:
+            self._body_scan = BodyScan()
+        self._body_scan.feed(raw)
+        data = unstuff(raw, self._bol)
+        if raw:
+            self._bol = raw[-1] == 10
+        self._chunk_out(data)
+
+    def _end_data(self, raw: bytes, bare_terminator: bool) -> None:
+        size = self._raw_size + len(raw)
+        self._log_data(size)
+        if self._drop is None and self._over_limit(size):
+            self._fail(replies.TOO_BIG)
+        if self._drop is not None:
+            self._refuse()
+            return
+        # also when the whole body came in one read: where it lands must not depend on
+        # how the input was split
+        chunked = self._chunked or len(raw) > self.settings.spool_threshold
+        if chunked:
+            self._scan_out(raw)
+            body = MessageBody()
+        else:
+            self._body_scan = BodyScan()
+            self._body_scan.feed(raw)
+            data = unstuff(raw, True)
+            body = MessageBody(data=data, size=len(data))
+        scan = self._body_scan
+        if scan is not None and self._env is not None and (
+            bare_terminator or scan.bare_lf or scan.long_line or scan.eight_bit
+        ):
+            for text in scan.violations(self._env.mail_options, bare_terminator):
+                self._violation(text)
+        self._deliver(body, chunked)
+
+    def _refuse(self) -> None:
+        """End a transaction whose body was dropped, with the reply saying why."""
+        reply = self._drop or replies.LOCAL_ERROR
+        self._reset_transaction()
+        self._send(reply)
+
+    def _read_bdat(self) -> bool:
+        buf = self._buf
+        left = self._bdat_left
+        if left:
+            take = min(left, len(buf))
+            if not take:
+                return False
+            if self._bdat_keep:
+                self._bdat_chunk(buf[:take])
+            del buf[:take]
+            self._bdat_left = left = left - take
+            if left:
+                return False
+        self._goto(_COMMAND)
+        self._log_data(self._bdat_size)
+        self._end_bdat()
+        return True
+
+    def _bdat_chunk(self, chunk: bytearray) -> None:
+        self._raw_size += len(chunk)
+        if self._drop is not None:
+            return
+        if self._over_limit(self._raw_size):
+            self._fail(replies.TOO_BIG)
+            return
+        head = self._head
+        if head is not None and head.end < 0:
+            head.feed(chunk, self.settings.spool_threshold)
+        if self._chunked:
+            self._chunk_out(bytes(chunk))
+        else:
+            self._bdat_buf += chunk
+            if len(self._bdat_buf) > self.settings.spool_threshold:
+                data = bytes(self._bdat_buf)
+                self._bdat_buf = bytearray()
+                self._chunk_out(data)
+
+    def _end_bdat(self) -> None:
+        if not self._bdat_keep:
+            self._send(self._bdat_refusal)
+        elif self._head is not None and (self._head.end >= 0 or self._bdat_last):
+            headers = self._head.headers()
+            self._head = None
+            self._hold(Stage.HEADERS, {"headers": headers}, self._end_bdat, self._refuse_chunk)
+        elif not self._bdat_last:
+            self._send(replies.bdat_received(self._bdat_size))
+        elif self._drop is not None:
+            self._refuse()
+        elif self._chunked:
+            self._deliver(MessageBody(), True)
+        else:
+            data = bytes(self._bdat_buf)
+            self._deliver(MessageBody(data=data, size=len(data)), False)
+
+    def _refuse_chunk(self, reply: bytes) -> None:
+        self._fail(reply)
+        self._end_bdat()
+
+    def _deliver(self, body: MessageBody, chunked: bool) -> None:
+        env = self._env or Envelope(helo=self.helo)  # never None: DATA/BDAT require MAIL
+        self._env = None
+        self._reset_body()
+        self._flush()
+        self._events.append(
+            MessageReceived(
+                envelope=env,
+                auth=self.auth,
+                body=body,
+                received_at=self._clock(),
+                violations=self._violations,
+                transcript=list(self._transcript) if self._transcript is not None else None,
+                tls=self.tls_active,
+                chunked=chunked,
+            )
+        )
+        self._violations = []
+        # Proceed answers 250 Ok, a Respond its reply (the sinks give one); nothing to undo
+        self._await(_MESSAGE, None, None, _IDLE)
+
+
+def _nothing() -> None:
+    pass
+
+
+_HANDLERS: dict[str, Callable[[SMTPConnection, str, Any], None]] = {
+    "EHLO": SMTPConnection._cmd_ehlo,
+    "HELO": SMTPConnection._cmd_helo,
+    "MAIL": SMTPConnection._cmd_mail,
+    "RCPT": SMTPConnection._cmd_rcpt,
+    "DATA": SMTPConnection._cmd_data,
+    "BDAT": SMTPConnection._cmd_bdat,
+    "RSET": SMTPConnection._cmd_rset,
+    "NOOP": SMTPConnection._cmd_noop,
+    "VRFY": SMTPConnection._cmd_vrfy,
+    "HELP": SMTPConnection._cmd_help,
+    "QUIT": SMTPConnection._cmd_quit,
+    "AUTH": SMTPConnection._cmd_auth,
+    "STARTTLS": SMTPConnection._cmd_starttls,
+}
+# verb -> (handler, what the state table says of it in each phase): one lookup per command
+_RULES = {
+    verb: (_HANDLERS[verb], tuple(int(x) if isinstance(x, Phase) else x for x in entry))
+    for verb, entry in COMMANDS.items()
+}
+_BYE = Reply(221, "2.0.0 Bye")

@@ -1,0 +1,127 @@
+"""Verdicts at every SMTP stage: who may answer a command before the default reply does.
+
+Plugins, policy and chaos register async callables per `Stage`; at a stage with callables
+the session holds the command, calls them in order with a `VerdictContext`, and the first
+that returns a verdict wins: `Proceed()` (the default reply), `Respond(code, enhanced, text)`
+(a 4xx/5xx instead) or `Disconnect(text)` (421, then close). None means "no opinion".
+
+A stage nobody registered for is not held at all: no task, no coroutine, nothing awaited.
+A callable that raises, hangs past `timeout` or answers nonsense costs the client a
+`451 4.3.0` (it retries later), never a lost message; the failure is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from mailpipe.capture.types import (
+    PROCEED,
+    AuthInfo,
+    Disconnect,
+    Envelope,
+    Proceed,
+    Respond,
+    Stage,
+    Verdict,
+)
+
+if TYPE_CHECKING:
+    from mailpipe.event import CapturedEmail
+
+__all__ = [
+    "TEMPFAIL",
+    "Disconnect",
+    "Proceed",
+    "Respond",
+    "Stage",
+    "Verdict",
+    "VerdictCheck",
+    "VerdictContext",
+    "Verdicts",
+]
+
+log = logging.getLogger("mailpipe.capture")
+
+TEMPFAIL = Respond(451, "4.3.0", "Temporary failure, please retry")
+
+
+@dataclass(slots=True)
+class VerdictContext:
+    """What a verdict callable knows about the session at its stage.
+
+    `args` are the stage's own: CONNECT none; HELO `hostname`, `verb`; AUTH `mechanism`,
+    `username`; STARTTLS none; MAIL `sender`, `params`; RCPT `recipient`, `params`; DATA
+    `verb` (DATA or BDAT); HEADERS `headers` (bytes); MESSAGE none, the event is in `email`.
+    `store` is the session's own key/value store, shared by every callable of the session.
+    """
+
+    stage: Stage
+    session: str
+    server: str
+    remote_addr: str
+    local_addr: str
+    tls: bool
+    helo: str
+    auth: AuthInfo
+    envelope: Envelope | None
+    args: dict[str, object]
+    store: dict[str, object]
+    email: CapturedEmail | None = None
+
+
+VerdictCheck = Callable[[VerdictContext], Awaitable[Verdict | None]]
+
+
+@dataclass
+class Verdicts:
+    """The callables registered per stage. `held` is what sessions opened from now on hold."""
+
+    timeout: float = 30.0  # seconds a callable may take; past it the client gets 451
+    _checks: dict[Stage, list[VerdictCheck]] = field(default_factory=dict, init=False)
+    held: frozenset[Stage] = field(default=frozenset(), init=False)
+
+    def register(self, stage: Stage, check: VerdictCheck) -> None:
+        """Call `check` at `stage`, after those registered before it."""
+        self._checks.setdefault(stage, []).append(check)
+        self._update()
+
+    def unregister(self, stage: Stage, check: VerdictCheck) -> None:
+        checks = self._checks.get(stage, [])
+        if check in checks:
+            checks.remove(check)
+        if not checks:
+            self._checks.pop(stage, None)
+        self._update()
+
+    def _update(self) -> None:
+        self.held = frozenset(self._checks)
+
+    async def decide(self, context: VerdictContext) -> Verdict:
+        """The first verdict of the stage's callables; Proceed when none has one."""
+        for check in list(self._checks.get(context.stage, ())):
+            try:
+                verdict = await asyncio.wait_for(check(context), self.timeout)
+            except Exception as exc:
+                reason = "timed out" if isinstance(exc, TimeoutError) else "failed"
+                log.error("verdict at %s %s: %r", context.stage.name, reason, exc,
+                          extra={"session": context.session}, exc_info=reason == "failed")
+                return TEMPFAIL
+            if verdict is None:
+                continue
+            if not _valid(verdict):
+                log.error("verdict at %s is not valid: %r", context.stage.name, verdict,
+                          extra={"session": context.session})
+                return TEMPFAIL
+            return verdict
+        return PROCEED
+
+
+def _valid(verdict: object) -> bool:
+    # Only the sinks may answer 2xx to a message: a 250 from anyone else would lose it.
+    if isinstance(verdict, Respond):
+        return 400 <= verdict.code < 600
+    return isinstance(verdict, Proceed | Disconnect)
