@@ -199,6 +199,14 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
         remove_state(self.data_dir)
         log.info("stopped")
 
+    async def shutdown(self, hurry: bool = False) -> None:
+        """Drain, then close: the whole shutdown, for a Mailpipe embedded without `run()`
+        (tests, or an application hosting mailpipe in its own event loop)."""
+        try:
+            await self.drain(hurry)
+        finally:
+            await self.close()
+
     def stop(self) -> None:
         """AdminOps.stop: a graceful shutdown, as SIGTERM starts one."""
         self.lifecycle.stop()
