@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import yaml
@@ -36,15 +36,28 @@ CORPUS_MANIFEST: list[dict[str, Any]] = [
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def missing(message: str) -> NoReturn:
+    """Something a test needs is not here: skipped on a developer's machine, a failure under
+    CI, where everything must be present."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_tool(name: str) -> str:
     """The path of an external program; skipped without it, except under CI where it fails."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (make test installs it from Debian's packages)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{name} is not installed (make test installs it from Debian's packages)")
     return path
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """A real service the test talks to (Redis, RabbitMQ, NATS...) must be listening."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError as exc:
+        missing(f"{name} is not reachable on {host}:{port}: {exc}")
 
 
 def free_port() -> int:
@@ -282,8 +295,5 @@ def cpython_email_files() -> list[Path]:
     data = Path(sysconfig.get_paths()["stdlib"]) / "test" / "test_email" / "data"
     files = sorted(p for p in data.glob("*") if p.is_file()) if data.is_dir() else []
     if not files:
-        message = f"CPython's email test corpus is not installed ({data})"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"CPython's email test corpus is not installed ({data})")
     return files

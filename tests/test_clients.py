@@ -30,7 +30,7 @@ from urllib.parse import unquote
 import aiosmtplib
 import pytest
 
-from conftest import IN_CI, MailpipeServer, require_tool
+from conftest import MailpipeServer, missing, require_tool
 
 Validate = Callable[[dict[str, Any]], None]
 Factory = Callable[..., MailpipeServer]
@@ -854,10 +854,7 @@ def run_php(script: str, request: dict[str, Any]) -> dict[str, Any]:
 def require_php_library(path: str) -> None:
     require_tool("php")
     if not Path(path).is_file():
-        message = f"{path} is missing (make test installs it from Debian's packages)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{path} is missing (make test installs it from Debian's packages)")
 
 
 SYMFONY_AUTOLOAD = "/usr/share/php/Symfony/Component/Mailer/autoload.php"

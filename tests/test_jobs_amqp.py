@@ -9,7 +9,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,7 +21,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from conftest import IN_CI, ROOT, free_port
+from conftest import ROOT, free_port, require_service
 from jobs_contract import *  # noqa: F403  (the contract's tests run in this module)
 from jobs_contract import DriverFactory, drain, drain_all_once, make_job, receive_one
 from mailpipe.config import AMQPPipelineOptions
@@ -33,19 +32,9 @@ HOST, PORT = "127.0.0.1", 5672
 ADDR = f"amqp://guest:guest@{HOST}:{PORT}/"
 
 
-def _reachable() -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((HOST, PORT), timeout=1):
-        return True
-    return False
-
-
 @pytest.fixture(scope="module", autouse=True)
 def rabbitmq() -> None:
-    if not _reachable():
-        message = f"RabbitMQ is not reachable on {HOST}:{PORT}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    require_service("RabbitMQ", HOST, PORT)
 
 
 async def remove_pipeline(queue: str, exchange: str, delay_queues: set[str]) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import IN_CI, ROOT, MailpipeServer, free_port
+from conftest import ROOT, MailpipeServer, free_port, require_service
 from test_admin import check_schema, cli, failed, ok, send, wait_for
 
 Factory = Callable[..., MailpipeServer]
@@ -298,13 +297,7 @@ def test_consume_with_a_command_that_cannot_start(tmp_path: Path, command: list[
 
 @pytest.fixture
 def redis_stream() -> Iterator[str]:
-    try:
-        socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1).close()
-    except OSError as exc:
-        message = f"Redis is not reachable on {REDIS_HOST}:{REDIS_PORT}: {exc}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    require_service("Redis", REDIS_HOST, REDIS_PORT)
     from redis import Redis
 
     stream = f"mailpipe-test:jobs-cli:{uuid.uuid4().hex}"

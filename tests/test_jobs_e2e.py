@@ -39,7 +39,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -53,7 +52,14 @@ from typing import Any
 
 import pytest
 
-from conftest import IN_CI, ROOT, MailpipeServer, free_port, require_tool, start_mailpipe
+from conftest import (
+    ROOT,
+    MailpipeServer,
+    free_port,
+    require_service,
+    require_tool,
+    start_mailpipe,
+)
 from mailpipe.config import PipelineConfig
 from mailpipe.jobs.base import Delivery, Driver, PipelineStats
 from mailpipe.jobs.drivers import make_driver
@@ -79,14 +85,7 @@ def broker_addr(driver: str, port: int | None = None) -> str:
 def require_broker(driver: str) -> None:
     if driver not in BROKERS:
         return
-    host, port = BROKERS[driver]
-    try:
-        socket.create_connection((host, port), timeout=1).close()
-    except OSError as exc:
-        message = f"{driver} broker is not reachable on {host}:{port}: {exc}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    require_service(f"{driver} broker", *BROKERS[driver])
 
 
 # ---- pipelines: names, configs, the test's own drivers, cleanup ----------------------------

@@ -22,7 +22,7 @@ from typing import Any
 import nats
 import pytest
 
-from conftest import IN_CI, ROOT, free_port, require_tool
+from conftest import ROOT, free_port, require_service, require_tool
 from jobs_contract import *  # noqa: F403  (the contract's tests run in this module)
 from jobs_contract import DriverFactory, drain, drain_all_once, drain_unacked, make_job, receive_one
 from mailpipe.config import NATSPipelineOptions
@@ -43,11 +43,7 @@ def _reachable(port: int) -> bool:
 @pytest.fixture
 def shared_nats() -> None:
     """The machine's NATS server; skipped when it is away, except under CI."""
-    if not _reachable(4222):
-        message = "NATS JetStream is not reachable on 127.0.0.1:4222"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    require_service("NATS JetStream", "127.0.0.1", 4222)
 
 
 async def _delete_streams(addr: str, *streams: str) -> None:

@@ -23,7 +23,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from conftest import IN_CI, ROOT, free_port
+from conftest import ROOT, free_port, require_service
 from jobs_contract import *  # noqa: F403  (the contract's tests run in this module)
 from jobs_contract import DriverFactory, drain, drain_all_once, make_job, receive_one
 from mailpipe.config import RedisPipelineOptions
@@ -35,13 +35,7 @@ REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
 
 
 def _require_redis() -> None:
-    try:
-        socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1).close()
-    except OSError as exc:
-        message = f"Redis is not reachable on {REDIS_HOST}:{REDIS_PORT}: {exc}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    require_service("Redis", REDIS_HOST, REDIS_PORT)
 
 
 @pytest.fixture

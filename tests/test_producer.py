@@ -9,7 +9,6 @@ hang the way a silent broker does.
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any, TypeVar
 import pytest
 from redis.asyncio import Redis
 
-from conftest import IN_CI, free_port
+from conftest import free_port, require_service
 from jobs_contract import drain, make_job
 from mailpipe.config import MemoryPipelineOptions, RedisPipelineOptions, SQLitePipelineOptions
 from mailpipe.jobs.base import Driver, DriverError, Job
@@ -96,13 +95,7 @@ async def stalling_driver(tmp_path: Path) -> AsyncIterator[StallingDriver]:
 
 
 def require_redis() -> None:
-    try:
-        socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1).close()
-    except OSError as exc:
-        message = f"Redis is not reachable on {REDIS_HOST}:{REDIS_PORT}: {exc}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    require_service("Redis", REDIS_HOST, REDIS_PORT)
 
 
 @pytest.fixture
