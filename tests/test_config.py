@@ -7,11 +7,13 @@ import json
 import os
 import pwd
 import shlex
+import shutil
 import smtplib
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -394,13 +396,29 @@ def proc_ids(pid: int) -> dict[str, list[int]]:
     return fields
 
 
+@pytest.fixture
+def worker_nobody_can_read() -> Iterator[Path]:
+    """The PHP worker copied where `nobody` can read it: the checkout may sit in a folder only
+    root can enter (CI clones into a mktemp -d folder, mode 0700)."""
+    folder = Path(tempfile.mkdtemp(prefix="mailpipe-nobody-"))
+    try:
+        folder.chmod(0o755)
+        for script in PHP_WORKER.parent.glob("*.php"):
+            shutil.copy(script, folder / script.name)
+            (folder / script.name).chmod(0o644)
+        yield folder / PHP_WORKER.name
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="starting workers as another user needs root")
 @pytest.mark.parametrize(("group", "gid"), [(None, "nogroup"), ("daemon", "daemon")])
 def test_server_user_and_group_run_the_workers(
     mailpipe_factory: Callable[..., MailpipeServer], group: str | None, gid: str,
+    worker_nobody_can_read: Path,
 ) -> None:
     php = require_tool("php")
-    server_cfg = {"command": [php, str(PHP_WORKER)], "user": "nobody",
+    server_cfg = {"command": [php, str(worker_nobody_can_read)], "user": "nobody",
                   **({"group": group} if group else {})}
     server = mailpipe_factory({"server": server_cfg, "smtp": {"pool": {"num_workers": 2}}})
     with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as client:
