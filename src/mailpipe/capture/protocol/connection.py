@@ -606,49 +606,32 @@ class SMTPConnection:
         if self._authenticated:
             self._send(replies.AUTH_TWICE)
             return
-        mechanism, _, initial = arg.partition(" ")
-        if not mechanism:
-            self._send(replies.SYNTAX_AUTH)
+        exchange = auth.start(arg, self.settings.auth_mechanisms)
+        if type(exchange) is bytes:
+            self._send(exchange)
             return
-        mechanism = mechanism.upper()
-        if mechanism not in self.settings.auth_mechanisms:
-            self._send(replies.AUTH_UNKNOWN)
-            return
-        exchange = auth.Exchange(mechanism)
         # A new object per attempt: messages already delivered keep the AuthInfo they had.
-        self.auth = AuthInfo(attempted=True, mechanism=mechanism)
-        try:
-            challenge = exchange.begin(initial.strip(), hostname=self.settings.hostname,
-                                       now=self._clock().timestamp())
-        except auth.BadResponse:
-            self._send(replies.AUTH_BAD_BASE64)
-            return
-        self._auth_progress(exchange, challenge)
+        self.auth = AuthInfo(attempted=True, mechanism=exchange.mechanism)
+        now = self._clock().timestamp()  # for the CRAM-MD5 nonce
+        self._auth_step(exchange, exchange.begin(hostname=self.settings.hostname, now=now))
 
     def _auth_line(self, line: str) -> None:
         if self._log:
             self._log_line("C", line, "****")
         exchange, self._exchange = self._exchange, None
         self._goto(_COMMAND)
-        if line.strip() == "*":
-            self._send(replies.AUTH_CANCELLED)
-            return
-        if exchange is None:
-            return
-        try:
-            challenge = exchange.step(line)
-        except auth.BadResponse:
-            self._send(replies.AUTH_BAD_BASE64)
-            return
-        self._auth_progress(exchange, challenge)
+        if exchange is not None:  # never None: AUTH mode is entered with one
+            self._auth_step(exchange, exchange.answer(line))
 
-    def _auth_progress(self, exchange: auth.Exchange, challenge: bytes | None) -> None:
+    def _auth_step(self, exchange: auth.Exchange, reply: bytes | None) -> None:
+        """`reply` is the exchange's next one: a challenge, or why it ended (None: done)."""
         self.auth.username = exchange.username
         self.auth.password = exchange.password
-        if challenge is not None:
-            self._send(challenge)
-            self._exchange = exchange
-            self._goto(_AUTH)
+        if reply is not None:
+            self._send(reply)
+            if exchange.waiting:
+                self._exchange = exchange
+                self._goto(_AUTH)
         elif self._held and Stage.AUTH in self._held:
             args: dict[str, object] = {"mechanism": exchange.mechanism,
                                        "username": exchange.username}
