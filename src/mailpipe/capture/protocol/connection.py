@@ -40,7 +40,6 @@ from ..types import (
 )
 from . import auth, replies
 from .commands import (
-    AUTH_LINE_LENGTH,
     NOT_IMPLEMENTED,
     mask_auth,
     parse_bdat,
@@ -48,6 +47,7 @@ from .commands import (
     size_param,
     strip_keyword,
 )
+from .lines import LineReader
 from .reception import CHUNK, HEADERS, MORE, SKIPPED, BdatReader, DataReader
 from .settings import ProtocolSettings
 from .states import COMMANDS, MODES, Mode, Phase
@@ -93,6 +93,7 @@ class SMTPConnection:
         "_events",
         "_exchange",
         "_held",
+        "_lines",
         "_log",
         "_mode",
         "_out",
@@ -100,7 +101,6 @@ class SMTPConnection:
         "_reader",
         "_refuse_with",
         "_resume",
-        "_skip_line",
         "_stage",
         "_then",
         "_transcript",
@@ -134,7 +134,7 @@ class SMTPConnection:
         self._log = settings.transcript or settings.trace
         self._transcript: list[str] | None = [] if settings.transcript else None
         self._violations: list[str] = []  # since the last message
-        self._skip_line = False  # discarding the rest of an over-long line
+        self._lines = LineReader(settings.max_line_length)
         self._authenticated = False
         self._exchange: auth.Exchange | None = None
         self._env: Envelope | None = None
@@ -366,44 +366,20 @@ class SMTPConnection:
                 return
 
     def _read_lines(self) -> bool:
-        buf = self._buf
+        buf, lines = self._buf, self._lines
         while self._mode <= _AUTH:
-            idx = buf.find(b"\n")
-            if self._skip_line:
-                if idx < 0:
-                    buf.clear()
-                    return False
-                del buf[: idx + 1]
-                self._skip_line = False
-                continue
-            if idx < 0:
-                if len(buf) > self._line_limit(buf) + 1:  # +1: a CR may still be followed by LF
-                    buf.clear()
-                    self._skip_line = True
-                    self._line_too_long()
-                return False
-            end = idx
-            if idx and buf[idx - 1] == 13:
-                end -= 1
-            else:
+            line = lines.take(buf, self._mode == _AUTH)
+            if lines.bare_lf:
                 self._violation(replies.V_BARE_LF_COMMAND)
-            if end > self.settings.max_line_length and end > self._line_limit(buf):
-                del buf[: idx + 1]
+            if line is None:
+                if not lines.overlong:
+                    return False
                 self._line_too_long()
-                continue
-            line = buf[:end].decode("utf-8", "replace")
-            del buf[: idx + 1]
-            if self._mode == _COMMAND:
+            elif self._mode == _COMMAND:
                 self._command(line)
             else:
                 self._auth_line(line)
         return True
-
-    def _line_limit(self, buf: bytearray) -> int:
-        limit = self.settings.max_line_length
-        if self._mode == _AUTH or buf[:5].upper() == b"AUTH ":
-            return max(limit, AUTH_LINE_LENGTH)
-        return limit
 
     def _line_too_long(self) -> None:
         if self._log:
