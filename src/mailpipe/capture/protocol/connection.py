@@ -4,8 +4,10 @@ It takes the bytes a client sent and returns events for whoever drives it: bytes
 body chunks to store, verdicts to ask for, complete messages, "start TLS now", "close". It
 never touches a socket, a file, a clock (the driver gives one) or a logger, so it can be
 tested byte by byte. The parts it wires together each have one job: `states` (which command
-is legal where, and where it leads), `commands` (parsing), `replies` (every text), `body`
-(the DATA scanner) and `auth` (SASL capture).
+is legal where, and where it leads), `lines` (where a command line ends), `commands`
+(parsing), `replies` (every text), `reception` (a message body coming in, with `body`'s
+scanner) and `auth` (the SASL exchanges). What stays here: the mode and phase changes, the
+verdict holds, which reply answers what, and the events.
 
 It is deliberately permissive: mailpipe captures what applications send, so sloppy clients
 (bare LF, long lines, 8-bit data without BODY=8BITMIME...) are accepted and their sins are
