@@ -10,9 +10,11 @@ def take_all(reader: LineReader, buf: bytearray, auth: bool = False) -> list[obj
     got: list[object] = []
     while True:
         line = reader.take(buf, auth)
+        bare_lf, overlong = reader.bare_lf, reader.overlong
+        reader.bare_lf = reader.overlong = False  # the caller clears what it reported
         if line is not None:
-            got.append((line, reader.bare_lf))
-        elif reader.overlong:
+            got.append((line, bare_lf))
+        elif overlong:
             got.append("LONG")
         else:
             return got

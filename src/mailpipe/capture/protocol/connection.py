@@ -372,10 +372,12 @@ class SMTPConnection:
         while self._mode <= _AUTH:
             line = lines.take(buf, self._mode == _AUTH)
             if lines.bare_lf:
+                lines.bare_lf = False
                 self._violation(replies.V_BARE_LF_COMMAND)
             if line is None:
                 if not lines.overlong:
                     return False
+                lines.overlong = False
                 self._line_too_long()
             elif self._mode == _COMMAND:
                 self._command(line)

@@ -20,6 +20,8 @@ class LineReader:
     def __init__(self, max_line_length: int) -> None:
         self._max = max_line_length  # longest command line, without its line end
         self._skip = False  # discarding the rest of an over-long line
+        # Set by take(), cleared by whoever reports them: clearing them on every take()
+        # would cost two stores per command for what almost never happens.
         self.bare_lf = False  # the line just taken ended with a bare LF
         self.overlong = False  # instead of a line, an over-long one was thrown away
 
@@ -27,7 +29,6 @@ class LineReader:
         """The next line without its line end, taken out of `buf`; None when there is no
         complete line yet, or when an over-long one was thrown away (then `overlong`).
         `auth`: the line answers an AUTH challenge, so it may be as long as AUTH's."""
-        self.bare_lf = self.overlong = False
         while True:
             idx = buf.find(b"\n")
             if not self._skip:
