@@ -1,8 +1,9 @@
 """The SMTP server protocol as a sans-I/O state machine (h11 style): bytes in, events out.
 
-`SMTPConnection` (connection.py) wires the parts: the state table (states.py), command
-parsing (commands.py), reply texts (replies.py), the body scanner (body.py) and SASL
-capture (auth.py). Storing big bodies, the clock and the verdicts belong to the driver.
+`SMTPConnection` (connection.py) wires the parts: the state table (states.py), line framing
+(lines.py), command parsing (commands.py), reply texts (replies.py), the body scanner
+(body.py), the body readers (reception.py) and the SASL exchanges (auth.py). Storing big
+bodies, the clock and the verdicts belong to the driver.
 """
 
 from .connection import SMTPConnection

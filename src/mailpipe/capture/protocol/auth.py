@@ -1,8 +1,10 @@
 """SASL capture for AUTH: PLAIN, LOGIN, CRAM-MD5 and XOAUTH2 (RFC 4954, 4616, 2195).
 
-mailpipe verifies nothing: an exchange only collects what the client sent. Each exchange is
-a small sans-I/O machine: `begin()` and `step()` return the next 334 challenge to send, or
-None once the credentials are in `username`/`password`; undecodable input raises BadResponse.
+mailpipe verifies nothing: an exchange only collects what the client sent. `start()` reads
+the AUTH command's argument; the exchange it opens is a small sans-I/O machine: `begin()`
+and `answer()` return the next reply to send (a 334 challenge while `waiting`, or why the
+exchange ended: cancelled, bad base64), or None once the credentials are in
+`username`/`password`. The connection only routes lines and holds the AUTH verdict.
 """
 
 from __future__ import annotations
@@ -29,29 +31,60 @@ def decode(text: str) -> str:
     return raw.decode("utf-8", "replace")
 
 
+def start(arg: str, offered: tuple[str, ...]) -> Exchange | bytes:
+    """The exchange `AUTH arg` opens, or the reply refusing it (syntax, not offered)."""
+    mechanism, _, initial = arg.partition(" ")
+    if not mechanism:
+        return replies.SYNTAX_AUTH
+    mechanism = mechanism.upper()
+    if mechanism not in offered:
+        return replies.AUTH_UNKNOWN
+    return Exchange(mechanism, initial.strip())
+
+
 class Exchange:
     """One AUTH exchange for `mechanism`: PLAIN, LOGIN, CRAM-MD5 or XOAUTH2 (which ones are
     offered is the listener's `auth_mechanisms`)."""
 
-    __slots__ = ("_step", "mechanism", "password", "username")
+    __slots__ = ("_initial", "_step", "mechanism", "password", "username", "waiting")
 
-    def __init__(self, mechanism: str) -> None:
+    def __init__(self, mechanism: str, initial: str = "") -> None:
         self.mechanism = mechanism
         self.username: str | None = None
         self.password: str | None = None
+        self.waiting = False  # a 334 challenge was sent: the next line answers it
+        self._initial = initial
         self._step = 0
 
-    def begin(self, initial: str, *, hostname: str, now: float) -> bytes | None:
+    def begin(self, *, hostname: str, now: float) -> bytes | None:
         if self.mechanism == "CRAM-MD5":
             # No initial response in CRAM-MD5 (RFC 2195); a client that sends one is ignored.
             nonce = f"<{secrets.randbelow(10**12)}.{int(now)}@{hostname}>"
-            return replies.challenge(base64.b64encode(nonce.encode("utf-8", "replace")))
-        if initial:
-            return self.step(initial)
+            return self._challenge(base64.b64encode(nonce.encode("utf-8", "replace")))
+        if self._initial:
+            return self._respond(self._initial)
+        self.waiting = True
         return replies.CHALLENGE_USERNAME if self.mechanism == "LOGIN" else replies.CHALLENGE_EMPTY
 
-    def step(self, line: str) -> bytes | None:
-        text = decode(line)
+    def answer(self, line: str) -> bytes | None:
+        """The client's line answering a challenge."""
+        if line.strip() == "*":  # RFC 4954 4: the client gives up
+            self.waiting = False
+            return replies.AUTH_CANCELLED
+        return self._respond(line)
+
+    def _respond(self, line: str) -> bytes | None:
+        self.waiting = False
+        try:
+            return self._step_with(decode(line))
+        except BadResponse:
+            return replies.AUTH_BAD_BASE64
+
+    def _challenge(self, data: bytes) -> bytes:
+        self.waiting = True
+        return replies.challenge(data)
+
+    def _step_with(self, text: str) -> bytes | None:
         mechanism = self.mechanism
         if mechanism == "PLAIN":
             self._plain(text)
@@ -59,6 +92,7 @@ class Exchange:
             if self._step == 0:
                 self._step = 1
                 self.username = text
+                self.waiting = True
                 return replies.CHALLENGE_PASSWORD
             self.password = text
         elif mechanism == "CRAM-MD5":

@@ -6,9 +6,6 @@ from __future__ import annotations
 # Known SMTP verbs we do not implement: 502 rather than 500, like Postfix.
 NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML", "BURL"})
 
-# RFC 4954 lets an AUTH line (initial response) reach 12288 octets; XOAUTH2 tokens do.
-AUTH_LINE_LENGTH = 12288
-
 
 def strip_keyword(arg: str, keyword: str) -> tuple[str | None, bool]:
     """`FROM:<a>` -> (`<a>`, True); tolerates `FROM: <a>` and a missing colon (False)."""

@@ -4,8 +4,10 @@ It takes the bytes a client sent and returns events for whoever drives it: bytes
 body chunks to store, verdicts to ask for, complete messages, "start TLS now", "close". It
 never touches a socket, a file, a clock (the driver gives one) or a logger, so it can be
 tested byte by byte. The parts it wires together each have one job: `states` (which command
-is legal where, and where it leads), `commands` (parsing), `replies` (every text), `body`
-(the DATA scanner) and `auth` (SASL capture).
+is legal where, and where it leads), `lines` (where a command line ends), `commands`
+(parsing), `replies` (every text), `reception` (a message body coming in, with `body`'s
+scanner) and `auth` (the SASL exchanges). What stays here: the mode and phase changes, the
+verdict holds, which reply answers what, and the events.
 
 It is deliberately permissive: mailpipe captures what applications send, so sloppy clients
 (bare LF, long lines, 8-bit data without BODY=8BITMIME...) are accepted and their sins are
@@ -20,7 +22,6 @@ from typing import Any
 
 from ..types import (
     AuthInfo,
-    BodyChunk,
     BodyDropped,
     Close,
     Disconnect,
@@ -40,17 +41,7 @@ from ..types import (
     Violation,
 )
 from . import auth, replies
-from .body import (
-    TERMINATOR,
-    TERMINATOR_TAIL,
-    BodyScan,
-    HeaderWatch,
-    copy,
-    headers_end,
-    unstuff,
-)
 from .commands import (
-    AUTH_LINE_LENGTH,
     NOT_IMPLEMENTED,
     mask_auth,
     parse_bdat,
@@ -58,6 +49,8 @@ from .commands import (
     size_param,
     strip_keyword,
 )
+from .lines import LineReader
+from .reception import CHUNK, HEADERS, MORE, SKIPPED, BdatReader, DataReader
 from .settings import ProtocolSettings
 from .states import COMMANDS, MODES, Mode, Phase
 
@@ -96,33 +89,20 @@ class SMTPConnection:
     # Slots: past 30 attributes an instance dict loses CPython's fast attribute access.
     __slots__ = (
         "_authenticated",
-        "_bdat_buf",
-        "_bdat_keep",
-        "_bdat_last",
-        "_bdat_left",
-        "_bdat_refusal",
-        "_bdat_size",
-        "_body_scan",
-        "_body_start",
-        "_bol",
         "_buf",
-        "_chunked",
         "_clock",
-        "_drop",
         "_env",
         "_events",
         "_exchange",
-        "_head",
         "_held",
+        "_lines",
         "_log",
         "_mode",
         "_out",
         "_phase",
-        "_raw_size",
+        "_reader",
         "_refuse_with",
         "_resume",
-        "_scan",
-        "_skip_line",
         "_stage",
         "_then",
         "_transcript",
@@ -156,7 +136,7 @@ class SMTPConnection:
         self._log = settings.transcript or settings.trace
         self._transcript: list[str] | None = [] if settings.transcript else None
         self._violations: list[str] = []  # since the last message
-        self._skip_line = False  # discarding the rest of an over-long line
+        self._lines = LineReader(settings.max_line_length)
         self._authenticated = False
         self._exchange: auth.Exchange | None = None
         self._env: Envelope | None = None
@@ -165,12 +145,7 @@ class SMTPConnection:
         self._then: Then | None = None
         self._refuse_with: Refuse | None = None
         self._stage = _MESSAGE
-        self._bdat_left = 0
-        self._bdat_size = 0
-        self._bdat_last = False
-        self._bdat_keep = False
-        self._bdat_refusal = b""  # answers a chunk that is read but not kept
-        self._reset_body()
+        self._reader: DataReader | BdatReader | None = None  # the body being received
 
     # ---- public API -------------------------------------------------------------------
 
@@ -385,54 +360,30 @@ class SMTPConnection:
             mode = self._mode
             if mode <= _AUTH:
                 more = self._read_lines()
-            elif mode == _DATA:
-                more = self._read_data()
-            elif mode == _BDAT:
-                more = self._read_bdat()
+            elif mode <= _BDAT:
+                more = self._read_body()
             else:
                 return
             if not more:
                 return
 
     def _read_lines(self) -> bool:
-        buf = self._buf
+        buf, lines = self._buf, self._lines
         while self._mode <= _AUTH:
-            idx = buf.find(b"\n")
-            if self._skip_line:
-                if idx < 0:
-                    buf.clear()
-                    return False
-                del buf[: idx + 1]
-                self._skip_line = False
-                continue
-            if idx < 0:
-                if len(buf) > self._line_limit(buf) + 1:  # +1: a CR may still be followed by LF
-                    buf.clear()
-                    self._skip_line = True
-                    self._line_too_long()
-                return False
-            end = idx
-            if idx and buf[idx - 1] == 13:
-                end -= 1
-            else:
+            line = lines.take(buf, self._mode == _AUTH)
+            if lines.bare_lf:
+                lines.bare_lf = False
                 self._violation(replies.V_BARE_LF_COMMAND)
-            if end > self.settings.max_line_length and end > self._line_limit(buf):
-                del buf[: idx + 1]
+            if line is None:
+                if not lines.overlong:
+                    return False
+                lines.overlong = False
                 self._line_too_long()
-                continue
-            line = buf[:end].decode("utf-8", "replace")
-            del buf[: idx + 1]
-            if self._mode == _COMMAND:
+            elif self._mode == _COMMAND:
                 self._command(line)
             else:
                 self._auth_line(line)
         return True
-
-    def _line_limit(self, buf: bytearray) -> int:
-        limit = self.settings.max_line_length
-        if self._mode == _AUTH or buf[:5].upper() == b"AUTH ":
-            return max(limit, AUTH_LINE_LENGTH)
-        return limit
 
     def _line_too_long(self) -> None:
         if self._log:
@@ -554,12 +505,8 @@ class SMTPConnection:
     def _data_start(self) -> None:
         self._send(replies.DATA_GO_AHEAD)
         self._goto(_DATA)
-        # Put back the LF that ended the DATA line: then one search for "\n.\r\n"
-        # also finds a terminator on the very first line (an empty message).
-        self._buf[0:0] = b"\n"
-        self._body_start = 1
-        if self._held and Stage.HEADERS in self._held:
-            self._head = HeaderWatch()
+        watch = bool(self._held) and Stage.HEADERS in self._held
+        self._reader = DataReader(self.settings, self._buf, watch)
 
     def _cmd_bdat(self, arg: str, to: Phase | bytes) -> None:
         parsed = parse_bdat(arg)
@@ -577,11 +524,11 @@ class SMTPConnection:
             self._bdat_start(size, last, to)  # type: ignore[arg-type]
 
     def _bdat_start(self, size: int, last: bool, to: Phase) -> None:
-        if self._phase == _RCPT and self._held and Stage.HEADERS in self._held:
-            self._head = HeaderWatch()
-        self._bdat_keep = True
-        self._bdat_size = self._bdat_left = size
-        self._bdat_last = last
+        reader = self._reader
+        if self._phase == _RCPT or not isinstance(reader, BdatReader):  # the first chunk
+            watch = bool(self._held) and Stage.HEADERS in self._held
+            reader = self._reader = BdatReader(self.settings, watch)
+        reader.begin(size, last)
         self._goto(_BDAT, to)
 
     def _bdat_refused(self, size: int, last: bool, reply: bytes) -> None:
@@ -591,10 +538,7 @@ class SMTPConnection:
         self._bdat_read_only(size, last, reply)
 
     def _bdat_read_only(self, size: int, last: bool, reply: bytes) -> None:
-        self._bdat_keep = False
-        self._bdat_refusal = reply
-        self._bdat_size = self._bdat_left = size
-        self._bdat_last = last
+        self._reader = BdatReader.skipping(self.settings, size, last, reply)
         self._goto(_BDAT)
 
     def _cmd_rset(self, arg: str, to: Phase) -> None:
@@ -642,49 +586,32 @@ class SMTPConnection:
         if self._authenticated:
             self._send(replies.AUTH_TWICE)
             return
-        mechanism, _, initial = arg.partition(" ")
-        if not mechanism:
-            self._send(replies.SYNTAX_AUTH)
+        exchange = auth.start(arg, self.settings.auth_mechanisms)
+        if type(exchange) is bytes:
+            self._send(exchange)
             return
-        mechanism = mechanism.upper()
-        if mechanism not in self.settings.auth_mechanisms:
-            self._send(replies.AUTH_UNKNOWN)
-            return
-        exchange = auth.Exchange(mechanism)
         # A new object per attempt: messages already delivered keep the AuthInfo they had.
-        self.auth = AuthInfo(attempted=True, mechanism=mechanism)
-        try:
-            challenge = exchange.begin(initial.strip(), hostname=self.settings.hostname,
-                                       now=self._clock().timestamp())
-        except auth.BadResponse:
-            self._send(replies.AUTH_BAD_BASE64)
-            return
-        self._auth_progress(exchange, challenge)
+        self.auth = AuthInfo(attempted=True, mechanism=exchange.mechanism)
+        now = self._clock().timestamp()  # for the CRAM-MD5 nonce
+        self._auth_step(exchange, exchange.begin(hostname=self.settings.hostname, now=now))
 
     def _auth_line(self, line: str) -> None:
         if self._log:
             self._log_line("C", line, "****")
         exchange, self._exchange = self._exchange, None
         self._goto(_COMMAND)
-        if line.strip() == "*":
-            self._send(replies.AUTH_CANCELLED)
-            return
-        if exchange is None:
-            return
-        try:
-            challenge = exchange.step(line)
-        except auth.BadResponse:
-            self._send(replies.AUTH_BAD_BASE64)
-            return
-        self._auth_progress(exchange, challenge)
+        if exchange is not None:  # never None: AUTH mode is entered with one
+            self._auth_step(exchange, exchange.answer(line))
 
-    def _auth_progress(self, exchange: auth.Exchange, challenge: bytes | None) -> None:
+    def _auth_step(self, exchange: auth.Exchange, reply: bytes | None) -> None:
+        """`reply` is the exchange's next one: a challenge, or why it ended (None: done)."""
         self.auth.username = exchange.username
         self.auth.password = exchange.password
-        if challenge is not None:
-            self._send(challenge)
-            self._exchange = exchange
-            self._goto(_AUTH)
+        if reply is not None:
+            self._send(reply)
+            if exchange.waiting:
+                self._exchange = exchange
+                self._goto(_AUTH)
         elif self._held and Stage.AUTH in self._held:
             args: dict[str, object] = {"mechanism": exchange.mechanism,
                                        "username": exchange.username}
@@ -696,198 +623,62 @@ class SMTPConnection:
         self._authenticated = True
         self._send(replies.AUTH_OK)
 
-    # ---- message bodies ---------------------------------------------------------------
+    # ---- message bodies: the reader (reception.py) takes them in, this answers --------
 
-    def _reset_body(self) -> None:
-        self._chunked = False  # part of the body was handed out in BodyChunk events
-        self._drop: bytes | None = None  # reply that replaces delivery (too big, verdict)
-        self._raw_size = 0  # body bytes received and no longer in the input buffer
-        self._body_start = 0  # where the uncommitted body starts in the input buffer
-        self._scan = 0  # where the next terminator search starts
-        self._bol = True  # the chunks so far end at a line start
-        self._body_scan: BodyScan | None = None  # checks carried over chunks
-        self._bdat_buf = bytearray()
-        self._head: HeaderWatch | None = None  # while the HEADERS verdict is due
-
-    def _reset_transaction(self) -> None:
-        self._env = None
-        if self._chunked:
-            self._events.append(BodyDropped())
-        self._reset_body()
-        if self._phase != _IDLE:
-            self._goto(self._mode, _IDLE)
-
-    def _fail(self, reply: bytes) -> None:
-        """Stop keeping the body; keep reading it, then answer `reply` instead."""
-        if self._drop is None:
-            self._drop = reply
-            if self._chunked:
-                self._events.append(BodyDropped())
-                self._chunked = False
-            self._bdat_buf = bytearray()
-            self._head = None
-
-    def _chunk_out(self, data: bytes) -> None:
-        self._events.append(BodyChunk(data))
-        self._chunked = True
-
-    def _over_limit(self, size: int) -> bool:
-        limit = self.settings.max_message_size
-        return bool(limit) and size > limit
-
-    def _read_data(self) -> bool:
-        buf = self._buf
-        match = TERMINATOR.search(buf, self._scan)
-        head = self._head
-        if head is not None:
-            end = len(buf) if match is None else match.start() + 1
-            found = headers_end(buf, head.scan, end)
-            if found >= 0 or match is not None:
-                self._ask_headers(copy(buf, self._body_start, found if found >= 0 else end))
-                return True
-            head.scan = max(len(buf) - 2, 0)  # "\n\r" may straddle two reads
-        if match is None:
-            self._hold_data()
+    def _read_body(self) -> bool:
+        reader = self._reader
+        step = reader.feed(self._buf)
+        if reader.out:
+            self._take_body_events(reader)
+        if step == MORE:
             return False
-        body_end = match.start() + 1  # the CRLF before "." belongs to the message
-        raw = copy(buf, self._body_start, body_end)
-        bare_terminator = match.end() - match.start() == 3
-        del buf[: match.end()]
+        if step == HEADERS:
+            # Proceed: read on; Respond: read on too, then refuse with its reply
+            self._hold(Stage.HEADERS, {"headers": reader.headers}, _nothing, self._fail_body)
+            return True
         self._goto(_COMMAND)
-        self._end_data(raw, bare_terminator)
+        self._log_data(reader.size)
+        if step == CHUNK:
+            self._send(replies.bdat_received(reader.size))
+        elif step == SKIPPED:  # no transaction to end: the chunk was refused before it came
+            self._reader = None
+            self._send(reader.refusal or replies.LOCAL_ERROR)
+        elif reader.refusal is not None or reader.body is None:
+            self._refuse(reader.refusal or replies.LOCAL_ERROR)
+        else:
+            if self._env is not None:
+                for text in reader.violations(self._env.mail_options):
+                    self._violation(text)
+            self._deliver(reader.body, reader.chunked)
         return True
 
-    def _ask_headers(self, raw: bytes) -> None:
-        self._head = None
-        headers = unstuff(raw, True)
-        self._hold(Stage.HEADERS, {"headers": headers}, _nothing, self._fail)
+    def _take_body_events(self, reader: DataReader | BdatReader) -> None:
+        self._events += reader.out
+        reader.out.clear()
 
-    def _hold_data(self) -> None:
-        """No terminator yet: keep the body in the buffer, or hand it out when too big."""
-        buf = self._buf
-        cut = len(buf) - TERMINATOR_TAIL  # these last bytes may begin the terminator
-        self._scan = max(cut, 0)
-        held = cut - self._body_start
-        if held <= 0:
-            return
-        if self._drop is None and self._over_limit(self._raw_size + held):
-            self._fail(replies.TOO_BIG)
-        if self._drop is None and not self._chunked and held <= self.settings.spool_threshold:
-            return
-        if self._head is not None:  # a header block this big: ask before it leaves the buffer
-            self._ask_headers(copy(buf, self._body_start, cut))
-            return
-        chunk = copy(buf, self._body_start, cut)
-        del buf[:cut]
-        self._body_start = self._scan = 0
-        self._raw_size += len(chunk)
-        if self._drop is None:
-            self._scan_out(chunk)
+    def _fail_body(self, reply: bytes) -> None:
+        reader = self._reader
+        if reader is not None:
+            reader.fail(reply)
+            self._take_body_events(reader)
 
-    def _scan_out(self, raw: bytes) -> None:
-        if self._body_scan is None:
-            self._body_scan = BodyScan()
-        self._body_scan.feed(raw)
-        data = unstuff(raw, self._bol)
-        if raw:
-            self._bol = raw[-1] == 10
-        self._chunk_out(data)
-
-    def _end_data(self, raw: bytes, bare_terminator: bool) -> None:
-        size = self._raw_size + len(raw)
-        self._log_data(size)
-        if self._drop is None and self._over_limit(size):
-            self._fail(replies.TOO_BIG)
-        if self._drop is not None:
-            self._refuse()
-            return
-        # also when the whole body came in one read: where it lands must not depend on
-        # how the input was split
-        chunked = self._chunked or len(raw) > self.settings.spool_threshold
-        if chunked:
-            self._scan_out(raw)
-            body = MessageBody()
-        else:
-            self._body_scan = BodyScan()
-            self._body_scan.feed(raw)
-            data = unstuff(raw, True)
-            body = MessageBody(data=data, size=len(data))
-        scan = self._body_scan
-        if scan is not None and self._env is not None and (
-            bare_terminator or scan.bare_lf or scan.long_line or scan.eight_bit
-        ):
-            for text in scan.violations(self._env.mail_options, bare_terminator):
-                self._violation(text)
-        self._deliver(body, chunked)
-
-    def _refuse(self) -> None:
+    def _refuse(self, reply: bytes) -> None:
         """End a transaction whose body was dropped, with the reply saying why."""
-        reply = self._drop or replies.LOCAL_ERROR
         self._reset_transaction()
         self._send(reply)
 
-    def _read_bdat(self) -> bool:
-        buf = self._buf
-        left = self._bdat_left
-        if left:
-            take = min(left, len(buf))
-            if not take:
-                return False
-            if self._bdat_keep:
-                self._bdat_chunk(buf[:take])
-            del buf[:take]
-            self._bdat_left = left = left - take
-            if left:
-                return False
-        self._goto(_COMMAND)
-        self._log_data(self._bdat_size)
-        self._end_bdat()
-        return True
-
-    def _bdat_chunk(self, chunk: bytearray) -> None:
-        self._raw_size += len(chunk)
-        if self._drop is not None:
-            return
-        if self._over_limit(self._raw_size):
-            self._fail(replies.TOO_BIG)
-            return
-        head = self._head
-        if head is not None and head.end < 0:
-            head.feed(chunk, self.settings.spool_threshold)
-        if self._chunked:
-            self._chunk_out(bytes(chunk))
-        else:
-            self._bdat_buf += chunk
-            if len(self._bdat_buf) > self.settings.spool_threshold:
-                data = bytes(self._bdat_buf)
-                self._bdat_buf = bytearray()
-                self._chunk_out(data)
-
-    def _end_bdat(self) -> None:
-        if not self._bdat_keep:
-            self._send(self._bdat_refusal)
-        elif self._head is not None and (self._head.end >= 0 or self._bdat_last):
-            headers = self._head.headers()
-            self._head = None
-            self._hold(Stage.HEADERS, {"headers": headers}, self._end_bdat, self._refuse_chunk)
-        elif not self._bdat_last:
-            self._send(replies.bdat_received(self._bdat_size))
-        elif self._drop is not None:
-            self._refuse()
-        elif self._chunked:
-            self._deliver(MessageBody(), True)
-        else:
-            data = bytes(self._bdat_buf)
-            self._deliver(MessageBody(data=data, size=len(data)), False)
-
-    def _refuse_chunk(self, reply: bytes) -> None:
-        self._fail(reply)
-        self._end_bdat()
+    def _reset_transaction(self) -> None:
+        self._env = None
+        reader, self._reader = self._reader, None
+        if reader is not None and reader.chunked:
+            self._events.append(BodyDropped())
+        if self._phase != _IDLE:
+            self._goto(self._mode, _IDLE)
 
     def _deliver(self, body: MessageBody, chunked: bool) -> None:
         env = self._env or Envelope(helo=self.helo)  # never None: DATA/BDAT require MAIL
         self._env = None
-        self._reset_body()
+        self._reader = None
         self._flush()
         self._events.append(
             MessageReceived(
