@@ -12,8 +12,9 @@ import logging
 import multiprocessing
 import os
 import signal
+import smtplib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import orjson
 import pytest
 
+from conftest import MailpipeServer
 from mailpipe.capture.attachments import AttachmentStorage
 from mailpipe.capture.message import EventOptions, SessionInfo, build_event
 from mailpipe.capture.offload import OFFLOAD_ABOVE, EventBuilder
@@ -212,3 +214,51 @@ async def test_a_helper_killed_mid_parse_is_reported_and_the_email_still_built(
     )
     assert orjson.loads(email.json()) == inline_event(raw), name
     assert helpers() - before - victims
+
+
+# ---- helpers of a killed mailpipe -----------------------------------------------------------
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has exited
+
+
+def test_helpers_of_a_killed_mailpipe_exit_too(
+    mailpipe_factory: Callable[..., MailpipeServer],
+) -> None:
+    """A mailpipe killed with SIGKILL cannot stop its helpers: they notice and exit, and the
+    forkserver with them, instead of waiting for ever."""
+    server = mailpipe_factory()
+    big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * (OFFLOAD_ABOVE // 1000 + 10)
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as client:
+        client.sendmail("a@example.test", ["b@example.test"], big)
+    helpers = descendants(server.process.pid)
+    assert helpers, "the big message was not parsed in a helper process"
+    server.process.kill()
+    server.process.wait()
+    deadline = time.monotonic() + BOUND
+    while any(alive(pid) for pid in helpers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in helpers if alive(pid)], "helpers outlived their mailpipe"

@@ -13,6 +13,8 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -25,6 +27,31 @@ log = logging.getLogger("mailpipe.capture")
 
 # Above this size a message is parsed in a helper process.
 OFFLOAD_ABOVE = 512 * 1024
+
+
+# How often a helper checks that the mailpipe that started it is still there.
+PARENT_CHECK_INTERVAL = 1.0
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A helper's initializer: end the helper when mailpipe is gone.
+
+    Helpers are children of the forkserver, not of mailpipe, and each holds both ends of its
+    own task queue, so a mailpipe killed with SIGKILL (no shutdown) would leave them, and
+    through them the forkserver, waiting for ever.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_CHECK_INTERVAL)
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:
+                pass  # the pid exists (owned by another user): mailpipe itself is alive
+
+    threading.Thread(target=watch, name="mailpipe-parent-watch", daemon=True).start()
 
 
 def _build_from_body(body: MessageBody, kwargs: dict[str, Any]) -> CapturedEmail:
@@ -43,7 +70,9 @@ class EventBuilder:
         # Started on first use: a capture server that never sees a big message pays nothing.
         if self._pool is None:
             context = multiprocessing.get_context("forkserver")
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=context,
+                                             initializer=_exit_with_parent,
+                                             initargs=(os.getpid(),))
         return self._pool
 
     async def build(self, body: MessageBody, **kwargs: Any) -> CapturedEmail:
