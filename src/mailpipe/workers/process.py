@@ -121,8 +121,13 @@ class Connection:
         self.writer = writer
 
     async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except RuntimeError as exc:
+            # uvloop raises this (not an OSError) when the worker's pipe is already closed: a
+            # worker that died. Unhandled, the worker stayed "working" for ever, never replaced.
+            raise WorkerError("the worker closed its input (did it exit?)") from exc
 
     async def receive(self) -> Frame:
         try:
