@@ -490,5 +490,6 @@ def table(lines: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    rows = [json.loads(x) for x in Path(sys.argv[1]).read_text().splitlines() if x.strip()]
-    print(table(rows))
+    source = Path(sys.argv[1])
+    lines = source.read_text().splitlines() if source.exists() else []
+    print(table([json.loads(x) for x in lines if x.strip()]))
