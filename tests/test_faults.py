@@ -286,7 +286,10 @@ async def kill_workers_at_random(server: MailpipeServer, until: asyncio.Event) -
 @BOUND
 async def test_worker_storm(mailpipe_factory: Factory, tmp_path: Path) -> None:
     workers = 4
-    pool = start_pool(mailpipe_factory, tmp_path, "hooks", pool={"num_workers": workers})
+    keep_all = {"MAILPIPE_STORE__MAX_MESSAGES": "1000000"}  # retention must not look like loss
+    pool = start_pool(
+        mailpipe_factory, tmp_path, "hooks", pool={"num_workers": workers}, env=keep_all
+    )
     server = pool.server
     stop = asyncio.Event()
     async with Load(pool.port, "storm [sleep 0.01]") as load:
