@@ -159,6 +159,8 @@ def report(fault: str, sent: list[Sent], found: str, how: str = "") -> None:
         "answered": answered(sent),
         "found": found,
         "how": how,
+        # tests/test_faults.py::test_...[driver]: what reruns this one fault.
+        "rerun": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0],
         "seconds": SECONDS,
         "lanes": LANES,
     }
@@ -482,13 +484,16 @@ async def test_disk_full_store(mailpipe_factory: Factory, tmp_path: Path) -> Non
 
 def table(lines: list[dict[str, Any]]) -> str:
     out = [
-        "| fault | sent | answered | found afterwards |",
-        "|---|---|---|---|",
+        "| fault | sent | answered | found afterwards | rerun |",
+        "|---|---|---|---|---|",
     ]
     for row in lines:
         answers = ", ".join(f"{n} x {code}" for code, n in row["answered"].items())
         how = f" ({row['how']})" if row.get("how") else ""
-        out.append(f"| {row['fault']}{how} | {row['sent']} | {answers} | {row['found']} |")
+        rerun = f"`{row['rerun']}`" if row.get("rerun") else ""
+        out.append(
+            f"| {row['fault']}{how} | {row['sent']} | {answers} | {row['found']} | {rerun} |"
+        )
     return "\n".join(out)
 
 
