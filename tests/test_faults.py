@@ -470,7 +470,10 @@ async def test_disk_full_store(mailpipe_factory: Factory, tmp_path: Path) -> Non
         assert_only(load.sent, {250, 451})
         ids = load.accepted()
         full_phase = load.sent[full_at + LANES : room_at]
-        assert full_phase and 250 not in {s.code for s in full_phase}, answered(full_phase)
+        # 451 while full; a commit that fits in space SQLite already holds (the WAL is reused
+        # after a checkpoint) may still succeed and get 250, and must then be stored.
+        while_full = answered(full_phase)
+        assert while_full.get("451"), while_full
         found = stored(server)
         assert_all_stored(ids, found, "in the store")
         assert_whole(found, size)
@@ -483,8 +486,8 @@ async def test_disk_full_store(mailpipe_factory: Factory, tmp_path: Path) -> Non
     report(
         "disk-full store",
         load.sent,
-        f"{len(ids)}/{len(ids)} 250s in the store (also after a restart), 0 partial; "
-        "451 while full, 250 once there was room",
+        f"{len(ids)}/{len(ids)} 250s in the store (also after a restart), 0 partial; while "
+        f"full: {while_full}; 250 again once there was room",
         disk.how,
     )
 
