@@ -26,6 +26,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -410,20 +411,20 @@ def tmpfs(path: Path, size: str) -> Iterator[SmallDisk]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def can_mount() -> bool:
+def can_mount(scratch: Path) -> bool:
+    """Whether a tmpfs can be mounted here (root, with the privilege a container may lack)."""
     if os.environ.get("MAILPIPE_FAULT_DISK") == "fsize" or os.geteuid() != 0:
         return False
-    probe = Path(f"/tmp/mailpipe-fault-probe-{os.getpid()}")
-    probe.mkdir(exist_ok=True)
-    try:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True
-        )
-        if done.returncode == 0:
-            subprocess.run(["umount", str(probe)], check=False)
-        return done.returncode == 0
-    finally:
-        probe.rmdir()
+    if not (shutil.which("mount") and shutil.which("umount")):
+        return False
+    probe = scratch / "mount-probe"
+    probe.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True
+    )
+    if done.returncode == 0:
+        subprocess.run(["umount", str(probe)], check=False)
+    return done.returncode == 0
 
 
 def limit_file_size(pid: int, limit: int) -> Callable[[], None]:
@@ -438,7 +439,7 @@ def limit_file_size(pid: int, limit: int) -> Callable[[], None]:
 @BOUND
 async def test_disk_full_store(mailpipe_factory: Factory, tmp_path: Path) -> None:
     size = 8000
-    mounted = can_mount()
+    mounted = can_mount(tmp_path)
     with contextlib.ExitStack() as stack:
         if mounted:
             disk = stack.enter_context(tmpfs(tmp_path / "small", "2m"))
