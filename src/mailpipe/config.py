@@ -423,6 +423,22 @@ class HTTPConfig(Section):
     enabled: bool = True
     addr: Address = "127.0.0.1:8025"
     auth: HTTPAuthConfig | None = None
+    # Host names served besides the bind address and loopback (DNS rebinding protection,
+    # web/guard.py); "*" serves any Host, which lets a rebinding page in: unsafe.
+    allowed_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, names: list[str]) -> list[str]:
+        from mailpipe.web.guard import ANY_HOST, is_ip_literal, parse_authority
+
+        for name in names:
+            plain = name == ANY_HOST or is_ip_literal(name)  # IPv6 with or without brackets
+            parsed = (name, None) if plain else parse_authority(name)
+            if parsed is None or parsed[1] is not None:
+                raise ValueError(f"{name!r} is not a host name or IP address (no scheme, "
+                                 "no port; \"*\" for any)")
+        return names
 
 
 class StoreConfig(Section):
