@@ -237,6 +237,8 @@ def test_numeric_parameters_are_bounded(mailpipe_factory: Factory) -> None:
     assert answer.status == 200
     assert (answer.body["total"], answer.body["messages"]) == (1, [])
     assert call(port, "GET", "/api/v1/messages?offset=0000&limit=001").body["count"] == 1
+    answer = call(port, "GET", f"/api/v1/messages?limit={'0' * 5000}1")  # zeros: still 1
+    assert (answer.status, answer.body["limit"]) == (200, 1)
     log = server.log()
     assert "Traceback" not in log and "OverflowError" not in log
 

@@ -110,9 +110,9 @@ def create_app(
     `bind_host` only the loopback names are."""
     from mailpipe.admin.routes import AdminRoutes  # it builds on this module's ApiError
 
+    guard = BrowserGuard(bind_host, allowed_hosts)
     # Outermost first: the guard runs before auth, so a refused page never sees a challenge.
-    middlewares: list[Middleware] = [_errors_as_json, _guard_middleware(
-        BrowserGuard(bind_host, allowed_hosts))]
+    middlewares: list[Middleware] = [_errors_as_json, _guard_middleware(guard)]
     if auth is not None:
         middlewares.append(_auth_middleware(auth))
     app = web.Application(middlewares=middlewares)
@@ -299,8 +299,9 @@ def _guard_middleware(guard: BrowserGuard) -> Middleware:
         refusal = guard.check(request.method, request.scheme, request.headers)
         if refusal is None:
             return await handler(request)
-        # %r: the values come from the client and must not forge log lines.
-        log.info("refused %s %s from %s: %r", request.method, request.path,
+        # The path as %r and the reason's values quoted: they come from the client and must
+        # not forge log lines.
+        log.info("refused %s %r from %s: %s", request.method, request.path,
                  request.remote or "?", refusal.reason)
         return _json({"error": refusal.reason}, status=refusal.status)
 
@@ -354,10 +355,12 @@ def bounded_int(name: str, text: str, low: int, high: int) -> int:
     error = ApiError(400, f"{name} must be an integer between {low} and {high}")
     # Plain ASCII digits only: int() would also take "1_000", " 7" or other scripts' digits;
     # and no longer than `high` is, so a huge number never reaches int() (which refuses
-    # strings over 4300 digits with a ValueError) nor the store (OverflowError past 2**63-1).
-    if not text.isascii() or not text.isdigit() or len(text.lstrip("0")) > len(str(high)):
+    # strings over 4300 digits, leading zeros included) nor the store (OverflowError past
+    # 2**63-1).
+    digits = text.lstrip("0") or "0"
+    if not text.isascii() or not text.isdigit() or len(digits) > len(str(high)):
         raise error
-    value = int(text)
+    value = int(digits)
     if not low <= value <= high:
         raise error
     return value

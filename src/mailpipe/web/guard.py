@@ -120,8 +120,8 @@ def content_type_refusal(method: str, headers: Mapping[str, str]) -> Refusal | N
     media_type = (headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
     if _JSON_TYPE.match(media_type):
         return None
-    return Refusal(415, f"a {method.upper()} body must be application/json, "
-                        f"not {media_type or 'untyped'!r}")
+    given = repr(media_type) if media_type else "no Content-Type"
+    return Refusal(415, f"a {method.upper()} body must be application/json, not {given}")
 
 
 def has_body(headers: Mapping[str, str]) -> bool:
