@@ -622,8 +622,7 @@ class SMTPSession(asyncio.Protocol):
         if isinstance(exc, TimeoutError):
             return f"no handshake within read_timeout ({self.listener.config.read_timeout:g}s)"
         text = str(exc)
-        if isinstance(exc, ConnectionError | ssl.SSLEOFError) or (
-                self.transport is not None and self.transport.is_closing()):
+        if isinstance(exc, ConnectionError | ssl.SSLEOFError):  # uvloop's carry no text
             closed = "client closed the connection during the TLS handshake"
             return f"{closed} ({text})" if text else closed
         return text or type(exc).__name__
