@@ -60,6 +60,15 @@ class Client(RawSMTP):
                 return sent + 1
         return len(data)
 
+    def cut_off(self, data: bytes) -> tuple[int, str]:
+        """Trickle `data`: the server must answer before it is all out, and close; its reply."""
+        sent = self.trickle(data)
+        assert sent < len(data), "it all trickled out, and the server kept waiting"
+        reply = self.reply()
+        assert self.wait_closed()
+        self.close()
+        return reply
+
     def start_body(self, subject: str) -> None:
         self.expect("EHLO client.test", 250)
         self.expect(f"MAIL FROM:<{SENDER}>", 250)
@@ -93,12 +102,7 @@ def refused(server: MailpipeServer, reason: str, listener: str = "default") -> f
 def test_command_line_trickled_a_byte_at_a_time_is_cut(mailpipe_factory: Factory) -> None:
     server = mailpipe_factory({"smtp": LIMITS})
     client = Client(server.smtp_port)
-    sent = client.trickle(SLOW_LINE)
-    assert sent < len(SLOW_LINE), "the whole line trickled out and the server kept waiting"
-    code, text = client.reply()
-    assert (code, text) == (421, "4.4.2 localhost Error: timeout exceeded")
-    assert client.wait_closed()
-    client.close()
+    assert client.cut_off(SLOW_LINE) == (421, "4.4.2 localhost Error: timeout exceeded")
     assert timed_out(server, "read_timeout") == 1
     assert "read timeout, closing" in server.log()
 
@@ -107,12 +111,8 @@ def test_body_trickled_below_min_data_rate_is_cut(mailpipe_factory: Factory) -> 
     server = mailpipe_factory({"smtp": LIMITS})
     client = Client(server.smtp_port)
     client.start_body("trickled")
-    sent = client.trickle(SLOW_BODY)  # 10 bytes a second against a minimum of 1 KB a second
-    assert sent < len(SLOW_BODY), "the whole body trickled out and the server kept waiting"
-    code, text = client.reply()
-    assert (code, text) == (421, "4.4.2 localhost Error: data rate too low")
-    assert client.wait_closed()
-    client.close()
+    # 10 bytes a second against a minimum of 1 KB a second
+    assert client.cut_off(SLOW_BODY) == (421, "4.4.2 localhost Error: data rate too low")
     assert timed_out(server, "data_rate") == 1
     assert "data rate too low, closing" in server.log()
     assert server.get_json("/api/v1/messages")["total"] == 0  # nothing half-received is kept
@@ -160,17 +160,15 @@ def test_trickling_clients_do_not_keep_every_slot(mailpipe_factory: Factory) -> 
     server = mailpipe_factory({"smtp": {**LIMITS, "max_connections": 3}})
     slow = [Client(server.smtp_port, "127.0.0.2") for _ in range(3)]
     with ThreadPoolExecutor(len(slow)) as pool:
-        trickles = [pool.submit(client.trickle, SLOW_LINE) for client in slow]
+        cuts = [pool.submit(client.cut_off, SLOW_LINE) for client in slow]
         # every slot is taken for now...
         code, text = Client(server.smtp_port, greet=False).reply()
         assert (code, text) == (421, "4.7.0 Too many connections, try again later")
         # ...but a slow client cannot keep its slot by trickling: a real client soon gets in,
         # long before the trickled lines (25 s each) could be done
         assert wait_for(lambda: sent_from(server, "127.0.0.1", "got a slot"), timeout=15)
-        for client, trickle in zip(slow, trickles, strict=True):
-            assert trickle.result() < len(SLOW_LINE)
-            assert client.reply() == (421, "4.4.2 localhost Error: timeout exceeded")
-            client.close()
+        for cut in cuts:
+            assert cut.result() == (421, "4.4.2 localhost Error: timeout exceeded")
     assert by_subject(server, "got a slot")["envelope"]["to"] == [RCPT]
     assert timed_out(server, "read_timeout") == 3
 

@@ -135,13 +135,15 @@ class ReadDeadlines:
             self._paused = True
             self._credit -= now - self._credit_at  # the client's time up to now counts
 
-    def resume(self, now: float, partial: bool) -> None:
+    def resume(self, now: float, partial: bool) -> bool:
         """The verdict came: the client's clocks start again (a command line buffered behind
-        the verdict gets its read_timeout from now)."""
-        if self._paused:
-            self._paused = False
-            self._credit_at = self._last_byte = self._line_start = now
-            self._partial = partial
+        the verdict gets its read_timeout from now). False if they were running."""
+        if not self._paused:
+            return False
+        self._paused = False
+        self._credit_at = self._last_byte = self._line_start = now
+        self._partial = partial
+        return True
 
     def expired(self, now: float, in_body: bool) -> str | None:
         """Why the client is cut now (READ_TIMEOUT, DATA_RATE), or None."""
@@ -449,8 +451,8 @@ class SMTPSession(asyncio.Protocol):
         While a verdict is awaited the client's clocks stop: that delay is ours."""
         if self.conn.awaiting_reply:
             self._deadlines.pause(self._loop.time())
-        else:
-            self._deadlines.resume(self._loop.time(), self.conn.buffered > 0)
+        elif self._deadlines.resume(self._loop.time(), self.conn.buffered > 0):
+            self._arm_deadline_timer()  # the paused timer only looks now and then
         transport = self.transport
         if transport is None or transport.is_closing():
             return
