@@ -336,6 +336,7 @@ class SMTPSession(asyncio.Protocol):
                                         config.min_data_rate, self._loop.time())
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._client_ip: str | None = None  # counted in listener.per_ip while open
+        self._in_body = False  # a message body is coming in (a verdict mid-body included)
         self._write_timer: asyncio.TimerHandle | None = None
         self._delivering: asyncio.Future[None] | None = None
         self._tls_task: asyncio.Future[None] | None = None
@@ -393,17 +394,13 @@ class SMTPSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         now = self._loop.time()
         conn, deadlines = self.conn, self._deadlines
-        in_body = conn.in_data
-        if in_body:
+        if conn.in_data:
             deadlines.body_read(now, len(data))
         events = conn.receive(data)
-        if conn.in_data:
-            if not in_body:
-                deadlines.body_started(now)
-                self._arm_deadline_timer()  # a body's deadline may come before the line's
-        elif not conn.awaiting_reply:
+        if not (conn.in_data or conn.awaiting_reply):
             # Any event means a line was complete: a reply, a verdict asked, a violation...
             deadlines.command_read(now, bool(events), conn.buffered > 0)
+        self._track_body(now)
         self._handle(events)
         if self._closing:
             self.request_close()
@@ -439,6 +436,17 @@ class SMTPSession(asyncio.Protocol):
             self._write_timer.cancel()
             self._write_timer = None
 
+    def _track_body(self, now: float) -> None:
+        """Start a body's clock when one begins: after a DATA or BDAT line, or after the
+        verdict that let it begin. A verdict awaited mid-body does not end the body."""
+        conn = self.conn
+        if conn.awaiting_reply or conn.in_data == self._in_body:
+            return
+        self._in_body = conn.in_data
+        if self._in_body:
+            self._deadlines.body_started(now)
+            self._arm_deadline_timer()  # a body's deadline may come before the line's
+
     def _uncount_ip(self) -> None:
         per_ip, ip = self.listener.per_ip, self._client_ip
         if ip is not None:
@@ -449,10 +457,13 @@ class SMTPSession(asyncio.Protocol):
     def _update_reading(self) -> None:
         """Read only while no email awaits its verdict and the client reads our replies.
         While a verdict is awaited the client's clocks stop: that delay is ours."""
+        now = self._loop.time()
         if self.conn.awaiting_reply:
-            self._deadlines.pause(self._loop.time())
-        elif self._deadlines.resume(self._loop.time(), self.conn.buffered > 0):
-            self._arm_deadline_timer()  # the paused timer only looks now and then
+            self._deadlines.pause(now)
+        else:
+            if self._deadlines.resume(now, self.conn.buffered > 0):
+                self._arm_deadline_timer()  # the paused timer only looks now and then
+            self._track_body(now)
         transport = self.transport
         if transport is None or transport.is_closing():
             return
