@@ -184,6 +184,12 @@ class ListenerLimits(Section):
     max_recipients: int = Field(default=100, ge=1)
     max_line_length: int = Field(default=4096, ge=512)
     max_connections: int = Field(default=1000, ge=1)
+    max_connections_per_ip: int = Field(default=100, ge=1)  # so one source cannot take them all
+    # A message body gets data_timeout of credit, each byte adds 1/min_data_rate s (at most
+    # data_timeout): one done within data_timeout is never cut, a longer one must average
+    # min_data_rate. 0 (either) disables it; a body silent for read_timeout is cut anyway.
+    data_timeout: Duration = 60.0
+    min_data_rate: Size = 1024  # bytes per second
     tls: TLSSetting = None
     auth: SMTPAuthConfig = SMTPAuthConfig()
 

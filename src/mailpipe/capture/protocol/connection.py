@@ -171,6 +171,11 @@ class SMTPConnection:
     def closed(self) -> bool:
         return self._mode == _CLOSED
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not consumed yet: in command mode, a line still incomplete."""
+        return len(self._buf)
+
     def start(self) -> list[Event]:
         greeting = replies.greeting(self.settings.hostname)
         if self._held and Stage.CONNECT in self._held:
