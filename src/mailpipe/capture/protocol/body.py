@@ -5,11 +5,17 @@ over large chunks.
 
 Which "." line ends DATA depends on how the session ends its lines (SMTP smuggling,
 CVE-2023-51764/51766: a server that ends DATA where the relay before it did not lets the
-rest of a message run as commands):
-- a CRLF session (some command line ended with CRLF): only <CRLF>.<CRLF>. A "." with a bare
-  LF or CR on either side is message data, kept as received (not unstuffed either);
-- a session that uses bare LF (no command line so far ended with CRLF): a "." line after an
-  LF, ended by LF or CRLF (<LF>.<LF>, <CRLF>.<LF>, <LF>.<CRLF>, <CRLF>.<CRLF>).
+rest of a message run as commands). A session "uses bare LF" while every line the client
+has sent outside message data on this connection (commands and AUTH responses, the DATA line
+included, before and after STARTTLS) ended with a bare LF; one CRLF makes it a CRLF session
+for good (`LineReader.crlf`).
+- CRLF session: only <CRLF>.<CRLF> ends DATA. A "." with a bare LF or CR on either side
+  (<LF>.<LF>, <CR>.<CR>, <LF>.<CRLF>, <CRLF>.<LF>, <CRLF>.<CR>...) is message data, noted
+  (V_DOT_LINE). Only CRLF starts a line, so only a dot after CRLF is unstuffed.
+- bare-LF session: a "." line after an LF ends DATA, its own end LF or CRLF (<LF>.<LF>,
+  <CRLF>.<LF>, <LF>.<CRLF>, <CRLF>.<CRLF>); any but the last is noted (V_BARE_LF_END).
+Finding out costs a CRLF body one `count` more per chunk (bare CR); the exact search for a
+"." between line breaks runs only over bodies that have a bare CR or LF.
 """
 
 from __future__ import annotations
@@ -123,7 +129,7 @@ class BodyScan:
         # Only a bare CR or LF makes a "." line that is not one: CRLF mail skips the search.
         if (self.bare_lf or self.bare_cr) and not self.dot_line:
             self.dot_line = dot_line(self.tail + chunk[:2]) or dot_line(chunk)
-        self.tail = (self.tail + chunk[-3:])[-3:]
+        self.tail = chunk[-3:] if len(chunk) >= 3 else (self.tail + chunk)[-3:]
         self.prev_cr = chunk[-1] == 13
         self._feed_lines(chunk)
 
@@ -150,11 +156,6 @@ class BodyScan:
             or (last - first > DATA_LINE_LIMIT and _LONG_LINE.search(chunk, first) is not None)
         )
         self.line_len = len(chunk) - last - 1
-
-    @property
-    def anything(self) -> bool:
-        """Any check found something (the common answer, no, without building a list)."""
-        return self.bare_lf or self.dot_line or self.long_line or self.eight_bit
 
     def violations(self, mail_options: list[str], bare_terminator: bool) -> list[str]:
         found = []

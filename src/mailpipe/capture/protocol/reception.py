@@ -107,7 +107,13 @@ class DataReader(_Reader):
         self.bare_terminator = False  # the body ended otherwise than with CRLF.CRLF
 
     def feed(self, buf: bytearray) -> int:
-        end, after = self._find_end(buf)
+        # where the body ends: past the line end before the "." line; -1 until it comes
+        if self._bare_lf:
+            end = self._bare_lf_end(buf)
+        else:
+            end = buf.find(TERMINATOR, self._scan)
+            if end >= 0:
+                end += 2
         head = self.head
         if head is not None:
             stop = len(buf) if end < 0 else end
@@ -118,28 +124,24 @@ class DataReader(_Reader):
         if end < 0:
             return self._hold(buf)
         raw = copy(buf, self._start, end)  # the line end before "." is the body's
-        del buf[:after]
+        del buf[: end + (3 if buf[end + 1] == 13 else 2)]  # ".\r\n" or ".\n"
         self._end(raw)
         return DONE
 
-    def _find_end(self, buf: bytearray) -> tuple[int, int]:
-        """Where the body ends in `buf` (past the line end before the "." line) and where
-        the terminator ends; (-1, -1) while it has not come."""
-        if not self._bare_lf:
-            at = buf.find(TERMINATOR, self._scan)
-            return (-1, -1) if at < 0 else (at + 2, at + 5)
+    def _bare_lf_end(self, buf: bytearray) -> int:
         match = BARE_LF_TERMINATOR.search(buf, self._scan)
         if match is None:
-            return -1, -1
+            return -1
         at = match.start()
         # at >= 1: the buffer starts with LINE_START, or with the kept TERMINATOR_TAIL
         # bytes, which hold no "\n" that a terminator could start at.
         self.bare_terminator = match.end() - at == 3 or buf[at - 1] != 13
-        return at + 1, match.end()
+        return at + 1
 
     def violations(self, mail_options: list[str]) -> list[str]:
         checks = self._checks
-        if checks is None or not (self.bare_terminator or checks.anything):
+        if checks is None or not (self.bare_terminator or checks.bare_lf or checks.dot_line
+                                  or checks.long_line or checks.eight_bit):
             return []  # the common case, without building the option set
         found = checks.violations(mail_options, self.bare_terminator)
         if self.bare_terminator:
