@@ -203,8 +203,10 @@ class DataReader(_Reader):
 class BdatReader(_Reader):
     """The BDAT chunks of one message (RFC 3030): each `begin()`, then fed until read.
 
-    Chunks are taken as they are (no terminator, no unstuffing); the body is kept in memory
-    until it passes the spool threshold, then handed out chunk by chunk."""
+    Chunks are taken as they are (no terminator, no unstuffing): a chunk is its byte count,
+    so no "." line or command text inside it can end it or run (no smuggling), and the byte
+    after the count starts the next command. The body is kept in memory until it passes the
+    spool threshold, then handed out chunk by chunk."""
 
     __slots__ = ("_kept", "_left", "_skip", "last")
 
