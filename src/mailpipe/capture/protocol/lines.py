@@ -5,6 +5,10 @@ An over-long line is thrown away up to its end, however many reads that takes, s
 tail is never read as a command; the connection answers it once. A line may be longer when it
 carries AUTH data: RFC 4954 lets an AUTH line (initial response) reach 12288 octets, and
 XOAUTH2 tokens do.
+
+The reader also remembers whether any line of the connection ended with CRLF (`crlf`): the
+DATA reader needs it to know how the client ends lines, and so which "." line ends the data
+(see reception.py: a session "uses bare LF" while no line has ended with CRLF).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ AUTH_LINE_LENGTH = 12288
 class LineReader:
     """Takes one line at a time out of the buffer it is given (sans-I/O: it keeps none)."""
 
-    __slots__ = ("_max", "_skip", "bare_lf", "overlong")
+    __slots__ = ("_max", "_skip", "bare_lf", "crlf", "overlong")
 
     def __init__(self, max_line_length: int) -> None:
         self._max = max_line_length  # longest command line, without its line end
@@ -24,6 +28,9 @@ class LineReader:
         # would cost two stores per command for what almost never happens.
         self.bare_lf = False  # the line just taken ended with a bare LF
         self.overlong = False  # instead of a line, an over-long one was thrown away
+        # Sticky: some line of this connection (command or AUTH response, before or after
+        # STARTTLS) ended with CRLF, so the client knows the standard line end.
+        self.crlf = False
 
     def take(self, buf: bytearray, auth: bool) -> str | None:
         """The next line without its line end, taken out of `buf`; None when there is no
@@ -46,6 +53,7 @@ class LineReader:
         end = idx
         if idx and buf[idx - 1] == 13:
             end -= 1
+            self.crlf = True
         else:
             self.bare_lf = True
         if end > self._max and end > self._limit(buf, auth):
