@@ -46,7 +46,7 @@ from ingest import (  # a sibling script, not a package
 HERE = Path(__file__).resolve().parent
 # Source addresses for the idle and slow clients: all of 127/8 is loopback on Linux, and each
 # address has its own ephemeral ports and its own max_connections_per_ip count.
-FIRST_SOURCE = 2
+FIRST_SOURCE = 257  # 127.0.1.1 on: loadgen.py's busy clients use 127.0.0.1-64
 SLOW_LIMITS = {"read_timeout": "5s", "data_timeout": "20s", "min_data_rate": "1KB"}
 
 
@@ -125,7 +125,7 @@ async def trickle_one(port: int, index: int, per_source: int, in_data: bool) -> 
 async def trickle(port: int, count: int, per_source: int) -> None:
     lives = await asyncio.gather(*(trickle_one(port, i, per_source, in_data=i % 2 == 1)
                                    for i in range(count)))
-    print(json.dumps({"lives": sorted(lives)}), flush=True)
+    print(json.dumps({"command": sorted(lives[0::2]), "data": sorted(lives[1::2])}), flush=True)
 
 
 # ---- the scenarios ------------------------------------------------------------------------------
@@ -184,12 +184,16 @@ def scenario_slowloris(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(2)  # the slow ones hold their slots first
         load = busy_load(server, args)
         assert slow.stdout is not None
-        lives = json.loads(slow.stdout.readline())["lives"]
+        lives = json.loads(slow.stdout.readline())
         slow.wait(30)
     finally:
         server.stop()
-    return {"scenario": f"{args.slow} slowloris + {args.busy} busy", "slow_clients": len(lives),
-            "slow_longest_s": max(lives), "slow_median_s": lives[len(lives) // 2],
+    limits = ", ".join(f"{k} {v}" for k, v in SLOW_LIMITS.items())
+    return {"scenario": f"{args.slow} slowloris ({limits}) + {args.busy} busy",
+            "slow_in_command_line": len(lives["command"]),
+            "slow_in_command_line_cut_after_s": max(lives["command"], default=0.0),
+            "slow_in_data": len(lives["data"]),
+            "slow_in_data_cut_after_s": max(lives["data"], default=0.0),
             **_busy(load)}
 
 
