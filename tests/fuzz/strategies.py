@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import random
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,15 +33,16 @@ def fuzz_settings(scale: float = 1.0) -> settings:
 
 # ---- valid sessions ---------------------------------------------------------------------
 
+EDGE_LINES = [
+    b"", b".", b"..", b"...", b". ", b".\r.", b".x", b"x.", b"a\rb", b"\x00\x7f\xff",
+    b"\xc3\xa9t\xc3\xa9", b"From: x", b"QUIT", b"RSET", b"DATA", b"MAIL FROM:<e@vil>",
+    b"x" * 1100, b"." * 200,
+]
 # Body lines (without their CRLF): the dot-stuffing edge cases, 8-bit text, long lines, a CR
 # alone inside a line, and anything else without a line feed.
 body_line = st.one_of(
     st.binary(max_size=60).map(lambda b: b.replace(b"\n", b"").rstrip(b"\r")),
-    st.sampled_from([
-        b"", b".", b"..", b"...", b". ", b".\r.", b".x", b"x.", b"a\rb", b"\x00\x7f\xff",
-        b"\xc3\xa9t\xc3\xa9", b"From: x", b"QUIT", b"RSET", b"DATA", b"MAIL FROM:<e@vil>",
-        b"x" * 1100, b"." * 200,
-    ]),
+    st.sampled_from(EDGE_LINES),
 )
 
 
@@ -113,31 +115,38 @@ TOKENS = [
 ]
 
 
-@st.composite
-def one_mutation(draw: st.DrawFn, data: bytes) -> bytes:
-    at = draw(st.integers(0, len(data)))
-    kind = draw(st.sampled_from(
-        ["flip", "insert", "token", "delete", "truncate", "crlf_to_lf", "lf_to_crlf", "repeat"]
-    ))
+MUTATIONS = ("flip", "insert", "token", "delete", "truncate", "crlf_to_lf", "lf_to_crlf",
+             "repeat")
+
+
+def mutate(data: bytes, kind: str, at: int, n: int, blob: bytes) -> bytes:
+    """One mutation of `data` at offset `at` (clamped): `n` picks the bit to flip, the length
+    to delete or repeat, or (odd) a CRLF/LF swap everywhere; `blob` is what gets inserted."""
+    at = min(at, len(data))
     if kind == "flip" and data:
         at = min(at, len(data) - 1)
-        return data[:at] + bytes([data[at] ^ (1 << draw(st.integers(0, 7)))]) + data[at + 1:]
-    if kind == "insert":
-        return data[:at] + draw(st.binary(min_size=1, max_size=16)) + data[at:]
-    if kind == "token":
-        return data[:at] + draw(st.sampled_from(TOKENS)) + data[at:]
+        return data[:at] + bytes([data[at] ^ (1 << n % 8)]) + data[at + 1:]
+    if kind in ("insert", "token"):
+        return data[:at] + blob + data[at:]
     if kind == "delete":
-        return data[:at] + data[at + draw(st.integers(1, 32)):]
+        return data[:at] + data[at + 1 + n % 32:]
     if kind == "truncate":
         return data[:at]
     if kind == "crlf_to_lf":
-        return _swap(data, b"\r\n", b"\n", draw(st.booleans()), at)
+        return _swap(data, b"\r\n", b"\n", n % 2 == 1, at)
     if kind == "lf_to_crlf":
-        return _swap(data, b"\n", b"\r\n", draw(st.booleans()), at)
+        return _swap(data, b"\n", b"\r\n", n % 2 == 1, at)
     if kind == "repeat":
-        end = at + draw(st.integers(1, 64))
+        end = at + 1 + n % 64
         return data[:end] + data[at:end] + data[end:]
     return data
+
+
+@st.composite
+def one_mutation(draw: st.DrawFn, data: bytes) -> bytes:
+    kind = draw(st.sampled_from(MUTATIONS))
+    blob = draw(st.sampled_from(TOKENS) if kind == "token" else st.binary(min_size=1, max_size=16))
+    return mutate(data, kind, draw(st.integers(0, len(data))), draw(st.integers(0, 63)), blob)
 
 
 def _swap(data: bytes, old: bytes, new: bytes, everywhere: bool, at: int) -> bytes:
@@ -146,6 +155,13 @@ def _swap(data: bytes, old: bytes, new: bytes, everywhere: bool, at: int) -> byt
         return data.replace(old, new)
     found = data.find(old, at)
     return data if found < 0 else data[:found] + new + data[found + len(old):]
+
+
+def random_mutation(rng: random.Random, data: bytes) -> bytes:
+    """The same mutations, for loops that run for a time rather than over examples."""
+    kind = rng.choice(MUTATIONS)
+    blob = rng.choice(TOKENS) if kind == "token" else rng.randbytes(rng.randint(1, 16))
+    return mutate(data, kind, rng.randint(0, len(data)), rng.randint(0, 63), blob)
 
 
 @st.composite
