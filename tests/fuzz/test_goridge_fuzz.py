@@ -10,6 +10,7 @@ what a worker or mailpipe really sends, damaged. There is no Goridge RPC codec i
 from __future__ import annotations
 
 import io
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -17,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import make_email
+from mailpipe.event import CapturedEmail
 from mailpipe.sdk import Email, _Core
 from mailpipe.workers import goridge
 from mailpipe.workers.goridge import (
@@ -36,14 +38,21 @@ from test_goridge import _decode_chunks, _read_all_sync, frames
 from .strategies import chunkings, fuzz_settings, mutated, work_budget
 
 CODEC_FILE = str(Path(goridge.__file__))
+UUID = "0b6f9d2e-8f43-4c4b-9a53-1f0e2d3c4b5a"
+RECEIVED_AT = datetime(2026, 11, 30, 12, 0, 0, 1, tzinfo=UTC)
 
 # What mailpipe and workers really send: requests (event JSON || raw), responses, control
 # frames (pid handshake, stop) and error frames.
+def email(subject: str, text: str = "Plain body") -> CapturedEmail:
+    """A real event; fixed uuid and time, so that every draw of the same input is the same."""
+    return make_email(subject, text=text, uuid=UUID, received_at=RECEIVED_AT)
+
+
 requests = st.builds(
-    lambda subject, text: make_email(subject, text=text),
+    email,
     st.text(max_size=30),
     st.text(max_size=80),
-).map(lambda email: encode_payload(email.json(), email.raw))
+).map(lambda captured: encode_payload(captured.json(), captured.raw))
 wire_frames = st.one_of(
     requests,
     frames.map(encode_frame),
@@ -67,8 +76,8 @@ json_values = st.recursive(
 def reshaped_requests(draw: st.DrawFn) -> bytes:
     """A real request whose event has one member, at any depth, replaced by any JSON value:
     well-formed JSON of the wrong shape, which byte mutations almost never produce."""
-    email = make_email(draw(st.text(max_size=20)))
-    event = orjson.loads(email.json())
+    request = email(draw(st.text(max_size=20)))
+    event = orjson.loads(request.json())
     node: object = event
     while isinstance(node, dict | list) and node:
         keys = list(node) if isinstance(node, dict) else list(range(len(node)))
@@ -77,7 +86,7 @@ def reshaped_requests(draw: st.DrawFn) -> bytes:
             node[key] = draw(json_values)
             break
         node = node[key]
-    return encode_payload(orjson.dumps(event), email.raw)
+    return encode_payload(orjson.dumps(event), request.raw)
 
 
 @st.composite
