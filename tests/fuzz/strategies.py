@@ -187,8 +187,9 @@ class WorkBudgetExceeded(AssertionError):
 
 
 @contextlib.contextmanager
-def work_budget(directory: str, limit: int) -> Iterator[None]:
-    """Count the Python lines run in files under `directory`; fail past `limit`.
+def work_budget(under: str, limit: int) -> Iterator[None]:
+    """Count the Python lines run in the files whose path starts with `under` (a module's
+    file or a package's directory); fail past `limit`.
 
     A bound on work rather than on time, so a hang fails at once and deterministically (and
     hypothesis shrinks the input) instead of stalling the suite."""
@@ -199,11 +200,11 @@ def work_budget(directory: str, limit: int) -> Iterator[None]:
         if event == "line":
             steps += 1
             if steps > limit:
-                raise WorkBudgetExceeded(f"more than {limit} lines run under {directory}")
+                raise WorkBudgetExceeded(f"more than {limit} lines run in {under}: it loops")
         return local
 
     def calls(frame: FrameType, event: str, arg: object) -> Any:
-        return local if frame.f_code.co_filename.startswith(directory) else None
+        return local if frame.f_code.co_filename.startswith(under) else None
 
     previous = sys.gettrace()
     sys.settrace(calls)
