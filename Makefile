@@ -42,6 +42,13 @@ test: $(TEST_STAMP) system-packages
 	$(BIN)/ruff check src tests $(wildcard benchmarks examples)
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# The fuzz suite (tests/fuzz/, a few seconds a test inside `make test`) for longer: a minute
+# of socket fuzz and the `fuzz-long` hypothesis profile (50 times the examples).
+.PHONY: fuzz
+fuzz: $(TEST_STAMP)
+	MAILPIPE_FUZZ_SECONDS=60 MAILPIPE_FUZZ_PROFILE=fuzz-long \
+	  $(BIN)/pytest -q -p no:cacheprovider --timeout=3600 tests/fuzz $(PYTEST_ARGS)
+
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks examples)
 	$(BIN)/ruff format --check src tests $(wildcard benchmarks examples)
