@@ -19,11 +19,12 @@ AUTH_LINE_LENGTH = 12288
 class LineReader:
     """Takes one line at a time out of the buffer it is given (sans-I/O: it keeps none)."""
 
-    __slots__ = ("_max", "_skip", "bare_lf", "crlf", "overlong")
+    __slots__ = ("_max", "_skip", "_skip_cr", "bare_lf", "crlf", "overlong")
 
     def __init__(self, max_line_length: int) -> None:
         self._max = max_line_length  # longest command line, without its line end
         self._skip = False  # discarding the rest of an over-long line
+        self._skip_cr = False  # ... and the bytes discarded so far ended with CR
         # Set by take(), cleared by whoever reports them: clearing them on every take()
         # would cost two stores per command for what almost never happens.
         self.bare_lf = False  # the line just taken ended with a bare LF
@@ -41,21 +42,22 @@ class LineReader:
             if not self._skip:
                 break
             if idx < 0:
-                buf.clear()
+                self._discard(buf)
                 return None
+            # The thrown-away line's end counts like any other: how it arrived, in one read
+            # or in many, must not change what is noted of the client.
+            self._line_end(buf[idx - 1] == 13 if idx else self._skip_cr)
             del buf[: idx + 1]
             self._skip = False
         if idx < 0:
             if len(buf) > self._limit(buf, auth) + 1:  # +1: a CR may still be followed by LF
-                buf.clear()
+                self._discard(buf)
                 self._skip = self.overlong = True
             return None
         end = idx
-        if idx and buf[idx - 1] == 13:
-            end -= 1
-            self.crlf = True
-        else:
-            self.bare_lf = True
+        crlf = idx > 0 and buf[idx - 1] == 13
+        self._line_end(crlf)
+        end -= crlf
         if end > self._max and end > self._limit(buf, auth):
             del buf[: idx + 1]
             self.overlong = True
@@ -63,6 +65,16 @@ class LineReader:
         line = buf[:end].decode("utf-8", "replace")
         del buf[: idx + 1]
         return line
+
+    def _line_end(self, crlf: bool) -> None:
+        if crlf:
+            self.crlf = True
+        else:
+            self.bare_lf = True
+
+    def _discard(self, buf: bytearray) -> None:
+        self._skip_cr = buf[-1:] == b"\r"
+        buf.clear()
 
     def _limit(self, buf: bytearray, auth: bool) -> int:
         if auth or buf[:5].upper() == b"AUTH ":
