@@ -42,6 +42,13 @@ test: $(TEST_STAMP) system-packages
 	$(BIN)/ruff check src tests $(wildcard benchmarks examples)
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# The fuzz suite (tests/fuzz/, a few seconds a test inside `make test`) for longer: a minute
+# of socket fuzz and the `fuzz-long` hypothesis profile (50 times the examples).
+.PHONY: fuzz
+fuzz: $(TEST_STAMP)
+	MAILPIPE_FUZZ_SECONDS=60 MAILPIPE_FUZZ_PROFILE=fuzz-long \
+	  $(BIN)/pytest -q -p no:cacheprovider --timeout=3600 tests/fuzz $(PYTEST_ARGS)
+
 # The fault suite with a longer load (MAILPIPE_FAULT_SECONDS), then its table (docs/reliability.md).
 MAILPIPE_FAULT_SECONDS ?= 30
 FAULT_REPORT := build/faults.jsonl

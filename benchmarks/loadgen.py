@@ -45,6 +45,9 @@ TERMINATOR = b".\r\n"
 LINE_LIMIT = 1 << 20
 
 
+# Loopback source addresses the connections are spread over (see Runner._source).
+SOURCES = 64
+
 class SMTPFailure(Exception):
     """An unexpected reply: the session stops (its unsent emails count as failed)."""
 
@@ -173,11 +176,22 @@ class Runner:
         self.barrier_released: dict[str, float] = {}
         self.connect_slots = asyncio.Semaphore(200)  # barrier phase: don't flood the backlog
         self.counter = 0
+        self.sources_used = 0
 
     # -- helpers -------------------------------------------------------------------------
 
+    def _source(self) -> tuple[str, int] | None:
+        """Loopback clients come from SOURCES addresses in turn (all of 127/8 is loopback on
+        Linux): as many clients from one address as this generator opens would meet mailpipe's
+        max_connections_per_ip, which guards against one real source, not against a benchmark."""
+        if not self.host.startswith("127."):
+            return None
+        self.sources_used += 1
+        return (f"127.0.0.{1 + self.sources_used % SOURCES}", 0)
+
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await asyncio.open_connection(self.host, self.port, limit=LINE_LIMIT)
+        reader, writer = await asyncio.open_connection(
+            self.host, self.port, limit=LINE_LIMIT, local_addr=self._source())
         self.conns.opened()
         try:
             code, _ = await read_reply(reader)

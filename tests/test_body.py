@@ -3,11 +3,23 @@ input buffer in, what feed() says and the events it hands out. No connection, no
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
+from itertools import pairwise
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
 
-from mailpipe.capture.protocol import V_BARE_LF_DATA, V_EIGHT_BIT, V_LONG_DATA_LINE
+from mailpipe.capture.protocol import (
+    V_BARE_LF_DATA,
+    V_BARE_LF_END,
+    V_DOT_LINE,
+    V_EIGHT_BIT,
+    V_LONG_DATA_LINE,
+)
+from mailpipe.capture.protocol.body import LINE_START, TERMINATOR, BodyScan
 from mailpipe.capture.protocol.reception import (
     CHUNK,
     DONE,
@@ -30,8 +42,15 @@ MESSAGES = [
     (b"Subject: dots\r\n\r\n..leading dot\r\n...\r\n.x\r\nend\r\n.\r\n",
      b"Subject: dots\r\n\r\n.leading dot\r\n..\r\nx\r\nend\r\n"),
     (b"..starts with a dot\r\n.\r\n", b".starts with a dot\r\n"),
-    (b"Subject: bare\n\nline one\nline two\n.\n", b"Subject: bare\n\nline one\nline two\n"),
 ]
+# The same, from a client whose command lines all ended with bare LF: "." after LF ends it.
+BARE_LF_MESSAGES = [
+    (b"Subject: bare\n\nline one\nline two\n.\n", b"Subject: bare\n\nline one\nline two\n"),
+    (b"a\n..b\n.\n", b"a\n.b\n"),
+    (b".\n", b""),
+    (b"crlf\r\n.\n", b"crlf\r\n"),
+]
+ALL_MESSAGES = [(*m, False) for m in MESSAGES] + [(*m, True) for m in BARE_LF_MESSAGES]
 
 
 def settings(**overrides: object):  # type: ignore[no-untyped-def]
@@ -45,11 +64,13 @@ def chunks(events: list[Event]) -> bytes:
     return b"".join(e.data for e in events if isinstance(e, BodyChunk))
 
 
-def feed_data(pieces: list[bytes], **overrides: object) -> tuple[DataReader, int, bytearray]:
+def feed_data(pieces: list[bytes], bare_lf: bool = False,
+              **overrides: object) -> tuple[DataReader, int, bytearray]:
     """Feed `pieces` one by one, as reads arrive, until the reader stops saying MORE (the
-    rest only lands in the buffer, as it would while the connection reads commands)."""
+    rest only lands in the buffer, as it would while the connection reads commands).
+    `bare_lf`: the session's command lines all ended with bare LF."""
     buf = bytearray()
-    reader = DataReader(settings(**overrides), buf)
+    reader = DataReader(settings(**overrides), buf, bare_lf=bare_lf)
     step = MORE
     for piece in pieces:
         buf += piece
@@ -64,21 +85,21 @@ def received(reader: DataReader) -> bytes:
     return reader.body.data if reader.body.data is not None else chunks(reader.out)
 
 
-@pytest.mark.parametrize(("wire", "body"), MESSAGES)
-def test_data_split_at_every_byte_boundary(wire: bytes, body: bytes) -> None:
+@pytest.mark.parametrize(("wire", "body", "bare_lf"), ALL_MESSAGES)
+def test_data_split_at_every_byte_boundary(wire: bytes, body: bytes, bare_lf: bool) -> None:
     for cut in range(len(wire) + 1):
-        reader, step, rest = feed_data([wire[:cut], wire[cut:] + b"QUIT\r\n"])
+        reader, step, rest = feed_data([wire[:cut], wire[cut:] + b"QUIT\r\n"], bare_lf)
         assert step == DONE, cut
         assert received(reader) == body, cut
         assert rest == b"QUIT\r\n", cut  # what follows the terminator stays in the buffer
         assert reader.refusal is None
 
 
-@pytest.mark.parametrize(("wire", "body"), MESSAGES)
+@pytest.mark.parametrize(("wire", "body", "bare_lf"), ALL_MESSAGES)
 def test_data_fed_one_byte_at_a_time_through_a_tiny_spool_threshold(
-        wire: bytes, body: bytes) -> None:
+        wire: bytes, body: bytes, bare_lf: bool) -> None:
     pieces = [wire[i:i + 1] for i in range(len(wire))]
-    reader, step, _ = feed_data(pieces, spool_threshold=4)
+    reader, step, _ = feed_data(pieces, bare_lf, spool_threshold=4)
     assert step == DONE
     assert received(reader) == body
     terminator = len(b".\r\n") if wire.endswith(b".\r\n") else len(b".\n")
@@ -89,7 +110,7 @@ def test_data_without_terminator_wants_more_and_keeps_small_bodies_in_the_buffer
     reader, step, buf = feed_data([SMALL])
     assert step == MORE
     assert reader.out == []  # below the spool threshold: nothing handed out yet
-    assert bytes(buf) == b"\n" + SMALL  # the LF of the DATA line is put back for the search
+    assert bytes(buf) == b"\r\n" + SMALL  # a line end before the body, for the search
 
 
 def test_data_big_body_is_handed_out_in_chunks_and_unstuffed_across_them() -> None:
@@ -105,12 +126,84 @@ def test_data_big_body_is_handed_out_in_chunks_and_unstuffed_across_them() -> No
 
 
 def test_bare_lf_and_bare_terminator_are_violations() -> None:
-    reader, step, _ = feed_data([b"a\nb\r\n.\n"])
+    reader, step, _ = feed_data([b"a\nb\r\n.\n"], bare_lf=True)
     assert step == DONE
     assert reader.bare_terminator
+    assert reader.violations([]) == [V_BARE_LF_DATA, V_BARE_LF_END]
+    reader, _, _ = feed_data([b"a\nb\r\n.\r\n"])
+    assert not reader.bare_terminator
     assert reader.violations([]) == [V_BARE_LF_DATA]
     reader, _, _ = feed_data([b"a\r\nb\r\n.\r\n"])
     assert reader.violations([]) == []
+
+
+# A "." with a bare CR or LF beside it, inside a CRLF session's body (SMTP smuggling), and
+# the body kept: a "." after a bare LF or CR is data; one at the start of a CRLF line is
+# stuffing (RFC 5321 4.5.2), whatever follows it.
+SMUGGLED = [
+    (b"\n.\n", b"\n.\n"),
+    (b"\n.\r\n", b"\n.\r\n"),
+    (b"\r\n.\n", b"\r\n\n"),
+    (b"\r.\r", b"\r.\r"),
+    (b"\r.\n", b"\r.\n"),
+    (b"\r\n.\r", b"\r\n\r"),
+]
+
+
+@pytest.mark.parametrize(("pattern", "kept"), SMUGGLED)
+def test_a_dot_beside_a_bare_line_break_does_not_end_crlf_data(pattern: bytes,
+                                                               kept: bytes) -> None:
+    wire = b"Subject: s\r\n\r\nbefore" + pattern + b"MAIL FROM:<evil@x>\r\n.\r\n"
+    body = b"Subject: s\r\n\r\nbefore" + kept + b"MAIL FROM:<evil@x>\r\n"
+    for cut in range(len(wire) + 1):
+        reader, step, rest = feed_data([wire[:cut], wire[cut:] + b"QUIT\r\n"])
+        assert (step, received(reader), bytes(rest)) == (DONE, body, b"QUIT\r\n"), cut
+        assert V_DOT_LINE in reader.violations([]), cut
+        assert not reader.bare_terminator
+    # handed out a byte at a time: the pattern straddles every chunk border
+    reader, step, _ = feed_data([wire[i:i + 1] for i in range(len(wire))], spool_threshold=2)
+    assert (step, reader.chunked, received(reader)) == (DONE, True, body)
+    assert V_DOT_LINE in reader.violations([])
+
+
+@pytest.mark.parametrize("start", [b".\n", b".\r", b"..\n"])
+def test_a_bare_line_break_after_a_dot_on_the_first_line_is_noted(start: bytes) -> None:
+    reader, step, _ = feed_data([start + b"x\r\n.\r\n"])
+    assert step == DONE
+    assert received(reader) == start[1:] + b"x\r\n"  # the first line starts a line
+    assert (V_DOT_LINE in reader.violations([])) == (start != b"..\n")
+
+
+def test_crlf_dot_lines_and_stuffed_dots_are_not_smuggling() -> None:
+    wire = b"a.\r\n..\r\n...\r\n..x\r\n.\r.\r\n.\r\n"  # the last line but one: ".\r."
+    reader, step, _ = feed_data([wire])
+    assert step == DONE
+    assert received(reader) == b"a.\r\n.\r\n..\r\n.x\r\n\r.\r\n"
+    assert reader.violations([]) == [V_DOT_LINE]  # "\r.\r" is one
+    reader, _, _ = feed_data([b"a.\r\n..\r\n.x.\r\n.\r\n"])
+    assert reader.violations([]) == []
+
+
+@settings_(deadline=None, max_examples=300)
+@given(st.lists(st.sampled_from([b"\r", b"\n", b".", b"x", b"\r\n"]), max_size=40),
+       st.lists(st.integers(min_value=0, max_value=60), max_size=8))
+def test_body_scan_finds_every_dot_line_however_the_body_is_cut(
+        parts: list[bytes], cuts: list[int]) -> None:
+    body = b"".join(parts) + b"\r\n"  # a body ends with its last line's end
+    assume(TERMINATOR not in LINE_START + body)  # that would have ended it
+    scan = BodyScan()
+    points = sorted({0, len(body), *(c % (len(body) + 1) for c in cuts)})
+    for start, end in pairwise(points):
+        scan.feed(body[start:end])
+    assert scan.dot_line == (re.search(rb"[\r\n]\.[\r\n]", LINE_START + body) is not None)
+    assert scan.bare_lf == (re.search(rb"(?<!\r)\n", body) is not None)
+
+
+def test_a_bare_lf_session_ends_at_its_first_dot_line() -> None:
+    wire = b"one\n.\nMAIL FROM:<next@x>\n"
+    reader, step, rest = feed_data([wire], bare_lf=True)
+    assert (step, received(reader), bytes(rest)) == (DONE, b"one\n", b"MAIL FROM:<next@x>\n")
+    assert reader.violations([]) == [V_BARE_LF_DATA, V_BARE_LF_END]
 
 
 def test_long_lines_and_eight_bit_are_violations_unless_declared() -> None:

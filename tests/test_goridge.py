@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import itertools
-import sys
 import zlib
-from collections.abc import Iterator
-from types import FrameType
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzz.strategies import work_budget
 from mailpipe.workers import goridge
 from mailpipe.workers.goridge import (
     BYTE10_PONG,
@@ -299,38 +295,6 @@ def test_truncated_async() -> None:
         asyncio.run(run(0))
 
 
-class DecoderLoops(AssertionError):
-    """The decoder ran past its step budget: it loops instead of returning."""
-
-
-@contextlib.contextmanager
-def step_budget(limit: int) -> Iterator[None]:
-    """Count the lines run in goridge.py and stop the decoder past `limit`.
-
-    A bound on work, not on time: a decoder that loops fails the test here, at once and
-    deterministically, instead of hanging it (and hypothesis shrinks the input as usual).
-    """
-    steps = 0
-
-    def local(frame: FrameType, event: str, arg: object) -> Any:
-        nonlocal steps
-        if event == "line":
-            steps += 1
-            if steps > limit:
-                raise DecoderLoops(f"the decoder ran more than {limit} lines: it loops")
-        return local
-
-    def calls(frame: FrameType, event: str, arg: object) -> Any:
-        return local if frame.f_code.co_filename == goridge.__file__ else None
-
-    previous = sys.gettrace()
-    sys.settrace(calls)
-    try:
-        yield
-    finally:
-        sys.settrace(previous)
-
-
 def _header_with_good_crc(b0: int, flags: int, length: int, byte10: int) -> bytes:
     head = bytes([b0, flags]) + length.to_bytes(4, "little")
     return head + zlib.crc32(head).to_bytes(4, "little") + bytes([byte10, 0])
@@ -413,7 +377,8 @@ def test_random_garbage_never_hangs(garbage: bytes, cuts: list[int]) -> None:
     reader and every chunking agrees on where the frames end and the error begins."""
     points = sorted({c % (len(garbage) + 1) for c in cuts} | {0, len(garbage)})
     chunks = [garbage[a:b] for a, b in itertools.pairwise(points)]
-    with step_budget(20_000 + 200 * len(garbage)):
+    # a bound on work (lines run in goridge.py), not on time: a loop fails at once
+    with work_budget(goridge.__file__, 20_000 + 200 * len(garbage)):
         whole = _decode_chunks([garbage])
         chunked = _decode_chunks(chunks)
         sync = _read_all_sync(garbage)

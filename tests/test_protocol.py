@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from mailpipe.capture.protocol import (
     V_BARE_LF_COMMAND,
     V_BARE_LF_DATA,
+    V_BARE_LF_END,
     V_EIGHT_BIT,
     V_LONG_DATA_LINE,
     V_NO_HELO,
@@ -484,6 +485,26 @@ def test_size_parameter_over_the_limit_is_refused() -> None:
     assert final_codes(unlimited) == ["250 2.1.0"]
 
 
+@pytest.mark.parametrize("param", [b"SIZE=-5", b"SIZE=abc", b"SIZE=1e9", b"SIZE=", b"size",
+                                   b"SIZE=+5", b"SIZE=5.0", b"SIZE=\xd9\xa5"])
+def test_size_parameter_that_is_not_a_number_is_a_syntax_error(param: bytes) -> None:
+    conn = connect()
+    events = conn.receive(b"EHLO c\r\nMAIL FROM:<a@b> BODY=8BITMIME " + param + b"\r\n"
+                          b"RCPT TO:<c@d>\r\nMAIL FROM:<a@b> SIZE=007\r\n")
+    assert replies(events)[-3:] == [
+        "501 5.5.4 Bad SIZE parameter: SIZE takes a decimal number of octets (RFC 1870)",
+        "503 5.5.1 Error: need MAIL command",  # no transaction was started
+        "250 2.1.0 Ok",
+    ]
+
+
+def test_unknown_mail_parameters_are_kept() -> None:
+    # RFC 5321 would answer 555; a capture server takes them, and the event shows them.
+    events = connect().receive(b"EHLO c\r\nMAIL FROM:<a@b> X-FOO=1 RET=HDRS SIZE=12\r\n"
+                               b"RCPT TO:<c@d>\r\nDATA\r\nhello\r\n.\r\n")
+    assert one_message(events).envelope.mail_options == ["X-FOO=1", "RET=HDRS", "SIZE=12"]
+
+
 def test_recipient_limit() -> None:
     conn = connect(max_recipients=100)
     conn.receive(b"EHLO c\r\nMAIL FROM:<a@b>\r\n")
@@ -513,7 +534,7 @@ def test_empty_message() -> None:
         (b"..\r\n.\r\n", b".\r\n"),
         (b"..leading\r\n.\r\n", b".leading\r\n"),
         (b"a\r\n..b\r\n...\r\n.\r\n", b"a\r\n.b\r\n..\r\n"),
-        (b"a\n..b\n.\n", b"a\n.b\n"),
+        (b"a\n..b\r\n.\r\n", b"a\n..b\r\n"),  # after a bare LF: no line start, no stuffing
         (b"a\r\n.\r\nNOOP\r\n", b"a\r\n"),
         (b"x.\r\n..\r\n.\r\n", b"x.\r\n.\r\n"),
         (b"\r\n\r\n.\r\n", b"\r\n\r\n"),
@@ -524,10 +545,13 @@ def test_dot_unstuffing(wire: bytes, body: bytes) -> None:
 
 
 @pytest.mark.parametrize("terminator", [b"\r\n.\r\n", b"\n.\n", b"\n.\r\n", b"\r\n.\n"])
-def test_bare_lf_terminators_are_accepted_as_violations(terminator: bytes) -> None:
-    msg = deliver(b"line" + terminator)
+def test_bare_lf_terminators_end_data_in_a_bare_lf_session(terminator: bytes) -> None:
+    conn = connect()
+    msg = one_message(conn.receive(ENVELOPE.replace(b"\r\n", b"\n") + b"DATA\nline" + terminator))
     assert msg.body.read() == b"line" + terminator.split(b".")[0]
-    assert (V_BARE_LF_DATA in msg.violations) == (terminator != b"\r\n.\r\n")
+    bare = terminator != b"\r\n.\r\n"
+    assert (V_BARE_LF_DATA in msg.violations) == bare
+    assert (V_BARE_LF_END in msg.violations) == bare
 
 
 def test_data_checks_long_lines_and_8bit() -> None:
@@ -549,13 +573,13 @@ def test_bare_lf_commands_are_accepted_as_violations() -> None:
     events = conn.receive(b"EHLO c\nMAIL FROM:<a@b>\nRCPT TO:<c@d>\nDATA\nbody\n.\n")
     msg = one_message(events)
     assert msg.body.read() == b"body\n"
-    assert msg.violations == [V_BARE_LF_COMMAND, V_BARE_LF_DATA]
-    assert violations(events) == [V_BARE_LF_COMMAND, V_BARE_LF_DATA]  # once each
+    assert msg.violations == [V_BARE_LF_COMMAND, V_BARE_LF_DATA, V_BARE_LF_END]
+    assert violations(events) == [V_BARE_LF_COMMAND, V_BARE_LF_DATA, V_BARE_LF_END]  # once each
 
 
 def test_violations_belong_to_the_next_message_only() -> None:
     session = Session.start()
-    session.feed(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nx\n.\r\n")
+    session.feed(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nx\ny\r\n.\r\n")
     session.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nok\r\n.\r\n")
     assert [m.violations for m in session.received] == [[V_NO_HELO, V_BARE_LF_DATA], []]
 
@@ -1123,17 +1147,25 @@ body_line = st.one_of(
 
 
 @st.composite
-def message_wire(draw: st.DrawFn) -> tuple[bytes, bytes]:
-    """(wire bytes for one DATA or BDAT message, the body expected)."""
+def message_wire(draw: st.DrawFn, eol: bytes = b"\r\n") -> tuple[bytes, bytes]:
+    """(wire bytes for one DATA or BDAT message, the body expected), in a session whose
+    command lines end with `eol`: a CRLF session's body ends at CRLF.CRLF alone (a "." after
+    a bare LF is data, not stuffed), a bare-LF session's at a "." line after any LF."""
     if draw(st.booleans()):
         lines = draw(st.lists(st.tuples(body_line, st.sampled_from([b"\r\n", b"\n"])), max_size=8))
-        body = b"".join(text + eol for text, eol in lines)
-        stuffed = b"".join((b"." if text[:1] == b"." else b"") + text + eol for text, eol in lines)
-        terminator = draw(st.sampled_from([b".\r\n", b".\n"]))
-        return b"DATA\r\n" + stuffed + terminator, body
+        body = b"".join(text + line_end for text, line_end in lines)
+        if eol == b"\r\n":
+            if body and not body.endswith(b"\r\n"):
+                body += b"\r\n"  # else ".\r\n" would not end the data
+            stuffed = re.sub(rb"(^|\r\n)\.", rb"\1..", body)
+            terminator = b".\r\n"
+        else:
+            stuffed = re.sub(rb"(^|\n)\.", rb"\1..", body)
+            terminator = draw(st.sampled_from([b".\r\n", b".\n"]))
+        return b"DATA" + eol + stuffed + terminator, body
     chunks = draw(st.lists(st.binary(max_size=60), min_size=1, max_size=4))
     wire = b"".join(
-        b"BDAT %d%s\r\n%s" % (len(c), b" LAST" if i == len(chunks) - 1 else b"", c)
+        b"BDAT %d%s%s%s" % (len(c), b" LAST" if i == len(chunks) - 1 else b"", eol, c)
         for i, c in enumerate(chunks)
     )
     return wire, b"".join(chunks)
@@ -1141,16 +1173,19 @@ def message_wire(draw: st.DrawFn) -> tuple[bytes, bytes]:
 
 @st.composite
 def full_session(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
+    """A session of one to three messages; its command lines all end with CRLF, or (one in
+    four) all with bare LF."""
+    eol = draw(st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n"]))
     parts: list[bytes] = []
     bodies: list[bytes] = []
     for _ in range(draw(st.integers(1, 3))):
         extra = draw(st.lists(st.sampled_from(COMMANDS[:12] + COMMANDS[14:18]), max_size=4))
-        parts += [c.encode() + b"\r\n" for c in extra]
-        parts.append(b"RSET\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")
-        wire, body = draw(message_wire())
+        parts += [c.encode() + eol for c in extra]
+        parts.append(b"RSET\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n".replace(b"\r\n", eol))
+        wire, body = draw(message_wire(eol))
         parts.append(wire)
         bodies.append(body)
-    parts.append(b"QUIT\r\n")
+    parts.append(b"QUIT" + eol)
     return b"".join(parts), bodies
 
 
@@ -1200,8 +1235,9 @@ def test_random_splits_of_a_spooled_message_match(tmp_path: Path) -> None:
         for _ in range(300)
     ]
     lines = [line.replace(b"\n", b"") for line in lines]
-    body = b"".join(line + rng.choice([b"\r\n", b"\n"]) for line in lines)
-    stuffed = re.sub(rb"(^|\n)\.", rb"\1..", body)
+    body = b"".join(line + rng.choice([b"\r\n", b"\n"]) for line in lines) + b"\r\n"
+    # a CRLF session: only CRLF starts a line, so a dot after a bare LF is not stuffed
+    stuffed = re.sub(rb"(^|\r\n)\.", rb"\1..", body)
     wire = ENVELOPE + b"DATA\r\n" + stuffed + b".\r\nQUIT\r\n"
     whole = drive([wire], spool_threshold=1 << 20)
     assert whole.bodies == [body]

@@ -474,7 +474,7 @@ async def _pipelined_client(port: int, n: int, emails: int) -> list[tuple[int, s
 
 
 async def test_many_concurrent_pipelining_connections(mailpipe_factory: Factory) -> None:
-    server = mailpipe_factory()
+    server = mailpipe_factory({"smtp": {"max_connections_per_ip": 1000}})  # all from 127.0.0.1
     clients, emails = 200, 3
     results = await asyncio.wait_for(
         asyncio.gather(*(_pipelined_client(server.smtp_port, n, emails) for n in range(clients))),

@@ -201,8 +201,11 @@ async def test_attachments(client: TestClient, store: SQLiteStore) -> None:
     assert filename_star(disposition) == "passwd"
     assert "/" not in disposition and ".." not in disposition
 
-    for bad in ("2", "99", "-1", "x"):
-        await json_of(await client.get(f"{base}/{bad}"), 404)
+    for missing in ("2", "99", "1000000"):
+        await json_of(await client.get(f"{base}/{missing}"), 404)
+    for bad in ("-1", "x", "1000001", "9" * 5000):  # not an index at all: 400, says why
+        body = await json_of(await client.get(f"{base}/{bad}"), 400)
+        assert body["error"] == "index must be an integer between 0 and 1000000"
 
 
 async def test_attachments_agree_with_build_event(client: TestClient, store: SQLiteStore) -> None:

@@ -154,6 +154,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
                 "tool and shows every captured email; set http.auth or bind to 127.0.0.1",
                 self.config.http.addr,
             )
+        _warn_host_check(host, self.config.http.allowed_hosts)
         auth_cfg = self.config.http.auth
         auth = (
             HttpAuth(kind=auth_cfg.type, username=auth_cfg.username,
@@ -161,7 +162,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
             if auth_cfg
             else None
         )
-        app = create_app(self.store, self.metrics, health=self.health, auth=auth, admin=self)
+        app = create_app(self.store, self.metrics, health=self.health, auth=auth, admin=self,
+                         bind_host=host, allowed_hosts=self.config.http.allowed_hosts)
         self._http_runner = await start_http(app, host, port)
         log.info("HTTP API on http://%s:%d", host, port)
 
@@ -213,6 +215,21 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
 
     async def run(self) -> None:
         await self.lifecycle.run(self.start, self.drain, self.close)
+
+
+def _warn_host_check(host: str, allowed_hosts: list[str]) -> None:
+    """Once, at startup: what the Host check (DNS rebinding protection) lets through."""
+    from mailpipe.web.guard import ANY_HOST
+
+    if ANY_HOST in allowed_hosts:
+        log.warning("http.allowed_hosts has \"*\": any Host is served, so a web page can use "
+                    "DNS rebinding to read and delete captured email; list the names instead")
+    elif not is_loopback(host) and not allowed_hosts:
+        log.warning(
+            "HTTP API bound to %s with no http.allowed_hosts: it answers requests whose Host is "
+            "the bind address, localhost or (bound to all interfaces) an IP address; a name "
+            "other machines use to reach it, and that a rebinding page could use, is refused "
+            "until listed in http.allowed_hosts", host)
 
 
 def install_uvloop() -> bool:

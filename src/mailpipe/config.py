@@ -184,6 +184,12 @@ class ListenerLimits(Section):
     max_recipients: int = Field(default=100, ge=1)
     max_line_length: int = Field(default=4096, ge=512)
     max_connections: int = Field(default=1000, ge=1)
+    max_connections_per_ip: int = Field(default=100, ge=1)  # so one source cannot take them all
+    # A message body gets data_timeout of credit, each byte adds 1/min_data_rate s (at most
+    # data_timeout): one done within data_timeout is never cut, a longer one must average
+    # min_data_rate. 0 (either) disables it; a body silent for read_timeout is cut anyway.
+    data_timeout: Duration = 60.0
+    min_data_rate: Size = 1024  # bytes per second
     tls: TLSSetting = None
     auth: SMTPAuthConfig = SMTPAuthConfig()
 
@@ -423,6 +429,22 @@ class HTTPConfig(Section):
     enabled: bool = True
     addr: Address = "127.0.0.1:8025"
     auth: HTTPAuthConfig | None = None
+    # Host names served besides the bind address and loopback (DNS rebinding protection,
+    # web/guard.py); "*" serves any Host, which lets a rebinding page in: unsafe.
+    allowed_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, names: list[str]) -> list[str]:
+        from mailpipe.web.guard import ANY_HOST, is_ip_literal, parse_authority
+
+        for name in names:
+            plain = name == ANY_HOST or is_ip_literal(name)  # IPv6 with or without brackets
+            parsed = (name, None) if plain else parse_authority(name)
+            if parsed is None or parsed[1] is not None:
+                raise ValueError(f"{name!r} is not a host name or IP address (no scheme, "
+                                 "no port; \"*\" for any)")
+        return names
 
 
 class StoreConfig(Section):

@@ -33,8 +33,15 @@ class Metrics:
         )
         self.connections_refused = Counter(
             "mailpipe_connections_refused",
-            "SMTP connections refused with 421 (max_connections)",
-            ["server"],
+            "SMTP connections refused with 421 (reason: max_connections, max_connections_per_ip)",
+            ["server", "reason"],
+            registry=r,
+        )
+        self.connections_timed_out = Counter(
+            "mailpipe_connections_timed_out",
+            "SMTP connections closed with 421 for a slow client (reason: read_timeout for an idle"
+            " client or a command line not done in time, data_rate for a body too slow)",
+            ["server", "reason"],
             registry=r,
         )
         self.protocol_violations = Counter(

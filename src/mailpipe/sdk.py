@@ -407,11 +407,14 @@ class _Core:
             document = orjson.loads(context)
             if not isinstance(document, dict):
                 raise ValueError(f"the context is JSON {type(document).__name__}, not an object")
-        except ValueError as exc:  # FrameError and JSONDecodeError are ValueErrors
+            # An object of the wrong shape ({"envelope": true}) fails here, with a
+            # TypeError or AttributeError: a bad request too, not a reason to die.
+            request = self.on_request(document, body)
+        except (ValueError, TypeError, AttributeError) as exc:  # FrameError, JSONDecodeError too
             # Answer so that mailpipe moves on, instead of dying on one bad request.
             return encode_error(f"mailpipe.sdk: bad request: {exc}"), None
-        self.pending = self.on_request(document, body)
-        return None, self.pending
+        self.pending = request
+        return None, request
 
     def on_request(self, context: dict[str, Any], body: bytes) -> Any:
         """SMTP mode: the context is the event, the body the raw message."""

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,6 +49,7 @@ log = logging.getLogger("mailpipe.capture")
 
 REPLY_RETRY = Reply(451, "4.3.0 Temporary failure, please retry")
 REPLY_TOO_MANY = Reply(421, "4.7.0 Too many connections, try again later")
+REPLY_TOO_MANY_FROM_IP = Reply(421, "4.7.0 Too many connections from your address")
 REPLY_CLOSING = Reply(421, "4.3.2 Closing connection")
 REPLY_CLOSED_BY_ADMIN = Reply(421, "4.3.2 Connection closed by administrator")
 _now = partial(datetime.now, UTC)
@@ -77,6 +79,97 @@ def format_addr(peer: object) -> str:
     return str(peer or "")
 
 
+# Why a slow client was cut (the `reason` of mailpipe_connections_timed_out)
+READ_TIMEOUT, DATA_RATE = "read_timeout", "data_rate"
+
+
+class ReadDeadlines:
+    """When a client has been too slow, from when its bytes arrive (sans-I/O: the caller
+    gives the time). A byte now and then must not keep a connection for ever (slowloris):
+
+    - a command line must be complete within `read_timeout` of its first byte, and a client
+      that sends nothing is cut after `read_timeout`;
+    - a message body starts with `data_timeout` seconds of credit and each byte adds
+      1/`min_data_rate` s, up to `data_timeout` (Postfix's smtpd_min_data_rate): a body done
+      within `data_timeout` is never cut, a longer one must average `min_data_rate`. A body
+      silent for `read_timeout` is cut too;
+    - time spent waiting for a verdict or a sink is ours, not the client's: between pause()
+      and resume() no clock runs. 0 disables a limit."""
+
+    __slots__ = ("_credit", "_credit_at", "_data_timeout", "_last_byte", "_line_start",
+                 "_min_rate", "_partial", "_paused", "_read_timeout")
+
+    def __init__(self, read_timeout: float, data_timeout: float, min_data_rate: int,
+                 now: float) -> None:
+        self._read_timeout = read_timeout
+        # Either 0 disables the body's rate: keep one flag for the hot path.
+        self._min_rate = min_data_rate if data_timeout else 0
+        self._data_timeout = data_timeout
+        self._line_start = now  # when the current command line's clock started
+        self._partial = False  # a command line has begun: more of it does not restart its clock
+        self._last_byte = now  # in a body: for the idle rule
+        self._credit = 0.0  # in a body: seconds left as of _credit_at
+        self._credit_at = now
+        self._paused = False
+
+    def command_read(self, now: float, handled: bool, partial: bool) -> None:
+        """Bytes came in command mode; `handled`: a line was completed (the core answered
+        it), `partial`: a line is left incomplete."""
+        if handled or not self._partial:
+            self._line_start = now  # the line left incomplete began in this read
+        self._partial = partial or not handled  # not handled: the bytes began or extend one
+
+    def body_started(self, now: float) -> None:
+        self._credit = self._data_timeout
+        self._credit_at = self._last_byte = now
+
+    def body_read(self, now: float, size: int) -> None:
+        self._last_byte = now
+        if self._min_rate:
+            earned = self._credit - (now - self._credit_at) + size / self._min_rate
+            self._credit = min(self._data_timeout, earned)
+            self._credit_at = now
+
+    def pause(self, now: float) -> None:
+        if not self._paused:
+            self._paused = True
+            self._credit -= now - self._credit_at  # the client's time up to now counts
+
+    def resume(self, now: float, partial: bool) -> bool:
+        """The verdict came: the client's clocks start again (a command line buffered behind
+        the verdict gets its read_timeout from now). False if they were running."""
+        if not self._paused:
+            return False
+        self._paused = False
+        self._credit_at = self._last_byte = self._line_start = now
+        self._partial = partial
+        return True
+
+    def expired(self, now: float, in_body: bool) -> str | None:
+        """Why the client is cut now (READ_TIMEOUT, DATA_RATE), or None."""
+        if self._paused:
+            return None
+        timeout = self._read_timeout
+        if timeout and (self._last_byte if in_body else self._line_start) + timeout - now <= 0:
+            return READ_TIMEOUT
+        if in_body and self._min_rate and self._credit_at + self._credit - now <= 0:
+            return DATA_RATE
+        return None
+
+    def next_check(self, now: float, in_body: bool) -> float | None:
+        """Seconds until a limit may be reached (while paused: a while, to look again);
+        None when no limit applies in this mode."""
+        timeout = self._read_timeout
+        if self._paused:
+            return timeout or self._data_timeout or None
+        waits = []
+        if timeout:
+            waits.append((self._last_byte if in_body else self._line_start) + timeout - now)
+        if in_body and self._min_rate:
+            waits.append(self._credit_at + self._credit - now)
+        return max(0.0, min(waits)) if waits else None
+
+
 class ListenerMetrics:
     """One listener's labelled metrics, looked up once: `.labels()` is not free per email."""
 
@@ -87,7 +180,10 @@ class ListenerMetrics:
         self.bytes = metrics.bytes_received.labels(name)
         self.active = metrics.connections_active.labels(name)
         self.total = metrics.connections_total.labels(name)
-        self.refused = metrics.connections_refused.labels(name)
+        self.refused = metrics.connections_refused.labels(name, "max_connections")
+        self.refused_per_ip = metrics.connections_refused.labels(name, "max_connections_per_ip")
+        self.timed_out = metrics.connections_timed_out.labels(name, READ_TIMEOUT)
+        self.too_slow = metrics.connections_timed_out.labels(name, DATA_RATE)
         self.violations = metrics.protocol_violations.labels(name)
         self.parse_latency = metrics.parse_latency
 
@@ -101,6 +197,7 @@ class Listener:
     ssl_context: ssl.SSLContext | None
     metrics: ListenerMetrics
     sessions: set[SMTPSession] = field(default_factory=set)
+    per_ip: Counter[str] = field(default_factory=Counter)  # open sessions by client address
     server: asyncio.Server | None = None
 
     @property
@@ -234,8 +331,12 @@ class SMTPSession(asyncio.Protocol):
         self.since = datetime.now(UTC)
         self.emails = 0
         self._loop = asyncio.get_running_loop()
-        self._last_activity = self._loop.time()
-        self._idle_timer: asyncio.TimerHandle | None = None
+        config = listener.config
+        self._deadlines = ReadDeadlines(config.read_timeout, config.data_timeout,
+                                        config.min_data_rate, self._loop.time())
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._client_ip: str | None = None  # counted in listener.per_ip while open
+        self._in_body = False  # a message body is coming in (a verdict mid-body included)
         self._write_timer: asyncio.TimerHandle | None = None
         self._delivering: asyncio.Future[None] | None = None
         self._tls_task: asyncio.Future[None] | None = None
@@ -253,29 +354,54 @@ class SMTPSession(asyncio.Protocol):
         # uvloop's transports quack like asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        self.remote_addr = format_addr(transport.get_extra_info("peername"))
+        peer = transport.get_extra_info("peername")
+        self.remote_addr = format_addr(peer)
         self.local_addr = format_addr(transport.get_extra_info("sockname"))
-        metrics = self.listener.metrics
-        if len(self.listener.sessions) >= self.listener.config.max_connections:
-            metrics.refused.inc()
-            log.warning("refusing connection: max_connections reached",
-                        extra={"remote": self.remote_addr, "server": self.listener.name})
-            transport.write(REPLY_TOO_MANY.encode())
-            transport.close()
+        client_ip = str(peer[0]) if isinstance(peer, tuple) and peer else self.remote_addr
+        if self._refused(transport, client_ip):
             return
-        self.listener.sessions.add(self)
-        metrics.total.inc()
-        metrics.active.inc()
+        listener = self.listener
+        listener.sessions.add(self)
+        listener.per_ip[client_ip] += 1
+        self._client_ip = client_ip
+        listener.metrics.total.inc()
+        listener.metrics.active.inc()
         log.info("connection opened", extra={"session": self.id, "remote": self.remote_addr,
-                                              "server": self.listener.name})
-        self._arm_idle_timer(self.listener.config.read_timeout)
+                                              "server": listener.name})
+        self._arm_deadline_timer()
         self._handle(self.conn.start())
         if self.server.stopping:
             self.request_close()
 
+    def _refused(self, transport: asyncio.Transport, client_ip: str) -> bool:
+        """421 and close when the listener is full, or full of this client's connections."""
+        listener = self.listener
+        config, metrics = listener.config, listener.metrics
+        if len(listener.sessions) >= config.max_connections:
+            reply, counter, limit = REPLY_TOO_MANY, metrics.refused, "max_connections"
+        elif listener.per_ip[client_ip] >= config.max_connections_per_ip:
+            reply, counter = REPLY_TOO_MANY_FROM_IP, metrics.refused_per_ip
+            limit = "max_connections_per_ip"
+        else:
+            return False
+        counter.inc()
+        log.warning("refusing connection: %s reached", limit,
+                    extra={"remote": self.remote_addr, "server": listener.name})
+        transport.write(reply.encode())
+        transport.close()
+        return True
+
     def data_received(self, data: bytes) -> None:
-        self._last_activity = self._loop.time()
-        self._handle(self.conn.receive(data))
+        now = self._loop.time()
+        conn, deadlines = self.conn, self._deadlines
+        if conn.in_data:
+            deadlines.body_read(now, len(data))
+        events = conn.receive(data)
+        if not (conn.in_data or conn.awaiting_reply):
+            # Any event means a line was complete: a reply, a verdict asked, a violation...
+            deadlines.command_read(now, bool(events), conn.buffered > 0)
+        self._track_body(now)
+        self._handle(events)
         if self._closing:
             self.request_close()
 
@@ -285,11 +411,12 @@ class SMTPSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.conn.connection_lost()
         self.spooler.drop()
-        for timer in (self._idle_timer, self._write_timer):
+        for timer in (self._deadline_timer, self._write_timer):
             if timer is not None:
                 timer.cancel()
         if self in self.listener.sessions:
             self.listener.sessions.discard(self)
+            self._uncount_ip()
             self.listener.metrics.active.dec()
             log.info("connection closed", extra={"session": self.id, "emails": self.emails})
 
@@ -309,8 +436,34 @@ class SMTPSession(asyncio.Protocol):
             self._write_timer.cancel()
             self._write_timer = None
 
+    def _track_body(self, now: float) -> None:
+        """Start a body's clock when one begins: after a DATA or BDAT line, or after the
+        verdict that let it begin. A verdict awaited mid-body does not end the body."""
+        conn = self.conn
+        if conn.awaiting_reply or conn.in_data == self._in_body:
+            return
+        self._in_body = conn.in_data
+        if self._in_body:
+            self._deadlines.body_started(now)
+            self._arm_deadline_timer()  # a body's deadline may come before the line's
+
+    def _uncount_ip(self) -> None:
+        per_ip, ip = self.listener.per_ip, self._client_ip
+        if ip is not None:
+            per_ip[ip] -= 1
+            if per_ip[ip] <= 0:
+                del per_ip[ip]  # or every address ever seen would stay
+
     def _update_reading(self) -> None:
-        """Read only while no email awaits its verdict and the client reads our replies."""
+        """Read only while no email awaits its verdict and the client reads our replies.
+        While a verdict is awaited the client's clocks stop: that delay is ours."""
+        now = self._loop.time()
+        if self.conn.awaiting_reply:
+            self._deadlines.pause(now)
+        else:
+            if self._deadlines.resume(now, self.conn.buffered > 0):
+                self._arm_deadline_timer()  # the paused timer only looks now and then
+            self._track_body(now)
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -468,30 +621,55 @@ class SMTPSession(asyncio.Protocol):
                 ssl_handshake_timeout=self.listener.config.read_timeout,
             )
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
-            log.warning("TLS handshake failed: %s", exc, extra={"session": self.id})
+            log.warning("TLS handshake failed: %s", self._handshake_failure(exc),
+                        extra={"session": self.id, "remote": self.remote_addr})
             self.abort()
             return
         self.transport = transport  # type: ignore[assignment]
+        # The handshake had its own timeout: the first command's clock starts now.
+        self._deadlines.command_read(self._loop.time(), True, False)
         self._handle(self.conn.tls_started())
+
+    def _handshake_failure(self, exc: BaseException) -> str:
+        """What went wrong, in words: some of these exceptions carry no message at all."""
+        if isinstance(exc, TimeoutError):
+            return f"no handshake within read_timeout ({self.listener.config.read_timeout:g}s)"
+        text = str(exc)
+        if isinstance(exc, ConnectionError | ssl.SSLEOFError):  # uvloop's carry no text
+            closed = "client closed the connection during the TLS handshake"
+            return f"{closed} ({text})" if text else closed
+        return text or type(exc).__name__
 
     # ---- timers and shutdown ------------------------------------------------------
 
-    def _arm_idle_timer(self, delay: float) -> None:
-        if delay > 0:
-            self._idle_timer = self._loop.call_later(delay, self._check_idle)
+    def _arm_deadline_timer(self) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        delay = self._deadlines.next_check(self._loop.time(), self.conn.in_data)
+        if delay is not None:
+            self._deadline_timer = self._loop.call_later(delay, self._check_deadlines)
 
-    def _check_idle(self) -> None:
-        timeout = self.listener.config.read_timeout
-        idle = self._loop.time() - self._last_activity
+    def _check_deadlines(self) -> None:
+        self._deadline_timer = None
         if self.conn.closed:
             return
-        if self.conn.awaiting_reply or idle < timeout:
-            # A slow sink is our delay, not the client's.
-            self._arm_idle_timer(timeout if self.conn.awaiting_reply else timeout - idle)
+        reason = self._deadlines.expired(self._loop.time(), self.conn.in_data)
+        if reason is None:
+            self._arm_deadline_timer()
             return
-        log.warning("read timeout, closing", extra={"session": self.id,
-                                                     "remote": self.remote_addr})
-        self._handle(self.conn.idle_timeout())
+        extra = {"session": self.id, "remote": self.remote_addr}
+        metrics = self.listener.metrics
+        if reason == DATA_RATE:
+            metrics.too_slow.inc()
+            log.warning("data rate too low, closing", extra=extra)
+            hostname = self.listener.settings.hostname
+            self._handle(self.conn.close_now(
+                Reply(421, f"4.4.2 {hostname} Error: data rate too low")))
+        else:
+            metrics.timed_out.inc()
+            log.warning("read timeout, closing", extra=extra)
+            self._handle(self.conn.idle_timeout())
 
     def _write_timed_out(self) -> None:
         log.warning("write timeout, client stopped reading", extra={"session": self.id})

@@ -9,7 +9,7 @@ import hmac
 import logging
 import mimetypes
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -25,14 +25,20 @@ from mailpipe.admin import AdminOps
 from mailpipe.metrics import Metrics
 from mailpipe.schema import event_schema_bytes
 from mailpipe.store.sqlite import SQLiteStore, StoreClosedError
+from mailpipe.web.guard import BrowserGuard
 
 log = logging.getLogger(__name__)
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 50
+# SQLite's INTEGER range: one more and the store raises OverflowError.
+MAX_OFFSET = 2**63 - 1
+# Far more than any email holds (each attachment costs bytes of max_message_size).
+MAX_ATTACHMENT_INDEX = 1_000_000
 OPEN_PATHS = frozenset({"/healthz"})
+NOSNIFF = {"X-Content-Type-Options": "nosniff"}
 # Served bytes come from whoever sent the email: never let a browser run them in our origin.
-UNTRUSTED_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
+UNTRUSTED_HEADERS = {**NOSNIFF, "Content-Security-Policy": "sandbox"}
 _MIME = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*$")
 _CHARSET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$%&'+^_`{}~.-]*$")
 
@@ -95,15 +101,22 @@ def create_app(
     health: Callable[[], dict[str, Any]] | None = None,
     auth: HttpAuth | None = None,
     admin: AdminOps | None = None,
+    bind_host: str | None = None,
+    allowed_hosts: Iterable[str] = (),
 ) -> web.Application:
     """The API app; with the store disabled (None) only health, metrics and OpenAPI remain.
-    The admin routes (workers, connections, stop) are always there; without `admin` they 404."""
+    The admin routes (workers, connections, stop) are always there; without `admin` they 404.
+    `bind_host` and `allowed_hosts` say which Host headers are served (web/guard.py); without
+    `bind_host` only the loopback names are."""
     from mailpipe.admin.routes import AdminRoutes  # it builds on this module's ApiError
 
-    middlewares: list[Middleware] = [_errors_as_json]
+    guard = BrowserGuard(bind_host, allowed_hosts)
+    # Outermost first: the guard runs before auth, so a refused page never sees a challenge.
+    middlewares: list[Middleware] = [_errors_as_json, _guard_middleware(guard)]
     if auth is not None:
         middlewares.append(_auth_middleware(auth))
     app = web.Application(middlewares=middlewares)
+    app.on_response_prepare.append(_add_nosniff)
     _openapi_bytes()  # a missing or broken document should stop startup, not a request
     event_schema_bytes()  # likewise the event schema
     if health is None:
@@ -127,7 +140,7 @@ def create_app(
                 web.get("/api/v1/messages/{uuid}", api.get_message),
                 web.delete("/api/v1/messages/{uuid}", api.delete_message),
                 web.get("/api/v1/messages/{uuid}/raw", api.get_raw),
-                web.get(r"/api/v1/messages/{uuid}/attachments/{index:\d+}", api.get_attachment),
+                web.get("/api/v1/messages/{uuid}/attachments/{index}", api.get_attachment),
             ]
         )
     return app
@@ -162,8 +175,8 @@ class _Api:
         self.store = store
 
     async def list_messages(self, request: web.Request) -> web.Response:
-        limit = _int_param(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-        offset = _int_param(request, "offset", 0, 0, None)
+        limit = int_param(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
         q = request.query.get("q") or None
         messages, total = await self.store.list(limit=limit, offset=offset, q=q)
         return _json(
@@ -199,9 +212,9 @@ class _Api:
         return web.Response(body=raw, content_type="message/rfc822", headers=headers)
 
     async def get_attachment(self, request: web.Request) -> web.Response:
+        index = bounded_int("index", request.match_info["index"], 0, MAX_ATTACHMENT_INDEX)
         event = await self._event(request)
         raw = await self.store.raw(request.match_info["uuid"])
-        index = int(request.match_info["index"])
         described = event.get("attachments") or []
         if raw is None or index >= len(described):
             raise _not_found("attachment not found")
@@ -280,6 +293,26 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
         return _json({"error": "internal server error"}, status=500)
 
 
+def _guard_middleware(guard: BrowserGuard) -> Middleware:
+    @web.middleware
+    async def guard_browsers(request: web.Request, handler: Handler) -> web.StreamResponse:
+        refusal = guard.check(request.method, request.scheme, request.headers)
+        if refusal is None:
+            return await handler(request)
+        # The path as %r and the reason's values quoted: they come from the client and must
+        # not forge log lines.
+        log.info("refused %s %r from %s: %s", request.method, request.path,
+                 request.remote or "?", refusal.reason)
+        return _json({"error": refusal.reason}, status=refusal.status)
+
+    return guard_browsers
+
+
+async def _add_nosniff(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response, errors included: a browser must never guess a type for our bytes."""
+    response.headers.update(NOSNIFF)
+
+
 def _auth_middleware(auth: HttpAuth) -> Middleware:
     @web.middleware
     async def check_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -307,17 +340,28 @@ def _not_found(message: str = "message not found") -> ApiError:
     return ApiError(404, message)
 
 
-def _int_param(request: web.Request, name: str, default: int, low: int, high: int | None) -> int:
+def int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    """Query parameter `name` as an int in [low, high] (`default` when absent or empty);
+    anything else is a 400 that names the parameter and its bounds. Every numeric query
+    parameter of every route goes through here."""
     text = request.query.get(name)
     if text is None or text == "":
         return default
-    bounds = f"between {low} and {high}" if high is not None else f">= {low}"
-    error = ApiError(400, f"{name} must be an integer {bounds}")
-    # Plain ASCII digits only: int() would also take "1_000", " 7" or other scripts' digits.
-    if not text.isascii() or not text.isdigit():
+    return bounded_int(name, text, low, high)
+
+
+def bounded_int(name: str, text: str, low: int, high: int) -> int:
+    """`text` as an int in [low, high] (0 <= low), else ApiError 400 naming `name`."""
+    error = ApiError(400, f"{name} must be an integer between {low} and {high}")
+    # Plain ASCII digits only: int() would also take "1_000", " 7" or other scripts' digits;
+    # and no longer than `high` is, so a huge number never reaches int() (which refuses
+    # strings over 4300 digits, leading zeros included) nor the store (OverflowError past
+    # 2**63-1).
+    digits = text.lstrip("0") or "0"
+    if not text.isascii() or not text.isdigit() or len(digits) > len(str(high)):
         raise error
-    value = int(text)
-    if value < low or (high is not None and value > high):
+    value = int(digits)
+    if not low <= value <= high:
         raise error
     return value
 

@@ -10,6 +10,8 @@ from .connection import SMTPConnection
 from .replies import (
     V_BARE_LF_COMMAND,
     V_BARE_LF_DATA,
+    V_BARE_LF_END,
+    V_DOT_LINE,
     V_EIGHT_BIT,
     V_LONG_DATA_LINE,
     V_NO_COLON,
@@ -21,6 +23,8 @@ from .settings import ProtocolSettings
 __all__ = [
     "V_BARE_LF_COMMAND",
     "V_BARE_LF_DATA",
+    "V_BARE_LF_END",
+    "V_DOT_LINE",
     "V_EIGHT_BIT",
     "V_LONG_DATA_LINE",
     "V_NO_COLON",

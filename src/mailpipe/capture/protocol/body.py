@@ -1,27 +1,68 @@
 """The message body scanner: DATA's terminator and dot-unstuffing over whole buffers, the
-checks every body gets (bare LF, long lines, 8-bit), and the search for the end of the
-header block. Never line by line: `bytes.find`/`replace` and regexes over large chunks."""
+checks every body gets (bare LF, long lines, 8-bit, would-be "." lines), and the search for
+the end of the header block. Never line by line: `bytes.find`/`replace`/`count` and regexes
+over large chunks.
+
+Which "." line ends DATA depends on how the session ends its lines (SMTP smuggling,
+CVE-2023-51764/51766: a server that ends DATA where the relay before it did not lets the
+rest of a message run as commands). A session "uses bare LF" while every line the client
+has sent outside message data on this connection (commands and AUTH responses, the DATA line
+included, before and after STARTTLS) ended with a bare LF; one CRLF makes it a CRLF session
+for good (`LineReader.crlf`).
+- CRLF session: only <CRLF>.<CRLF> ends DATA. A "." with a bare LF or CR on either side
+  (<LF>.<LF>, <CR>.<CR>, <LF>.<CRLF>, <CRLF>.<LF>, <CRLF>.<CR>...) is message data, noted
+  (V_DOT_LINE). Only CRLF starts a line, so only a dot after CRLF is unstuffed.
+- bare-LF session: a "." line after an LF ends DATA, its own end LF or CRLF (<LF>.<LF>,
+  <CRLF>.<LF>, <LF>.<CRLF>, <CRLF>.<CRLF>); any but the last is noted (V_BARE_LF_END).
+Finding out costs a CRLF body one `count` more per chunk (bare CR); the exact search for a
+"." between line breaks runs only over bodies that have a bare CR or LF.
+"""
 
 from __future__ import annotations
 
 import re
 
-from .replies import DATA_LINE_LIMIT, V_BARE_LF_DATA, V_EIGHT_BIT, V_LONG_DATA_LINE
+from .replies import DATA_LINE_LIMIT, V_BARE_LF_DATA, V_DOT_LINE, V_EIGHT_BIT, V_LONG_DATA_LINE
 
-TERMINATOR = re.compile(rb"\n\.\r?\n")
-# Longest incomplete terminator ("\n.\r") that may straddle two reads.
-TERMINATOR_TAIL = 3
+TERMINATOR = b"\r\n.\r\n"
+BARE_LF_TERMINATOR = re.compile(rb"\n\.\r?\n")
+# Longest incomplete terminator ("\r\n.\r") that may straddle two reads.
+TERMINATOR_TAIL = 4
+# Put before the body in the input buffer: the first line then starts after a CRLF, like the
+# others, for the terminator search and the checks.
+LINE_START = b"\r\n"
 _LONG_LINE = re.compile(rb"\n[^\n]{%d}" % DATA_LINE_LIMIT)
 # The blank line ending the headers, seen from the LF before it.
 _HEADERS_END = re.compile(rb"\n\r?\n")
 EIGHT_BIT_OK = frozenset({"BODY=8BITMIME", "BODY=BINARYMIME", "SMTPUTF8"})
 
 
-def unstuff(data: bytes, at_line_start: bool) -> bytes:
-    """Remove the transparency dot (RFC 5321 4.5.2) from every line that starts with one."""
-    if at_line_start and data[:1] == b".":
+def unstuff(data: bytes, before: bytes, crlf: bool) -> bytes:
+    """Remove the transparency dot (RFC 5321 4.5.2) from every line that starts with one.
+    `before`: the bytes before `data` (LINE_START at the body's start). In a CRLF
+    session only CRLF starts a line: a dot after a bare LF stays, as received."""
+    if crlf:
+        if data[:1] == b"." and before[-2:] == LINE_START:
+            data = data[1:]
+        elif data[:2] == b"\n." and before[-1:] == b"\r":  # CRLF split by a chunk border
+            data = data[:1] + data[2:]
+        return data.replace(b"\r\n.", b"\r\n")
+    if data[:1] == b"." and before[-1:] == b"\n":
         data = data[1:]
     return data.replace(b"\n.", b"\n")
+
+
+def dot_line(data: bytes) -> bool:
+    """A "." between two line-break bytes (CR or LF) in `data`: in a body, which never holds
+    its own terminator, a "." line that a server reading line ends differently would end
+    the data at. Found by `find`: "\n." and "\r." are rare in mail."""
+    for needle in (b"\n.", b"\r."):
+        at = data.find(needle)
+        while at >= 0:
+            if data[at + 2 : at + 3] in (b"\r", b"\n"):
+                return True
+            at = data.find(needle, at + 2)
+    return False
 
 
 def copy(buf: bytearray, start: int, end: int) -> bytes:
@@ -63,27 +104,42 @@ class HeaderWatch:
 class BodyScan:
     """Checks over DATA content, fed whole buffers (possibly several, for chunked bodies)."""
 
-    __slots__ = ("bare_lf", "eight_bit", "line_len", "long_line", "prev_cr")
+    __slots__ = ("bare_cr", "bare_lf", "dot_line", "eight_bit", "line_len", "long_line",
+                 "prev_cr", "tail")
 
     def __init__(self) -> None:
         self.bare_lf = False
+        self.bare_cr = False
+        self.dot_line = False  # a "." between bare line-break bytes: see dot_line()
         self.eight_bit = False
         self.long_line = False
         self.line_len = 0  # bytes of the unfinished line at the end of the last chunk
         self.prev_cr = False  # the last chunk ended with CR
+        # The last three bytes fed (the body starts a line): a CR ending a chunk is known to
+        # be bare only in the next one, when the "\n.\r" it may end is in this tail.
+        self.tail = LINE_START
 
     def feed(self, chunk: bytes) -> None:
         if not chunk:
             return
         if not self.eight_bit and not chunk.isascii():
             self.eight_bit = True
-        if not self.bare_lf:
-            lfs = chunk.count(b"\n")
-            if lfs:
-                crlfs = chunk.count(b"\r\n") + (self.prev_cr and chunk[0] == 10)
-                self.bare_lf = lfs != crlfs
+        if not (self.bare_lf and self.bare_cr):
+            self._feed_line_ends(chunk)
+        # Only a bare CR or LF makes a "." line that is not one: CRLF mail skips the search.
+        if (self.bare_lf or self.bare_cr) and not self.dot_line:
+            self.dot_line = dot_line(self.tail + chunk[:2]) or dot_line(chunk)
+        self.tail = chunk[-3:] if len(chunk) >= 3 else (self.tail + chunk)[-3:]
         self.prev_cr = chunk[-1] == 13
         self._feed_lines(chunk)
+
+    def _feed_line_ends(self, chunk: bytes) -> None:
+        # A CR at the end of a chunk is judged with the next one, where its LF may be.
+        crlfs = chunk.count(b"\r\n") + (self.prev_cr and chunk[0] == 10)
+        if not self.bare_lf:
+            self.bare_lf = chunk.count(b"\n") != crlfs
+        if not self.bare_cr:
+            self.bare_cr = chunk.count(b"\r") + self.prev_cr - (chunk[-1] == 13) != crlfs
 
     def _feed_lines(self, chunk: bytes) -> None:
         if self.long_line:
@@ -105,6 +161,8 @@ class BodyScan:
         found = []
         if self.bare_lf or bare_terminator:
             found.append(V_BARE_LF_DATA)
+        if self.dot_line:
+            found.append(V_DOT_LINE)
         if self.long_line:
             found.append(V_LONG_DATA_LINE)
         if self.eight_bit and {o.upper() for o in mail_options}.isdisjoint(EIGHT_BIT_OK):

@@ -31,13 +31,20 @@ def parse_path(rest: str) -> tuple[str | None, list[str]]:
     return parts[0], parts[1:]
 
 
+BAD_SIZE = -1
+
+
 def size_param(params: list[str]) -> int | None:
+    """MAIL's `SIZE=n` (RFC 1870): n; None without SIZE; BAD_SIZE when n is not a decimal
+    number (`SIZE=-5`, `SIZE=1e9`, `SIZE=`, `SIZE`). Other parameters are not judged: a
+    capture server takes what it does not know."""
     for param in params:
-        if param[:5].upper() == "SIZE=":
-            value = param[5:]
-            if value.isascii() and value.isdigit():
-                # int() refuses very long digit strings; anything this long is huge anyway
-                return int(value) if len(value) <= 18 else 10**18
+        key, equals, value = param.partition("=")
+        if key.upper() == "SIZE":
+            if not (equals and value.isascii() and value.isdigit()):
+                return BAD_SIZE
+            # int() refuses very long digit strings; anything this long is huge anyway
+            return int(value) if len(value) <= 18 else 10**18
     return None
 
 

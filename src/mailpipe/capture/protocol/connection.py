@@ -42,6 +42,7 @@ from ..types import (
 )
 from . import auth, replies
 from .commands import (
+    BAD_SIZE,
     NOT_IMPLEMENTED,
     mask_auth,
     parse_bdat,
@@ -170,6 +171,11 @@ class SMTPConnection:
     @property
     def closed(self) -> bool:
         return self._mode == _CLOSED
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not consumed yet: in command mode, a line still incomplete."""
+        return len(self._buf)
 
     def start(self) -> list[Event]:
         greeting = replies.greeting(self.settings.hostname)
@@ -455,6 +461,9 @@ class SMTPConnection:
         if not self.helo:
             self._violation(replies.V_NO_HELO)
         size = size_param(params)
+        if size == BAD_SIZE:
+            self._send(replies.SYNTAX_SIZE)
+            return
         limit = self.settings.max_message_size
         if size is not None and limit and size > limit:
             self._send(replies.TOO_BIG)
@@ -506,7 +515,9 @@ class SMTPConnection:
         self._send(replies.DATA_GO_AHEAD)
         self._goto(_DATA)
         watch = bool(self._held) and Stage.HEADERS in self._held
-        self._reader = DataReader(self.settings, self._buf, watch)
+        # SMTP smuggling: <LF>.<LF> ends DATA only if the client has never ended a line with
+        # CRLF (lines.py); a CRLF client's body ends at <CRLF>.<CRLF> alone.
+        self._reader = DataReader(self.settings, self._buf, watch, not self._lines.crlf)
 
     def _cmd_bdat(self, arg: str, to: Phase | bytes) -> None:
         parsed = parse_bdat(arg)

@@ -20,8 +20,18 @@ Nothing here knows about modes, replies other than TOO_BIG, or the transaction.
 from __future__ import annotations
 
 from ..types import BodyChunk, BodyDropped, Event, MessageBody
-from .body import TERMINATOR, TERMINATOR_TAIL, BodyScan, HeaderWatch, copy, headers_end, unstuff
-from .replies import TOO_BIG
+from .body import (
+    BARE_LF_TERMINATOR,
+    LINE_START,
+    TERMINATOR,
+    TERMINATOR_TAIL,
+    BodyScan,
+    HeaderWatch,
+    copy,
+    headers_end,
+    unstuff,
+)
+from .replies import TOO_BIG, V_BARE_LF_END
 from .settings import ProtocolSettings
 
 # What feed() returns; plain ints, compared on every read.
@@ -76,51 +86,71 @@ class _Reader:
 class DataReader(_Reader):
     """The body after DATA, up to the "." line, dot-unstuffed, with its checks (BodyScan).
 
-    Small bodies stay in the input buffer until the terminator comes, then are copied once;
-    bigger ones leave it in chunks so that memory stays bounded."""
+    Which "." line ends it depends on `bare_lf`, whether the session uses bare LF (no command
+    line so far ended with CRLF): see body.py. Small bodies stay in the input buffer until
+    the terminator comes, then are copied once; bigger ones leave it in chunks so that
+    memory stays bounded."""
 
-    __slots__ = ("_bol", "_checks", "_scan", "_start", "bare_terminator")
+    __slots__ = ("_bare_lf", "_checks", "_scan", "_start", "bare_terminator")
 
     def __init__(self, settings: ProtocolSettings, buf: bytearray,
-                 watch_headers: bool = False) -> None:
+                 watch_headers: bool = False, bare_lf: bool = False) -> None:
         """`buf` is the connection's input buffer, just past the DATA line."""
         super().__init__(settings, watch_headers)
-        # Put back the LF that ended the DATA line: then one search for "\n.\r\n" also
-        # finds a terminator on the very first line (an empty message).
-        buf[0:0] = b"\n"
-        self._start = 1  # where the body not yet handed out starts in the buffer
+        # Put a line end before the body: then one search for "\r\n.\r\n" also finds a
+        # terminator on the very first line (an empty message).
+        buf[0:0] = LINE_START
+        self._start = len(LINE_START)  # where the body not yet handed out starts in buf
         self._scan = 0  # where the next terminator search starts
-        self._bol = True  # the chunks handed out so far end at a line start
+        self._bare_lf = bare_lf
         self._checks: BodyScan | None = None  # carried over the chunks
-        self.bare_terminator = False  # the body ended with "\n.\n"
+        self.bare_terminator = False  # the body ended otherwise than with CRLF.CRLF
 
     def feed(self, buf: bytearray) -> int:
-        match = TERMINATOR.search(buf, self._scan)
+        # where the body ends: past the line end before the "." line; -1 until it comes
+        if self._bare_lf:
+            end = self._bare_lf_end(buf)
+        else:
+            end = buf.find(TERMINATOR, self._scan)
+            if end >= 0:
+                end += 2
         head = self.head
         if head is not None:
-            end = len(buf) if match is None else match.start() + 1
-            found = headers_end(buf, head.scan, end)
-            if found >= 0 or match is not None:
-                return self._ask_headers(buf, found if found >= 0 else end)
+            stop = len(buf) if end < 0 else end
+            found = headers_end(buf, head.scan, stop)
+            if found >= 0 or end >= 0:
+                return self._ask_headers(buf, found if found >= 0 else stop)
             head.scan = max(len(buf) - 2, 0)  # "\n\r" may straddle two reads
-        if match is None:
+        if end < 0:
             return self._hold(buf)
-        raw = copy(buf, self._start, match.start() + 1)  # the CRLF before "." is the body's
-        self.bare_terminator = match.end() - match.start() == 3
-        del buf[: match.end()]
+        raw = copy(buf, self._start, end)  # the line end before "." is the body's
+        del buf[: end + (3 if buf[end + 1] == 13 else 2)]  # ".\r\n" or ".\n"
         self._end(raw)
         return DONE
 
+    def _bare_lf_end(self, buf: bytearray) -> int:
+        match = BARE_LF_TERMINATOR.search(buf, self._scan)
+        if match is None:
+            return -1
+        at = match.start()
+        # at >= 1: the buffer starts with LINE_START, or with the kept TERMINATOR_TAIL
+        # bytes, which hold no "\n" that a terminator could start at.
+        self.bare_terminator = match.end() - at == 3 or buf[at - 1] != 13
+        return at + 1
+
     def violations(self, mail_options: list[str]) -> list[str]:
         checks = self._checks
-        if checks is None or not (self.bare_terminator or checks.bare_lf or checks.long_line
-                                  or checks.eight_bit):
+        if checks is None or not (self.bare_terminator or checks.bare_lf or checks.dot_line
+                                  or checks.long_line or checks.eight_bit):
             return []  # the common case, without building the option set
-        return checks.violations(mail_options, self.bare_terminator)
+        found = checks.violations(mail_options, self.bare_terminator)
+        if self.bare_terminator:
+            found.append(V_BARE_LF_END)
+        return found
 
     def _ask_headers(self, buf: bytearray, end: int) -> int:
         self.head = None
-        self.headers = unstuff(copy(buf, self._start, end), True)
+        self.headers = unstuff(copy(buf, self._start, end), LINE_START, not self._bare_lf)
         return HEADERS
 
     def _hold(self, buf: bytearray) -> int:
@@ -145,13 +175,12 @@ class DataReader(_Reader):
         return MORE
 
     def _scan_out(self, raw: bytes) -> None:
-        if self._checks is None:
-            self._checks = BodyScan()
-        self._checks.feed(raw)
-        data = unstuff(raw, self._bol)
-        if raw:
-            self._bol = raw[-1] == 10
-        self._chunk_out(data)
+        checks = self._checks
+        if checks is None:
+            checks = self._checks = BodyScan()
+        before = checks.tail  # the end of the last chunk: does `raw` start a line?
+        checks.feed(raw)
+        self._chunk_out(unstuff(raw, before, not self._bare_lf))
 
     def _end(self, raw: bytes) -> None:
         self.raw_size = self.size = self.raw_size + len(raw)
@@ -167,15 +196,17 @@ class DataReader(_Reader):
         else:
             self._checks = BodyScan()
             self._checks.feed(raw)
-            data = unstuff(raw, True)
+            data = unstuff(raw, LINE_START, not self._bare_lf)
             self.body = MessageBody(data=data, size=len(data))
 
 
 class BdatReader(_Reader):
     """The BDAT chunks of one message (RFC 3030): each `begin()`, then fed until read.
 
-    Chunks are taken as they are (no terminator, no unstuffing); the body is kept in memory
-    until it passes the spool threshold, then handed out chunk by chunk."""
+    Chunks are taken as they are (no terminator, no unstuffing): a chunk is its byte count,
+    so no "." line or command text inside it can end it or run (no smuggling), and the byte
+    after the count starts the next command. The body is kept in memory until it passes the
+    spool threshold, then handed out chunk by chunk."""
 
     __slots__ = ("_kept", "_left", "_skip", "last")
 

@@ -35,6 +35,7 @@ SYNTAX_EHLO = b"501 5.5.4 Syntax: EHLO hostname\r\n"
 SYNTAX_HELO = b"501 5.5.4 Syntax: HELO hostname\r\n"
 SYNTAX_MAIL = b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"
 SYNTAX_RCPT = b"501 5.5.4 Syntax: RCPT TO:<address>\r\n"
+SYNTAX_SIZE = b"501 5.5.4 Bad SIZE parameter: SIZE takes a decimal number of octets (RFC 1870)\r\n"
 SYNTAX_BDAT = b"501 5.5.4 Syntax: BDAT size [LAST]\r\n"
 SYNTAX_AUTH = b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"
 SYNTAX_STARTTLS = b"501 5.5.4 Syntax: STARTTLS\r\n"
@@ -53,6 +54,11 @@ TLS_ACTIVE = b"503 5.5.1 Error: TLS already active\r\n"
 # ---- violations -----------------------------------------------------------------------
 V_BARE_LF_COMMAND = "bare LF line ending in command"
 V_BARE_LF_DATA = "bare LF line ending in message data"
+# SMTP smuggling (body.py's docstring): what ended DATA, or did not, when it was not CRLF.CRLF
+V_DOT_LINE = ("bare LF or CR before/after '.' in DATA: not an end of data"
+              " (SMTP smuggling pattern)")
+V_BARE_LF_END = ("DATA ended at a '.' line with bare LF: accepted because every command line"
+                 " of the session ended with bare LF")
 V_LONG_DATA_LINE = f"message data line longer than {DATA_LINE_LIMIT} bytes"
 V_EIGHT_BIT = "8-bit message data without BODY=8BITMIME or SMTPUTF8"
 V_NO_HELO = "MAIL without HELO/EHLO"
