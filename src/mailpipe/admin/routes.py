@@ -9,14 +9,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any
 
-import orjson
 from aiohttp import web
 
 from mailpipe.admin.ops import AdminOps, NotConsumed, NoWorkerPool, UnknownPipeline
 from mailpipe.jobs.base import DriverError
-from mailpipe.web.app import ApiError
+from mailpipe.web.app import ApiError, json_response
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +57,7 @@ class AdminRoutes:
 
     async def list_workers(self, request: web.Request) -> web.Response:
         try:
-            return _json({"workers": self.ops.workers()})
+            return json_response({"workers": self.ops.workers()})
         except NoWorkerPool:
             raise ApiError(404, NO_POOL) from None
 
@@ -71,7 +69,7 @@ class AdminRoutes:
         except Exception as exc:
             log.exception("admin API: adding a worker failed")
             raise ApiError(500, f"cannot start a worker: {exc}") from None
-        return _json(worker, status=201)
+        return json_response(worker, status=201)
 
     async def remove_worker(self, request: web.Request) -> web.Response:
         try:
@@ -80,18 +78,18 @@ class AdminRoutes:
             raise ApiError(404, NO_POOL) from None
         if worker is None:
             raise ApiError(409, "no worker left to remove")
-        return _json(worker)
+        return json_response(worker)
 
     async def reset_workers(self, request: web.Request) -> web.Response:
         try:
-            return _json({"reset": await self.ops.reset_workers()})
+            return json_response({"reset": await self.ops.reset_workers()})
         except NoWorkerPool:
             raise ApiError(404, NO_POOL) from None
 
     # ---- connections and the process ----------------------------------------------------
 
     async def list_connections(self, request: web.Request) -> web.Response:
-        return _json({"connections": self.ops.connections()})
+        return json_response({"connections": self.ops.connections()})
 
     async def close_connection(self, request: web.Request) -> web.Response:
         if not self.ops.close_connection(request.match_info["uuid"]):
@@ -105,16 +103,16 @@ class AdminRoutes:
             asyncio.get_running_loop().call_later(STOP_DELAY, ops.stop)
             log.info("stop requested through the admin API",
                      extra={"remote": request.remote or ""})
-        return _json({"stopping": True}, status=202)
+        return json_response({"stopping": True}, status=202)
 
     # ---- jobs pipelines -----------------------------------------------------------------
 
     async def list_pipelines(self, request: web.Request) -> web.Response:
-        return _json({"pipelines": await self.ops.pipelines()})
+        return json_response({"pipelines": await self.ops.pipelines()})
 
     async def pipeline_stats(self, request: web.Request) -> web.Response:
         with _pipeline_errors():
-            return _json(await self.ops.pipeline_stats(request.match_info["name"]))
+            return json_response(await self.ops.pipeline_stats(request.match_info["name"]))
 
     async def pause_pipeline(self, request: web.Request) -> web.Response:
         with _pipeline_errors():
@@ -128,7 +126,8 @@ class AdminRoutes:
 
     async def purge_pipeline(self, request: web.Request) -> web.Response:
         with _pipeline_errors():
-            return _json({"purged": await self.ops.purge_pipeline(request.match_info["name"])})
+            purged = await self.ops.purge_pipeline(request.match_info["name"])
+            return json_response({"purged": purged})
 
 
 @contextlib.contextmanager
@@ -142,7 +141,3 @@ def _pipeline_errors() -> Iterator[None]:
         raise ApiError(404, str(exc)) from None
     except DriverError as exc:
         raise ApiError(503, f"broker unavailable: {exc}") from None
-
-
-def _json(data: Any, *, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")

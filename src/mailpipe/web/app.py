@@ -179,7 +179,7 @@ class _Api:
         offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
         q = request.query.get("q") or None
         messages, total = await self.store.list(limit=limit, offset=offset, q=q)
-        return _json(
+        return json_response(
             {
                 "total": total,
                 "count": len(messages),
@@ -190,10 +190,10 @@ class _Api:
         )
 
     async def clear_messages(self, request: web.Request) -> web.Response:
-        return _json({"deleted": await self.store.clear()})
+        return json_response({"deleted": await self.store.clear()})
 
     async def get_message(self, request: web.Request) -> web.Response:
-        return _json(await self._event(request))
+        return json_response(await self._event(request))
 
     async def delete_message(self, request: web.Request) -> web.Response:
         if not await self.store.delete(request.match_info["uuid"]):
@@ -256,7 +256,8 @@ class _Service:
             details = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         ok = bool(details.get("ok", True))
         details.pop("status", None)
-        return _json({"status": "ok" if ok else "degraded", **details}, status=200 if ok else 503)
+        return json_response({"status": "ok" if ok else "degraded", **details},
+                             status=200 if ok else 503)
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
@@ -279,18 +280,18 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
     try:
         return await handler(request)
     except ApiError as exc:
-        return _json({"error": exc.message}, status=exc.status)
+        return json_response({"error": exc.message}, status=exc.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         skip = ("content-type", "content-length")
         headers = {k: v for k, v in exc.headers.items() if k.lower() not in skip}
-        return _json({"error": exc.reason.lower()}, status=exc.status, headers=headers)
+        return json_response({"error": exc.reason.lower()}, status=exc.status, headers=headers)
     except StoreClosedError:  # shutting down: the client may retry elsewhere or later
-        return _json({"error": "store unavailable"}, status=503)
+        return json_response({"error": "store unavailable"}, status=503)
     except Exception:
         log.exception("error handling %s %s", request.method, request.path)
-        return _json({"error": "internal server error"}, status=500)
+        return json_response({"error": "internal server error"}, status=500)
 
 
 def _guard_middleware(guard: BrowserGuard) -> Middleware:
@@ -303,7 +304,7 @@ def _guard_middleware(guard: BrowserGuard) -> Middleware:
         # not forge log lines.
         log.info("refused %s %r from %s: %s", request.method, request.path,
                  request.remote or "?", refusal.reason)
-        return _json({"error": refusal.reason}, status=refusal.status)
+        return json_response({"error": refusal.reason}, status=refusal.status)
 
     return guard_browsers
 
@@ -318,7 +319,7 @@ def _auth_middleware(auth: HttpAuth) -> Middleware:
     async def check_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPEN_PATHS or auth.check(request.headers.get("Authorization")):
             return await handler(request)
-        return _json(
+        return json_response(
             {"error": "authentication required"},
             status=401,
             headers={"WWW-Authenticate": auth.challenge()},
@@ -330,7 +331,10 @@ def _auth_middleware(auth: HttpAuth) -> Middleware:
 # ---- helpers ------------------------------------------------------------------------------
 
 
-def _json(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    data: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON body serialised with orjson (every API route answers with this)."""
     return web.Response(
         body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
     )
