@@ -1,0 +1,46 @@
+"""What the plugin manager holds: one `Plugin` per configured plugin, in-process or not.
+
+In-process Python plugins are wrapped by `plugins.python.PythonPlugin`; out-of-process
+plugins (go-plugin over gRPC) by `plugins.external.ExternalPlugin`. The manager calls only
+this interface, so both get the same executor, metrics, breaker and reload.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from mailpipe.plugins.context import HookContext
+from mailpipe.plugins.results import HookResult
+
+
+class PluginError(Exception):
+    """A plugin cannot be loaded or started; the message says which and why."""
+
+
+class Plugin(ABC):
+    name: str
+    kind: str  # "builtin", "python" or "external"
+    source: str  # where it came from: a module, a file, an entry point, a command
+
+    @abstractmethod
+    def implemented(self) -> frozenset[str]:
+        """The hooks (HOOKS names) this plugin wants to be called for."""
+
+    async def start(self, config: dict[str, Any]) -> None:  # noqa: B027 - optional
+        """init(config): called once before the first hook call."""
+
+    @abstractmethod
+    async def call(self, hook: str, ctx: HookContext) -> HookResult | None:
+        """One hook call; may raise or hang: the executor isolates it."""
+
+    async def health(self) -> bool:
+        """True while the plugin can take calls; the health check asks it."""
+        return True
+
+    async def close(self) -> None:  # noqa: B027 - optional
+        """Release what start() took; no calls follow."""
+
+    def files(self) -> list[str]:
+        """Files whose change means this plugin should be reloaded (auto_reload)."""
+        return []

@@ -1,0 +1,106 @@
+"""The hook context: what a plugin knows when one of its hooks is called.
+
+One `SessionView` per SMTP session is shared by every hook of that session (its `store` is
+the per-session key/value store plugins share); each call gets a `HookContext` with the
+hook's name, stage and arguments on top. Out-of-process plugins get `to_wire()`, the same
+facts as JSON (`{"args": {...}, "envelope": {"mail_from", "rcpt_to"}, ...}`).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class SessionView:
+    """A session's facts as plugins see them; the capture server keeps it current."""
+
+    session_uuid: str = ""
+    server: str = ""
+    remote_addr: str = ""
+    local_addr: str = ""
+    tls: bool = False
+    helo: str = ""
+    auth_mechanism: str | None = None
+    auth_username: str | None = None
+    message_uuid: str | None = None  # from MAIL FROM until the transaction ends
+    mail_from: str | None = None
+    rcpt_to: list[str] = field(default_factory=list)
+    store: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def remote_ip(self) -> str:
+        host = self.remote_addr
+        if host.startswith("["):
+            return host[1:host.index("]")] if "]" in host else host
+        return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+@dataclass(slots=True)
+class HookContext:
+    """One hook call's context. `event` is the EMAIL_RECEIVED document once it exists."""
+
+    hook: str
+    stage: str
+    args: dict[str, Any]
+    session: SessionView
+    event: dict[str, Any] | None = None
+
+    # Short names for what plugins read most.
+    @property
+    def session_uuid(self) -> str:
+        return self.session.session_uuid
+
+    @property
+    def message_uuid(self) -> str | None:
+        return self.session.message_uuid
+
+    @property
+    def remote_addr(self) -> str:
+        return self.session.remote_addr
+
+    @property
+    def store(self) -> dict[str, Any]:
+        return self.session.store
+
+    def to_wire(self) -> dict[str, Any]:
+        """JSON-ready facts for out-of-process plugins; bytes arguments travel as text
+        (UTF-8, undecodable bytes replaced) with the exact bytes in base64 beside them
+        under `<name>_base64`."""
+        s = self.session
+        return {
+            "hook": self.hook,
+            "stage": self.stage,
+            "session_uuid": s.session_uuid,
+            "message_uuid": s.message_uuid,
+            "server": s.server,
+            "remote_addr": s.remote_addr,
+            "local_addr": s.local_addr,
+            "tls": s.tls,
+            "helo": s.helo,
+            "auth": {"mechanism": s.auth_mechanism, "username": s.auth_username},
+            "envelope": {"mail_from": s.mail_from, "rcpt_to": list(s.rcpt_to)},
+            "args": _wire_args(self.args),
+            "store": {k: v for k, v in s.store.items() if _jsonable(v)},
+            "event": self.event,
+        }
+
+
+def _wire_args(args: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in args.items():
+        if isinstance(value, bytes | bytearray | memoryview):
+            data = bytes(value)
+            out[name] = data.decode("utf-8", "replace")
+            out[f"{name}_base64"] = base64.b64encode(data).decode("ascii")
+        elif isinstance(value, BaseException):
+            out[name] = f"{type(value).__name__}: {value}"
+        else:
+            out[name] = value
+    return out
+
+
+def _jsonable(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool | list | dict)
