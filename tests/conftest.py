@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +22,8 @@ from typing import Any, NoReturn
 import pytest
 import yaml
 
+from mailpipe.app import Mailpipe
+from mailpipe.config import load_config
 from mailpipe.event import CapturedEmail
 from mailpipe.metrics import Metrics
 from mailpipe.schema import event_schema as packaged_event_schema
@@ -297,3 +299,37 @@ def cpython_email_files() -> list[Path]:
     if not files:
         missing(f"CPython's email test corpus is not installed ({data})")
     return files
+
+
+# ---- in process: a real Mailpipe in the test's event loop ---------------------------------
+# Its store and SMTP listeners are real (HTTP off unless asked), so tests can reach into it
+# (verdicts, plugins) while clients still talk over real sockets.
+
+InProc = Callable[..., Awaitable[Mailpipe]]
+
+
+@pytest.fixture
+async def inproc(tmp_path: Path) -> AsyncIterator[InProc]:
+    apps: list[Mailpipe] = []
+
+    async def start(smtp: dict[str, Any] | None = None, **top: Any) -> Mailpipe:
+        overrides = {
+            "data_dir": str(tmp_path / f"data{len(apps)}"),
+            "http": {"enabled": False},
+            "smtp": {"addr": "127.0.0.1:0", **(smtp or {})},
+            **top,
+        }
+        config, _ = load_config(cwd=tmp_path, overrides=overrides)
+        app = Mailpipe(config)
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        if not app.capture.stopping:
+            await app.shutdown()
+
+
+def port_of(app: Mailpipe, listener: str = "default") -> int:
+    return int(app.capture.addresses()[listener].rsplit(":", 1)[1])

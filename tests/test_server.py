@@ -17,7 +17,7 @@ import socket
 import sqlite3
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from pathlib import Path
@@ -26,7 +26,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from conftest import MailpipeServer, free_port, wait_until_ready
+from conftest import InProc, MailpipeServer, free_port, port_of, wait_until_ready
 from mailpipe.app import Mailpipe
 from mailpipe.capture.verdicts import (
     Disconnect,
@@ -36,7 +36,6 @@ from mailpipe.capture.verdicts import (
     Verdict,
     VerdictContext,
 )
-from mailpipe.config import load_config
 
 Factory = Callable[..., MailpipeServer]
 
@@ -1008,36 +1007,6 @@ def test_retention_keeps_the_newest(mailpipe_factory: Factory) -> None:
 # ---- in process: CaptureServer's own behaviour and the verdict seam ----------------------
 # The server runs in the test's event loop (a real Mailpipe with its store, HTTP off), so
 # verdict callables can be registered on it; clients still talk over real sockets.
-
-InProc = Callable[..., Awaitable[Mailpipe]]
-
-
-@pytest.fixture
-async def inproc(tmp_path: Path) -> AsyncIterator[InProc]:
-    apps: list[Mailpipe] = []
-
-    async def start(smtp: dict[str, Any] | None = None, **top: Any) -> Mailpipe:
-        overrides = {
-            "data_dir": str(tmp_path / f"data{len(apps)}"),
-            "http": {"enabled": False},
-            "smtp": {"addr": "127.0.0.1:0", **(smtp or {})},
-            **top,
-        }
-        config, _ = load_config(cwd=tmp_path, overrides=overrides)
-        app = Mailpipe(config)
-        await app.start()
-        apps.append(app)
-        return app
-
-    yield start
-    for app in apps:
-        if not app.capture.stopping:
-            await app.shutdown()
-
-
-def port_of(app: Mailpipe, listener: str = "default") -> int:
-    return int(app.capture.addresses()[listener].rsplit(":", 1)[1])
-
 
 async def stored(app: Mailpipe) -> int:
     assert app.store is not None

@@ -22,6 +22,8 @@ from mailpipe.discovery import remove_state, write_state
 from mailpipe.jobs.sink import JobsSink
 from mailpipe.lifecycle import Lifecycle
 from mailpipe.metrics import Metrics
+from mailpipe.plugins.base import PluginError
+from mailpipe.plugins.manager import PluginManager
 from mailpipe.sinks.base import Sink
 from mailpipe.sinks.dispatch import Dispatcher
 from mailpipe.sinks.registry import build_sinks
@@ -58,6 +60,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
             mode=storage.mode, temp_dir=storage.temp_dir, cleanup_after=storage.cleanup_after
         )
         self.verdicts = Verdicts()  # plugins register here: an answer at every SMTP stage
+        self.plugins = PluginManager(config.plugins, self.verdicts)
         self.capture = CaptureServer(
             config.smtp.listeners(),
             dispatcher=self.dispatcher,
@@ -101,6 +104,11 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
             await self.dispatcher.start()
         except PoolError as exc:
             raise StartupError(f"worker pool: {exc}") from exc
+        try:
+            await self.plugins.start()
+        except PluginError as exc:
+            raise StartupError(str(exc)) from None
+        self.metrics.watch_plugins(self.plugins)
         await self.capture.start()
         if self.config.jobs.consume:
             await self._start_consumer()
@@ -197,6 +205,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
             from mailpipe.web.app import stop_http
 
             await stop_http(self._http_runner)  # type: ignore[arg-type]
+        await self.plugins.close()
         await self.dispatcher.close()
         remove_state(self.data_dir)
         log.info("stopped")

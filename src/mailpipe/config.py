@@ -480,6 +480,48 @@ class SinksConfig(Section):
         return dict(self.model_extra or {})
 
 
+class ExecutorConfig(Section):
+    """How every plugin call is isolated (plugins/executor.py)."""
+
+    timeout: Duration = 30.0
+    max_concurrent: int = Field(default=10, ge=1)
+    enable_panic_recovery: bool = True  # off: a plugin's exception answers 451 (fail closed)
+    failure_threshold: int = Field(default=5, ge=1)  # failures in a row that switch it off
+    on_failure: Literal["continue", "tempfail"] = "continue"
+    on_failure_hooks: dict[str, Literal["continue", "tempfail"]] = Field(default_factory=dict)
+
+    @field_validator("on_failure_hooks")
+    @classmethod
+    def _hook_names(cls, value: dict[str, str]) -> dict[str, str]:
+        from mailpipe.plugins.hooks import HOOKS
+
+        for name in value:
+            if name not in HOOKS:
+                raise ValueError(f"{name!r} is not a hook (see docs/plugins.md)")
+        return value
+
+
+class ExternalPluginConfig(Section):
+    """An out-of-process plugin: an executable speaking go-plugin's gRPC protocol."""
+
+    command: str
+    args: list[str] = Field(default_factory=list)
+    env: EnvMapping = Field(default_factory=dict)
+    start_timeout: Duration = 60.0
+
+
+class PluginsConfig(Section):
+    enabled: bool = True
+    plugin_path: str = "./plugins"
+    plugins: list[str] = Field(default_factory=list)  # which run, in this order
+    auto_reload: bool = False
+    reload_interval: Duration = 300.0
+    health_check_interval: Duration = 30.0
+    executor: ExecutorConfig = ExecutorConfig()
+    plugin_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    external: dict[str, ExternalPluginConfig] = Field(default_factory=dict)
+
+
 class LogConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
@@ -512,6 +554,7 @@ class Config(BaseSettings):
     store: StoreConfig = StoreConfig()
     sinks: SinksConfig = SinksConfig()
     jobs: JobsConfig = JobsConfig()
+    plugins: PluginsConfig = PluginsConfig()
     log: LogConfig = LogConfig()
     # What loading the file noted (RoadRunner sections ignored or mapped), logged at start.
     _notices: list[str] = PrivateAttr(default_factory=list)

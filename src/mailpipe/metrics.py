@@ -10,6 +10,14 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class Metrics:
     """Every metric mailpipe exports; one instance per process (tests make their own)."""
 
+    def watch_plugins(self, manager: object) -> None:
+        """Export the plugins' counters (read at scrape time) from now on."""
+        from mailpipe.plugins.metrics import PluginCollector
+
+        if not getattr(self, "_plugins_watched", False):
+            self.registry.register(PluginCollector(manager))  # type: ignore[arg-type]
+            self._plugins_watched = True
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry

@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import cast
 
+from mailpipe.capture.amend import amend_headers
 from mailpipe.capture.message import EventOptions, SessionInfo
 from mailpipe.capture.offload import EventBuilder
 from mailpipe.capture.protocol import ProtocolSettings, SMTPConnection
@@ -25,9 +26,11 @@ from mailpipe.capture.types import (
     PROCEED,
     BodyChunk,
     BodyDropped,
+    Changes,
     Close,
     Envelope,
     Event,
+    MessageBody,
     MessageReceived,
     Proceed,
     Reply,
@@ -310,6 +313,13 @@ class CaptureServer:
         self.builder.close()
 
 
+@dataclass(slots=True)
+class _Transaction:
+    uuid: str
+    envelope: Envelope | None  # None until the core made it (after MAIL's verdict)
+    changes: Changes
+
+
 def _tls_label(listener: Listener) -> str:
     if listener.ssl_context is None:
         return "off"
@@ -346,6 +356,10 @@ class SMTPSession(asyncio.Protocol):
         self.spooler = Spooler()
         self._asking: asyncio.Future[None] | None = None
         self._store: dict[str, object] | None = None  # for verdict callables, made on demand
+        # The transaction verdict callables see: its uuid (the event's), its envelope once
+        # the core made it, what they want changed; and the session's changes before it.
+        self._txn: _Transaction | None = None
+        self._session_changes: Changes | None = None
         self._close_reply: Reply | None = None  # why the server closes it, when not shutdown
 
     # ---- asyncio.Protocol ---------------------------------------------------------
@@ -419,6 +433,9 @@ class SMTPSession(asyncio.Protocol):
             self._uncount_ip()
             self.listener.metrics.active.dec()
             log.info("connection closed", extra={"session": self.id, "emails": self.emails})
+            self._observe("disconnect", None, None, {
+                "emails": self.emails,
+                "seconds": round((datetime.now(UTC) - self.since).total_seconds(), 3)})
 
     def pause_writing(self) -> None:
         # The client is not reading our replies: stop reading its commands (or replies would
@@ -514,12 +531,53 @@ class SMTPSession(asyncio.Protocol):
                  email: CapturedEmail | None = None) -> VerdictContext:
         if self._store is None:
             self._store = {}
+        txn = self._transaction(stage, envelope)
+        if txn is not None:
+            message_uuid, changes = txn.uuid, txn.changes
+        else:
+            message_uuid = None
+            changes = self._session_changes = self._session_changes or Changes()
         return VerdictContext(
             stage=stage, session=self.id, server=self.listener.name,
             remote_addr=self.remote_addr, local_addr=self.local_addr,
             tls=self.conn.tls_active, helo=self.conn.helo, auth=self.conn.auth,
             envelope=envelope, args=args, store=self._store, email=email,
+            message_uuid=message_uuid, changes=changes,
         )
+
+    def _transaction(self, stage: Stage, envelope: Envelope | None) -> _Transaction | None:
+        """The transaction a stage belongs to: MAIL starts one (the core makes its envelope
+        only after the verdict); later stages belong to the one whose envelope they carry."""
+        if stage is Stage.MAIL:
+            self._txn = _Transaction(new_uuid(), None, Changes())
+            return self._txn
+        if envelope is None:
+            return None
+        txn = self._txn
+        if txn is None or (txn.envelope is not None and txn.envelope is not envelope):
+            txn = self._txn = _Transaction(new_uuid(), envelope, Changes())
+        txn.envelope = envelope
+        return txn
+
+    def _observe(self, what: str, envelope: Envelope | None, email: CapturedEmail | None,
+                 args: dict[str, object]) -> None:
+        """Tell the plugins' notification hooks, when any plugin has one."""
+        observer = self.server.verdicts.observer
+        if observer is None:
+            return
+        if self._store is None:
+            self._store = {}
+        context = VerdictContext(
+            stage=Stage.MESSAGE, session=self.id, server=self.listener.name,
+            remote_addr=self.remote_addr, local_addr=self.local_addr,
+            tls=self.conn.tls_active, helo=self.conn.helo, auth=self.conn.auth,
+            envelope=envelope, args=args, store=self._store, email=email,
+            message_uuid=email.uuid if email is not None else None,
+        )
+        try:
+            observer(what, context)
+        except Exception:
+            log.exception("plugin notification failed", extra={"session": self.id})
 
     async def _ask(self, needed: VerdictNeeded) -> None:
         context = self._context(needed.stage, needed.args, needed.envelope)
@@ -545,28 +603,62 @@ class SMTPSession(asyncio.Protocol):
 
     async def _deliver(self, received: MessageReceived) -> None:
         reply = REPLY_RETRY
+        envelope = received.envelope
         try:
             email = await self._capture(received)
             verdict = await self._message_verdict(received, email)
             if type(verdict) is not Proceed:  # refused before any sink saw it
                 self._delivering = None
                 self._answer(verdict)
+                self._observe("email_refused", envelope, email, {"stage": "message"})
                 return
+            email, envelope = await self._apply_changes(received, email)
+            self._observe("delivery_attempt", envelope, email, {"attempt": 1})
             delivery = await self.server.dispatcher.deliver(email)
             reply = Reply(delivery.code, f"{delivery.enhanced} {delivery.text}")
             if delivery.accepted:
                 self._count_accepted(email)
                 if delivery.close:
                     self._closing_after_reply = True
+                self._observe("delivery_success", envelope, email, {})
+                self._observe("email_accepted", envelope, email, {"size": len(email.raw)})
             else:
                 self.listener.metrics.rejected_sink.inc()
-        except Exception:
+                self._observe("delivery_failure", envelope, email, {"error": reply.text})
+        except Exception as exc:
             log.exception("could not capture a message", extra={"session": self.id})
             self.listener.metrics.rejected_error.inc()
+            self._observe("delivery_failure", envelope, None, {"error": repr(exc)})
         finally:
             received.body.discard()
         self._delivering = None
         self._reply(reply)
+
+    async def _apply_changes(self, received: MessageReceived,
+                             email: CapturedEmail) -> tuple[CapturedEmail, Envelope]:
+        """What plugins asked to change (MODIFY), applied before any sink sees the email:
+        headers into the stored message and the event (rebuilt from it), recipients into
+        the envelope, tags into the event."""
+        envelope = received.envelope
+        txn = self._txn
+        changes = self._session_changes or Changes()
+        if txn is not None and txn.envelope is envelope:
+            changes = changes.then(txn.changes)
+        if not changes:
+            return email, envelope
+        raw = amend_headers(email.raw, changes.add_headers, changes.set_headers)
+        rcpt_to = changes.recipients_for(envelope.rcpt_to)
+        if rcpt_to != envelope.rcpt_to:
+            options = dict(zip(envelope.rcpt_to, envelope.rcpt_options, strict=False))
+            envelope = Envelope(envelope.mail_from, envelope.mail_options, rcpt_to,
+                                [options.get(rcpt, []) for rcpt in rcpt_to], envelope.helo)
+        if raw is not email.raw or envelope is not received.envelope:
+            body = MessageBody(data=raw, size=len(raw))
+            email = await self._capture(received, body, envelope, email.uuid)
+        if changes.tags:
+            email.event["tags"] = list(changes.tags)
+            email._json = None
+        return email, envelope
 
     def _count_accepted(self, email: CapturedEmail) -> None:
         self.emails += 1
@@ -579,8 +671,13 @@ class SMTPSession(asyncio.Protocol):
                 "uuid": email.uuid, "session": self.id, "from": envelope["from"],
                 "to": ",".join(envelope["to"]), "size": len(email.raw)})
 
-    async def _capture(self, received: MessageReceived) -> CapturedEmail:
+    async def _capture(self, received: MessageReceived, body: MessageBody | None = None,
+                       envelope: Envelope | None = None,
+                       email_uuid: str | None = None) -> CapturedEmail:
         started = time.perf_counter()
+        if email_uuid is None and self._txn is not None \
+                and self._txn.envelope is received.envelope:
+            email_uuid = self._txn.uuid
         session = SessionInfo(
             uuid=self.id,
             remote_addr=self.remote_addr,
@@ -589,8 +686,9 @@ class SMTPSession(asyncio.Protocol):
             tls=received.tls,
         )
         email = await self.server.builder.build(
-            received.body,
-            envelope=received.envelope,
+            body or received.body,
+            envelope=envelope or received.envelope,
+            email_uuid=email_uuid,
             auth=received.auth,
             session=session,
             received_at=received.received_at,

@@ -132,6 +132,40 @@ Verdict = Proceed | Respond | Disconnect
 PROCEED = Proceed()
 
 
+@dataclass(slots=True)
+class Changes:
+    """What verdict givers (plugins' MODIFY) asked to change in a message before the sinks
+    get it: headers to add or set, recipients rewritten (one, or the whole list), tags."""
+
+    add_headers: list[tuple[str, str]] = field(default_factory=list)
+    set_headers: list[tuple[str, str]] = field(default_factory=list)
+    recipients: dict[str, list[str]] = field(default_factory=dict)
+    rcpt_to: list[str] | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.add_headers or self.set_headers or self.recipients
+                    or self.rcpt_to is not None or self.tags)
+
+    def then(self, later: Changes) -> Changes:
+        """These changes followed by `later`'s (the session's, then the transaction's)."""
+        return Changes(
+            self.add_headers + later.add_headers,
+            self.set_headers + later.set_headers,
+            {**self.recipients, **later.recipients},
+            later.rcpt_to if later.rcpt_to is not None else self.rcpt_to,
+            self.tags + [t for t in later.tags if t not in self.tags],
+        )
+
+    def recipients_for(self, rcpt_to: list[str]) -> list[str]:
+        if self.rcpt_to is not None:
+            return list(self.rcpt_to)
+        out: list[str] = []
+        for rcpt in rcpt_to:
+            out.extend(self.recipients.get(rcpt, [rcpt]))
+        return out
+
+
 # ---- events the protocol core emits ---------------------------------------------------
 
 

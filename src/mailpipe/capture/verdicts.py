@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from mailpipe.capture.types import (
     PROCEED,
     AuthInfo,
+    Changes,
     Disconnect,
     Envelope,
     Proceed,
@@ -57,6 +58,8 @@ class VerdictContext:
     `username`; STARTTLS none; MAIL `sender`, `params`; RCPT `recipient`, `params`; DATA
     `verb` (DATA or BDAT); HEADERS `headers` (bytes); MESSAGE none, the event is in `email`.
     `store` is the session's own key/value store, shared by every callable of the session.
+    `message_uuid` is the transaction's (from MAIL FROM on; the event gets it); `changes`
+    collects what callables want changed in the message (the session's, before MAIL FROM).
     """
 
     stage: Stage
@@ -71,9 +74,14 @@ class VerdictContext:
     args: dict[str, object]
     store: dict[str, object]
     email: CapturedEmail | None = None
+    message_uuid: str | None = None
+    changes: Changes | None = None
 
 
 VerdictCheck = Callable[[VerdictContext], Awaitable[Verdict | None]]
+# Told what happened: "disconnect", "delivery_attempt", "delivery_success",
+# "delivery_failure", "email_accepted", "email_refused"; the context's args say more.
+Observer = Callable[[str, VerdictContext], None]
 
 
 @dataclass
@@ -81,18 +89,21 @@ class Verdicts:
     """The callables registered per stage. `held` is what sessions opened from now on hold."""
 
     timeout: float = 30.0  # seconds a callable may take; past it the client gets 451
-    _checks: dict[Stage, list[VerdictCheck]] = field(default_factory=dict, init=False)
+    _checks: dict[Stage, list[tuple[VerdictCheck, bool]]] = field(
+        default_factory=dict, init=False)
     held: frozenset[Stage] = field(default=frozenset(), init=False)
+    observer: Observer | None = None  # the plugins' notification hooks, when any
 
-    def register(self, stage: Stage, check: VerdictCheck) -> None:
-        """Call `check` at `stage`, after those registered before it."""
-        self._checks.setdefault(stage, []).append(check)
+    def register(self, stage: Stage, check: VerdictCheck, *, bounded: bool = True) -> None:
+        """Call `check` at `stage`, after those registered before it. `bounded` False: the
+        check bounds its own time (the plugin executor does, call by call)."""
+        self._checks.setdefault(stage, []).append((check, bounded))
         self._update()
 
     def unregister(self, stage: Stage, check: VerdictCheck) -> None:
         checks = self._checks.get(stage, [])
-        if check in checks:
-            checks.remove(check)
+        for pair in [pair for pair in checks if pair[0] == check]:
+            checks.remove(pair)
         if not checks:
             self._checks.pop(stage, None)
         self._update()
@@ -102,9 +113,12 @@ class Verdicts:
 
     async def decide(self, context: VerdictContext) -> Verdict:
         """The first verdict of the stage's callables; Proceed when none has one."""
-        for check in list(self._checks.get(context.stage, ())):
+        for check, bounded in list(self._checks.get(context.stage, ())):
             try:
-                verdict = await asyncio.wait_for(check(context), self.timeout)
+                if bounded:
+                    verdict = await asyncio.wait_for(check(context), self.timeout)
+                else:
+                    verdict = await check(context)
             except Exception as exc:
                 reason = "timed out" if isinstance(exc, TimeoutError) else "failed"
                 log.error("verdict at %s %s: %r", context.stage.name, reason, exc,

@@ -27,18 +27,25 @@ class Plugin(ABC):
     def implemented(self) -> frozenset[str]:
         """The hooks (HOOKS names) this plugin wants to be called for."""
 
-    async def start(self, config: dict[str, Any]) -> None:  # noqa: B027 - optional
+    async def start(self, config: dict[str, Any]) -> None:
         """init(config): called once before the first hook call."""
 
     @abstractmethod
     async def call(self, hook: str, ctx: HookContext) -> HookResult | None:
         """One hook call; may raise or hang: the executor isolates it."""
 
+    def inline(self, hook: str) -> bool:
+        """True when `call_inline` answers this hook synchronously (no task, no timer)."""
+        return False
+
+    def call_inline(self, hook: str, ctx: HookContext) -> HookResult | None:
+        raise NotImplementedError(hook)
+
     async def health(self) -> bool:
         """True while the plugin can take calls; the health check asks it."""
         return True
 
-    async def close(self) -> None:  # noqa: B027 - optional
+    async def close(self) -> None:
         """Release what start() took; no calls follow."""
 
     def files(self) -> list[str]:

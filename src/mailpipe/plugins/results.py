@@ -75,27 +75,27 @@ class HookResult:
         return code, enhanced, self.message or text
 
 
-def Continue() -> HookResult:  # noqa: N802 - reads as the action it is
+def Continue() -> HookResult:  # CamelCase: each reads as the action it returns
     return _CONTINUE
 
 
-def Accept() -> HookResult:  # noqa: N802
+def Accept() -> HookResult:
     return _ACCEPT
 
 
-def Reject(message: str = "", code: int = 0, enhanced: str = "") -> HookResult:  # noqa: N802
+def Reject(message: str = "", code: int = 0, enhanced: str = "") -> HookResult:
     return HookResult(Action.REJECT, code, enhanced, message)
 
 
-def Tempfail(message: str = "", code: int = 0, enhanced: str = "") -> HookResult:  # noqa: N802
+def Tempfail(message: str = "", code: int = 0, enhanced: str = "") -> HookResult:
     return HookResult(Action.TEMPFAIL, code, enhanced, message)
 
 
-def Disconnect(message: str = "", enhanced: str = "") -> HookResult:  # noqa: N802
+def Disconnect(message: str = "", enhanced: str = "") -> HookResult:
     return HookResult(Action.DISCONNECT, 421, enhanced, message)
 
 
-def Modify(  # noqa: N802
+def Modify(
     add_headers: Any = (),
     set_headers: Any = (),
     rcpt_to: Any = None,

@@ -1,0 +1,152 @@
+"""The executor: every plugin call isolated, bounded, timed and counted.
+
+- An exception is caught (the session goes on; `on_error` hears of it), unless
+  `enable_panic_recovery` is off: then the failing call answers 451 instead.
+- A call past `timeout` is abandoned; the hook's failure policy applies (continue, or
+  tempfail where configured).
+- At most `max_concurrent` calls are in flight; the rest wait their turn.
+- `failure_threshold` failures in a row open a plugin's circuit breaker: its hooks are
+  skipped until its health check says it is back.
+
+Sync hook methods that are not marked `threaded` run inline on the event loop, with no task,
+timer or semaphore: they cannot hang the loop for long without blocking it anyway, and a no-op
+plugin then costs next to nothing. Counting is plain integers; `/metrics` reads them at scrape
+time (see `plugins.metrics`), so a call costs no Prometheus label lookups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mailpipe.plugins.results import HookResult
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from mailpipe.plugins.base import Plugin
+    from mailpipe.plugins.context import HookContext
+
+log = logging.getLogger("mailpipe.plugins")
+
+RECENT = 1024  # call durations kept per plugin and hook, for the p99
+
+
+class Failed:
+    """A call that raised, timed out or answered nonsense; `tempfail` when it must not pass."""
+
+    __slots__ = ("error", "tempfail")
+
+    def __init__(self, error: BaseException, tempfail: bool) -> None:
+        self.error = error
+        self.tempfail = tempfail
+
+
+@dataclass(slots=True)
+class CallStats:
+    executions: int = 0
+    successes: int = 0
+    failures: int = 0
+    timeouts: int = 0
+    recoveries: int = 0  # exceptions caught (panic recovery)
+    seconds: float = 0.0
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
+
+    def as_dict(self) -> dict[str, Any]:
+        durations = sorted(self.recent)
+        p99 = durations[min(len(durations) - 1, int(len(durations) * 0.99))] if durations else 0
+        return {
+            "executions": self.executions, "successes": self.successes,
+            "failures": self.failures, "timeouts": self.timeouts,
+            "recoveries": self.recoveries,
+            "mean_ms": round(1000 * self.seconds / self.executions, 4) if self.executions else 0,
+            "p99_ms": round(1000 * p99, 4),
+        }
+
+
+@dataclass(slots=True)
+class Entry:
+    """One loaded plugin as the executor sees it: its breaker and its counters."""
+
+    plugin: Plugin
+    order: int
+    stats: dict[str, CallStats] = field(default_factory=dict)
+    consecutive_failures: int = 0
+    open: bool = False  # circuit breaker open: its hooks are skipped
+    opened_at: float = 0.0
+    restored: int = 0  # times the health check closed the breaker again
+    last_error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.plugin.name
+
+    def stat(self, hook: str) -> CallStats:
+        stats = self.stats.get(hook)
+        if stats is None:
+            stats = self.stats[hook] = CallStats()
+        return stats
+
+
+class Executor:
+    def __init__(self, *, timeout: float, max_concurrent: int, panic_recovery: bool,
+                 failure_threshold: int, tempfail_hooks: frozenset[str],
+                 on_failure: Callable[[Entry, str, BaseException], None]) -> None:
+        self.timeout = timeout
+        self.panic_recovery = panic_recovery
+        self.failure_threshold = failure_threshold
+        self.tempfail_hooks = tempfail_hooks
+        self._on_failure = on_failure
+        self._slots = asyncio.Semaphore(max_concurrent)
+
+    async def call(self, entry: Entry, hook: str, ctx: HookContext) -> HookResult | Failed | None:
+        """Call one hook of one plugin; never raises (but CancelledError, which is ours)."""
+        plugin = entry.plugin
+        stats = entry.stat(hook)
+        stats.executions += 1
+        started = time.perf_counter()
+        try:
+            if plugin.inline(hook):
+                result = plugin.call_inline(hook, ctx)
+            else:
+                async with self._slots, asyncio.timeout(self.timeout):
+                    result = await plugin.call(hook, ctx)
+            if result is not None and not isinstance(result, HookResult):
+                raise TypeError(f"{hook} returned {result!r}, not a HookResult or None")
+        except TimeoutError as exc:
+            stats.timeouts += 1
+            error = TimeoutError(f"{entry.name}.{hook} timed out after {self.timeout:g}s")
+            return self._failed(entry, hook, stats, started, error, exc)
+        except Exception as exc:
+            if self.panic_recovery:
+                stats.recoveries += 1
+            return self._failed(entry, hook, stats, started, exc, exc)
+        elapsed = time.perf_counter() - started
+        stats.successes += 1
+        stats.seconds += elapsed
+        stats.recent.append(elapsed)
+        entry.consecutive_failures = 0
+        return result
+
+    def _failed(self, entry: Entry, hook: str, stats: CallStats, started: float,
+                error: BaseException, cause: BaseException) -> Failed:
+        elapsed = time.perf_counter() - started
+        stats.failures += 1
+        stats.seconds += elapsed
+        stats.recent.append(elapsed)
+        entry.last_error = f"{hook}: {error}"
+        entry.consecutive_failures += 1
+        log.error("plugin %s failed in %s: %s", entry.name, hook, error,
+                  exc_info=cause if not isinstance(cause, TimeoutError) else None)
+        if not entry.open and entry.consecutive_failures >= self.failure_threshold:
+            entry.open = True
+            entry.opened_at = time.monotonic()
+            log.warning("plugin %s switched off after %d failures in a row; its health check "
+                        "switches it back on", entry.name, entry.consecutive_failures)
+        self._on_failure(entry, hook, error)
+        tempfail = hook in self.tempfail_hooks or not self.panic_recovery
+        return Failed(error, tempfail)

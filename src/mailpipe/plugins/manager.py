@@ -1,0 +1,461 @@
+"""The plugin manager: loads the configured plugins, calls their hooks, reloads them.
+
+One caller loop for every hook (pluggy's model; pluggy itself checks the hook methods at
+load, see `plugins.python`): the hook's plugins run in the configured order, each call
+through the executor. A result decides what happens next, as in Haraka:
+
+- CONTINUE (or None): the next plugin runs;
+- MODIFY: the change is noted (applied to the message before the sinks see it), the next
+  plugin runs;
+- ACCEPT: the later plugins of this hook are skipped, the command gets its usual reply;
+- REJECT, TEMPFAIL, DISCONNECT: the later plugins are skipped and the client gets the
+  refusal (what it refuses depends on the hook: `hooks.HOOKS[name].effect`).
+
+Hooks at SMTP stages answer through the capture server's verdict seam (`Verdicts`), so a
+stage no plugin cares about costs a session nothing. Notification hooks (`effect`
+"notify") run in the background; their results are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.parser
+import email.policy
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mailpipe.capture.types import (
+    PROCEED,
+    Changes,
+    Disconnect,
+    Respond,
+    Stage,
+    Verdict,
+)
+from mailpipe.plugins.base import Plugin, PluginError
+from mailpipe.plugins.builtin import BUILTINS
+from mailpipe.plugins.context import HookContext, SessionView
+from mailpipe.plugins.executor import Entry, Executor, Failed
+from mailpipe.plugins.hooks import HOOKS, STAGE_HOOKS
+from mailpipe.plugins.python import (
+    discover_files,
+    find_file,
+    instantiate,
+    load_entry_point,
+    load_file,
+)
+from mailpipe.plugins.results import Action, HookResult
+
+if TYPE_CHECKING:
+    from mailpipe.capture.verdicts import VerdictContext, Verdicts
+    from mailpipe.config import PluginsConfig
+
+log = logging.getLogger("mailpipe.plugins")
+
+PLUGIN_FAILED = Respond(451, "4.3.0", "Temporary failure in a plugin, please retry")
+CHECK_RESULTS = {"on_spf_check": "spf_result", "on_dkim_verify": "dkim_result"}
+_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+
+
+class PluginManager:
+    def __init__(self, config: PluginsConfig, verdicts: Verdicts) -> None:
+        self.config = config
+        self.verdicts = verdicts
+        self.plugin_path = Path(config.plugin_path)
+        ex = config.executor
+        tempfail = {h for h, policy in ex.on_failure_hooks.items() if policy == "tempfail"}
+        if ex.on_failure == "tempfail":
+            tempfail |= {h for h in HOOKS if h not in ex.on_failure_hooks}
+        self.executor = Executor(
+            timeout=ex.timeout, max_concurrent=ex.max_concurrent,
+            panic_recovery=ex.enable_panic_recovery, failure_threshold=ex.failure_threshold,
+            tempfail_hooks=frozenset(tempfail), on_failure=self._on_failure,
+        )
+        self.entries: list[Entry] = []
+        self.callers: dict[str, tuple[Entry, ...]] = {}
+        self._stage_hooks: dict[Stage, tuple[str, ...]] = {}
+        self._registered: set[Stage] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._mtimes: dict[str, float] = {}
+        self.reloads = 0
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load and start every configured plugin; a plugin that cannot start is an error."""
+        if not self.config.enabled:
+            return
+        for order, name in enumerate(self._names()):
+            plugin = self._load(name)
+            await self._start_plugin(plugin)
+            self.entries.append(Entry(plugin, order))
+        self._mtimes = self._file_mtimes()
+        self._wire()
+        if self.entries:
+            log.info("plugins started: %s", ", ".join(
+                f"{e.name} ({e.plugin.kind})" for e in self.entries))
+            self._spawn(self._health_loop())
+            if self.config.auto_reload:
+                self._spawn(self._reload_loop())
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for stage in self._registered:
+            self.verdicts.unregister(stage, self.decide)
+        self._registered.clear()
+        self.verdicts.observer = None
+        for entry in self.entries:
+            await self._close_plugin(entry.plugin)
+        self.entries.clear()
+        self.callers = {}
+
+    def _names(self) -> list[str]:
+        listed = list(dict.fromkeys(self.config.plugins))
+        if not listed:
+            listed = discover_files(self.plugin_path)
+        return listed + [name for name in self.config.external if name not in listed]
+
+    def _load(self, name: str) -> Plugin:
+        """A plugin by name: an external one, a file in plugin_path, an entry point, a
+        built-in, in that order."""
+        external = self.config.external.get(name)
+        if external is not None:
+            from mailpipe.plugins.external import ExternalPlugin
+
+            return ExternalPlugin(name, external.command, external.args, external.env,
+                                  start_timeout=external.start_timeout)
+        path = find_file(self.plugin_path, name)
+        if path is not None:
+            return load_file(name, path)
+        found = load_entry_point(name)
+        if found is not None:
+            return found
+        if name in BUILTINS:
+            return instantiate(name, BUILTINS[name], "builtin", f"mailpipe built-in {name}")
+        known = sorted(set(BUILTINS) | set(discover_files(self.plugin_path)))
+        raise PluginError(f"plugins.plugins: no plugin named {name!r} (not in "
+                          f"{self.plugin_path}, not an entry point in mailpipe.plugins, "
+                          f"not external; built in: {', '.join(sorted(BUILTINS)) or 'none'}"
+                          f"{'; found: ' + ', '.join(known) if known else ''})")
+
+    async def _start_plugin(self, plugin: Plugin) -> None:
+        config = self.config.plugin_config.get(plugin.name, {})
+        try:
+            await plugin.start(config)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"plugin {plugin.name}: init failed: {exc}") from exc
+
+    async def _close_plugin(self, plugin: Plugin) -> None:
+        try:
+            await asyncio.wait_for(plugin.close(), self.config.executor.timeout)
+        except Exception as exc:
+            log.warning("plugin %s did not close cleanly: %r", plugin.name, exc)
+
+    def _wire(self) -> None:
+        """Point each hook at the plugins implementing it, and hold the stages they need.
+        Sessions already open keep the stages they started with."""
+        callers: dict[str, list[Entry]] = {}
+        for entry in self.entries:
+            for hook in entry.plugin.implemented():
+                callers.setdefault(hook, []).append(entry)
+        self.callers = {hook: tuple(entries) for hook, entries in callers.items()}
+        self._stage_hooks = {
+            stage: tuple(h for h in hooks if h in self.callers)
+            for stage, hooks in STAGE_HOOKS.items()
+        }
+        wanted = {stage for stage, hooks in self._stage_hooks.items() if hooks}
+        for stage in self._registered - wanted:
+            self.verdicts.unregister(stage, self.decide)
+        for stage in wanted - self._registered:
+            self.verdicts.register(stage, self.decide, bounded=False)
+        self._registered = wanted
+        self.verdicts.observer = self.observe if self._observed() else None
+
+    def _observed(self) -> bool:
+        return any(h in self.callers for h in (
+            "on_disconnect", "on_delivery_attempt", "on_delivery_success",
+            "on_delivery_failure", "on_metrics_collect"))
+
+    # ---- hooks at SMTP stages -----------------------------------------------------------
+
+    async def decide(self, vctx: VerdictContext) -> Verdict:
+        """The verdict of every plugin hook at this SMTP stage."""
+        view = session_view(vctx)
+        event = vctx.email.event if vctx.email is not None else None
+        for hook in self._stage_hooks.get(vctx.stage, ()):
+            for args in self._args(hook, vctx, view):
+                ctx = HookContext(hook, vctx.stage.name.lower(), args, view, event)
+                verdict = await self.run(hook, ctx, vctx.changes)
+                if verdict is not None:
+                    return verdict
+        return PROCEED
+
+    async def run(self, hook: str, ctx: HookContext, changes: Changes | None) -> Verdict | None:
+        """One hook's plugins in order; the refusal that ends it, or None."""
+        for entry in self.callers.get(hook, ()):
+            if entry.open:
+                continue
+            result = await self.executor.call(entry, hook, ctx)
+            if result is None:
+                continue
+            if type(result) is Failed:
+                if result.tempfail:
+                    return PLUGIN_FAILED
+                continue
+            verdict = self._verdict(hook, ctx, result, changes)
+            if verdict is not None:
+                return None if verdict is PROCEED else verdict
+        return None
+
+    def _verdict(self, hook: str, ctx: HookContext, result: HookResult,
+                 changes: Changes | None) -> Verdict | None:
+        action = result.action
+        if hook in CHECK_RESULTS and result.message:
+            ctx.store[CHECK_RESULTS[hook]] = result.message
+        if action is Action.CONTINUE:
+            return None
+        if action is Action.MODIFY:
+            if changes is not None:
+                note_changes(changes, hook, ctx.args, result)
+            return None
+        if action is Action.ACCEPT:
+            return PROCEED
+        code, enhanced, text = result.reply()
+        if action is Action.DISCONNECT:
+            return Disconnect(text, enhanced)
+        return Respond(code, enhanced, text)
+
+    def _args(self, hook: str, vctx: VerdictContext, view: SessionView) -> list[dict[str, Any]]:
+        """The hook's own arguments at this stage; none when the hook does not apply (on_helo
+        at EHLO); one per recipient for on_pre_delivery."""
+        a = vctx.args
+        if hook in ("on_helo", "on_ehlo"):
+            verb = "EHLO" if hook == "on_ehlo" else "HELO"
+            wanted = a.get("verb") in (verb, "LHLO") if verb == "EHLO" else a.get("verb") == verb
+            return [{"hostname": a.get("hostname")}] if wanted else []
+        if hook in ("on_connect", "on_rate_limit_check", "on_starttls", "on_data"):
+            return [{"remote_addr": view.remote_addr} if hook != "on_data" else {}]
+        if hook == "on_auth":
+            return [{"mechanism": a.get("mechanism"), "username": a.get("username")}]
+        if hook in ("on_mail_from", "on_rcpt_to"):
+            key = "sender" if hook == "on_mail_from" else "recipient"
+            return [{key: a.get(key), "params": a.get("params", [])}]
+        if hook == "on_reputation_check":
+            sender = str(a.get("sender") or "")
+            domain = sender.rpartition("@")[2] if "@" in sender else view.helo
+            return [{"remote_addr": view.remote_addr, "domain": domain}]
+        if hook == "on_spf_check":
+            return [{"sender": a.get("sender"), "remote_ip": view.remote_ip}]
+        if hook == "on_greylist_check":
+            return [{"sender": view.mail_from, "recipient": a.get("recipient"),
+                     "remote_addr": view.remote_addr}]
+        if hook == "on_headers":
+            return [{"headers": parse_headers(a.get("headers") or b"")}]
+        return self._message_args(hook, vctx, view)
+
+    def _message_args(self, hook: str, vctx: VerdictContext,
+                      view: SessionView) -> list[dict[str, Any]]:
+        raw = vctx.email.raw if vctx.email is not None else b""
+        if hook == "on_pre_delivery":
+            return [{"recipient": rcpt} for rcpt in view.rcpt_to]
+        if hook == "on_body":
+            return [{"body": body_of(raw)}]
+        if hook == "on_message_complete":
+            return [{"raw": raw}]
+        if hook == "on_dmarc_check":
+            return [{"sender": view.mail_from, "spf_result": view.store.get("spf_result", "none"),
+                     "dkim_result": view.store.get("dkim_result", "none")}]
+        return [{"content": raw}]  # antivirus, antispam, content filter, dkim
+
+    # ---- notifications ------------------------------------------------------------------
+
+    def notify(self, hook: str, args: dict[str, Any], view: SessionView | None = None,
+               event: dict[str, Any] | None = None) -> None:
+        """Fire a notification hook in the background (its results are ignored)."""
+        if hook not in self.callers:
+            return
+        ctx = HookContext(hook, "", args, view or SessionView(), event)
+        self._spawn(self.run(hook, ctx, None))
+
+    def observe(self, what: str, vctx: VerdictContext) -> None:
+        """The capture server reports: disconnect, delivery_attempt, delivery_success,
+        delivery_failure (args: error), email_accepted, email_refused."""
+        view = session_view(vctx)
+        event = vctx.email.event if vctx.email is not None else None
+        if what == "disconnect":
+            self.notify("on_disconnect", {"remote_addr": view.remote_addr}, view)
+            self.notify("on_metrics_collect", {"event": "connection_closed",
+                                               "data": dict(vctx.args)}, view)
+            return
+        if what.startswith("delivery_"):
+            hook = f"on_{what}"
+            for rcpt in view.rcpt_to:
+                args = {"recipient": rcpt}
+                if what == "delivery_attempt":
+                    args["attempt"] = vctx.args.get("attempt", 1)
+                elif what == "delivery_failure":
+                    args["error"] = vctx.args.get("error", "")
+                self.notify(hook, args, view, event)
+            return
+        self.notify("on_metrics_collect", {"event": what, "data": dict(vctx.args)}, view, event)
+
+    def _on_failure(self, entry: Entry, hook: str, error: BaseException) -> None:
+        if hook not in ("on_error", "on_recovery"):  # a failing error hook must not loop
+            self.notify("on_error", {"error": error, "stage": hook})
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- health and reload --------------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_check_interval)
+            await self.check_health()
+
+    async def check_health(self) -> None:
+        for entry in list(self.entries):
+            try:
+                healthy = await asyncio.wait_for(entry.plugin.health(),
+                                                 self.config.executor.timeout)
+            except Exception as exc:
+                healthy = False
+                entry.last_error = f"health: {exc!r}"
+            if entry.open and healthy:
+                entry.open = False
+                entry.consecutive_failures = 0
+                entry.restored += 1
+                log.warning("plugin %s is healthy again: switched back on", entry.name)
+                self.notify("on_recovery", {"recovered": entry.name, "stage": "health_check"})
+            elif not entry.open and not healthy:
+                entry.open = True
+                entry.opened_at = time.monotonic()
+                log.warning("plugin %s is not healthy: switched off until it is", entry.name)
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reload_interval)
+            current = self._file_mtimes()
+            changed = {name for name, files in self._files_by_plugin().items()
+                       if any(current.get(f) != self._mtimes.get(f) for f in files)}
+            self._mtimes = current
+            if changed:
+                log.info("plugin files changed: reloading %s", ", ".join(sorted(changed)))
+                await self.reload(sorted(changed))
+
+    def _files_by_plugin(self) -> dict[str, list[str]]:
+        return {e.name: e.plugin.files() for e in self.entries}
+
+    def _file_mtimes(self) -> dict[str, float]:
+        mtimes = {}
+        for files in self._files_by_plugin().values():
+            for file in files:
+                try:
+                    mtimes[file] = os.stat(file).st_mtime_ns
+                except OSError:
+                    mtimes[file] = -1
+        return mtimes
+
+    async def reload(self, names: list[str] | None = None) -> dict[str, str]:
+        """Load the named plugins (all when None) afresh and swap them in; sessions go on,
+        their next hook call reaches the new code. A plugin that fails to load keeps its
+        old version. Returns each name's outcome."""
+        outcome: dict[str, str] = {}
+        for entry in list(self.entries):
+            if names is not None and entry.name not in names:
+                continue
+            outcome[entry.name] = await self._reload_entry(entry)
+        unknown = set(names or ()) - {e.name for e in self.entries}
+        outcome.update({name: "error: not a loaded plugin" for name in sorted(unknown)})
+        self._mtimes = self._file_mtimes()
+        self._wire()
+        self.reloads += 1
+        return outcome
+
+    async def _reload_entry(self, entry: Entry) -> str:
+        old = entry.plugin
+        swap = getattr(old, "reload", None)
+        try:
+            if swap is not None:  # an external plugin swaps its own process
+                await swap()
+                return "reloaded"
+            new = self._load(entry.name)
+            await self._start_plugin(new)
+        except Exception as exc:
+            log.error("plugin %s: reload failed, keeping the running version: %s",
+                      entry.name, exc)
+            return f"error: {exc}"
+        entry.plugin = new
+        entry.open = False
+        entry.consecutive_failures = 0
+        await self._close_plugin(old)
+        log.info("plugin %s reloaded", entry.name)
+        return "reloaded"
+
+    # ---- status ---------------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        return [{
+            "name": e.name,
+            "kind": e.plugin.kind,
+            "source": e.plugin.source,
+            "order": e.order,
+            "enabled": not e.open,
+            "hooks": sorted(e.plugin.implemented()),
+            "restored": e.restored,
+            "last_error": e.last_error,
+            "pid": getattr(e.plugin, "pid", None),
+            "restarts": getattr(e.plugin, "restarts", None),
+            "stats": {hook: s.as_dict() for hook, s in sorted(e.stats.items())},
+        } for e in self.entries]
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def session_view(vctx: VerdictContext) -> SessionView:
+    env = vctx.envelope
+    mail_from = env.mail_from if env is not None else None
+    rcpt_to = list(env.rcpt_to) if env is not None else []
+    if vctx.stage is Stage.MAIL:  # the transaction starts with this command
+        mail_from, rcpt_to = str(vctx.args.get("sender", "")), []
+    return SessionView(
+        session_uuid=vctx.session, server=vctx.server, remote_addr=vctx.remote_addr,
+        local_addr=vctx.local_addr, tls=vctx.tls, helo=vctx.helo,
+        auth_mechanism=vctx.auth.mechanism, auth_username=vctx.auth.username,
+        message_uuid=vctx.message_uuid, mail_from=mail_from, rcpt_to=rcpt_to,
+        store=vctx.store,
+    )
+
+
+def note_changes(changes: Changes, hook: str, args: dict[str, Any], result: HookResult) -> None:
+    changes.add_headers.extend(result.add_headers)
+    changes.set_headers.extend(result.set_headers)
+    changes.tags.extend(t for t in result.tags if t not in changes.tags)
+    if result.rcpt_to is not None:
+        if hook == "on_rcpt_to":  # that recipient only
+            changes.recipients[str(args.get("recipient"))] = list(result.rcpt_to)
+        else:
+            changes.rcpt_to = list(result.rcpt_to)
+
+
+def parse_headers(block: bytes) -> list[tuple[str, str]]:
+    message = _HEADER_PARSER.parsebytes(block)
+    return [(name, str(value)) for name, value in message.items()]
+
+
+def body_of(raw: bytes) -> bytes:
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        at = raw.find(sep)
+        if at >= 0:
+            return raw[at + len(sep):]
+    return b""
