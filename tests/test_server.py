@@ -1196,6 +1196,23 @@ async def test_a_failing_verdict_tempfails_and_loses_nothing(
     assert await stored(app) == 1
 
 
+async def test_a_command_right_after_the_handshake_is_kept(inproc: InProc) -> None:
+    """A client in the same event loop sends EHLO the moment the handshake ends, before
+    start_tls() has returned to the session: that EHLO came through TLS and must count."""
+    app = await inproc({"tls": {"mode": "starttls", "self_signed": True}})
+
+    async def proceed(context: VerdictContext) -> Verdict:
+        return Proceed()
+
+    app.verdicts.register(Stage.STARTTLS, proceed)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port_of(app), tls_context=context,
+                               start_tls=True, timeout=5) as client:
+        assert (await client.sendmail(SENDER, [RCPT], message("after TLS")))[0] == {}
+    assert await stored(app) == 1
+
+
 async def test_starttls_verdict(inproc: InProc) -> None:
     app = await inproc({"tls": {"mode": "starttls", "self_signed": True}})
 

@@ -350,6 +350,8 @@ class SMTPSession(asyncio.Protocol):
         self._write_timer: asyncio.TimerHandle | None = None
         self._delivering: asyncio.Future[None] | None = None
         self._tls_task: asyncio.Future[None] | None = None
+        # Decrypted input that came before start_tls() returned (see _start_tls).
+        self._early_tls: bytearray | None = None
         self._closing = False
         self._write_blocked = False
         self._closing_after_reply = False
@@ -406,6 +408,9 @@ class SMTPSession(asyncio.Protocol):
         return True
 
     def data_received(self, data: bytes) -> None:
+        if self._early_tls is not None:
+            self._early_tls += data
+            return
         now = self._loop.time()
         conn, deadlines = self.conn, self._deadlines
         if conn.in_data:
@@ -713,12 +718,17 @@ class SMTPSession(asyncio.Protocol):
         context = self.listener.ssl_context
         if self.transport is None or context is None:
             return
+        # From here on whatever reaches data_received came through the TLS layer: a fast
+        # client's first command can arrive before start_tls() returns. It is kept for
+        # after tls_started(), unlike clear text pipelined after STARTTLS (discarded).
+        self._early_tls = bytearray()
         try:
             transport = await self._loop.start_tls(
                 self.transport, self, context, server_side=True,
                 ssl_handshake_timeout=self.listener.config.read_timeout,
             )
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+            self._early_tls = None
             log.warning("TLS handshake failed: %s", self._handshake_failure(exc),
                         extra={"session": self.id, "remote": self.remote_addr})
             self.abort()
@@ -727,6 +737,9 @@ class SMTPSession(asyncio.Protocol):
         # The handshake had its own timeout: the first command's clock starts now.
         self._deadlines.command_read(self._loop.time(), True, False)
         self._handle(self.conn.tls_started())
+        early, self._early_tls = self._early_tls, None
+        if early and not self.transport.is_closing():
+            self.data_received(bytes(early))
 
     def _handshake_failure(self, exc: BaseException) -> str:
         """What went wrong, in words: some of these exceptions carry no message at all."""

@@ -454,8 +454,9 @@ def parse_headers(block: bytes) -> list[tuple[str, str]]:
 
 
 def body_of(raw: bytes) -> bytes:
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        at = raw.find(sep)
-        if at >= 0:
-            return raw[at + len(sep):]
-    return b""
+    """What follows the blank line that ends the header block (CRLF or bare LF)."""
+    ends = [(at, len(sep)) for sep in (b"\r\n\r\n", b"\n\n") if (at := raw.find(sep)) >= 0]
+    if not ends:
+        return b""
+    at, size = min(ends)
+    return raw[at + size:]
