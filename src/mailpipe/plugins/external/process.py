@@ -224,12 +224,19 @@ class Instance:
     async def _stop_process(self, wait: float) -> None:
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
             if self.proc.returncode is not None:
-                return
+                break
             if sig is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.send_signal(sig)
+                self._signal_group(sig)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), wait if sig is None else 2.0)
+        # What the plugin started itself would keep its pipes (and our readers) open.
+        self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, sig: int) -> None:
+        # The plugin leads its own process group (start_new_session), so this reaches its
+        # children too; the group outlives the leader only while members remain.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
 
     async def _finish_tasks(self) -> None:
         # The readers end at EOF once the process is gone; the stdio stream with the channel.
