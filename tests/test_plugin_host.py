@@ -231,9 +231,14 @@ async def test_garbage_handshake_names_the_plugin(tmp_path: Path) -> None:
     await p.close()
 
 
-async def test_missing_cookie_exits_1_with_a_clear_error(go_plugin: str) -> None:
-    # The binary run without mailpipe's cookie, as if run by hand: go-plugin refuses.
-    p = ExternalPlugin("nocookie", "env", ["-u", "MAILPIPE_PLUGIN", go_plugin])
+@pytest.mark.parametrize("kind", ["go", "python"])
+async def test_missing_cookie_exits_1_with_a_clear_error(kind: str,
+                                                        request: pytest.FixtureRequest) -> None:
+    # The plugin run without mailpipe's cookie, as if run by hand: go-plugin (and the SDK)
+    # refuse with go-plugin's message.
+    command = [request.getfixturevalue("go_plugin")] if kind == "go" else \
+        [sys.executable, str(PYTHON_PLUGIN)]
+    p = ExternalPlugin("nocookie", "env", ["-u", "MAILPIPE_PLUGIN", *command])
     with pytest.raises(StartError, match=r"'nocookie' exited with code 1 before its handshake"
                                          r".*This binary is a plugin"):
         await p.start({})
@@ -349,3 +354,73 @@ async def _wait_for(condition, timeout: float = 5.0):
             raise AssertionError("condition not met in time")
         with contextlib.suppress(Exception):
             await asyncio.sleep(0.02)
+
+
+async def test_reload_runs_the_new_binary(go_plugin: str, tmp_path: Path) -> None:
+    launcher = tmp_path / "plugin"
+    launcher.write_text(f"#!/bin/sh\nexec {go_plugin}\n")
+    launcher.chmod(0o755)
+    p = ExternalPlugin("swap", str(launcher))
+    await p.start({})
+    try:
+        assert p.files() == [str(launcher)]
+        message = ctx("on_message_complete", raw=b"x")
+        assert (await p.call("on_message_complete", message)).add_headers[0][0] == "X-Go-Plugin"
+        python, args = python_plugin_command()
+        launcher.write_text(f"#!/bin/sh\nexec {python} {args[0]}\n")  # a new "build"
+        await p.reload()
+        assert (await p.call("on_message_complete", message)).add_headers[0][0] == \
+            "X-Python-Plugin"
+    finally:
+        await p.close()
+
+
+async def test_a_failed_reload_keeps_the_running_plugin(go_plugin: str, tmp_path: Path) -> None:
+    launcher = tmp_path / "plugin"
+    launcher.write_text(f"#!/bin/sh\nexec {go_plugin}\n")
+    launcher.chmod(0o755)
+    p = ExternalPlugin("keep", str(launcher))
+    await p.start({})
+    try:
+        pid = p.pid
+        launcher.write_text("#!/bin/sh\necho broken build\n")
+        with pytest.raises(HandshakeError, match="'keep'.*broken build"):
+            await p.reload()
+        assert p.pid == pid
+        result = await p.call("on_rcpt_to", ctx("on_rcpt_to", recipient="reject@x", params={}))
+        assert result.action is Action.REJECT
+    finally:
+        await p.close()
+
+
+async def test_config_reaches_the_python_plugin() -> None:
+    command, args = python_plugin_command()
+    p = ExternalPlugin("configured", command, args)
+    await p.start({"reject_pattern": "^nobody@"})
+    try:
+        refused = await p.call("on_rcpt_to", ctx("on_rcpt_to", recipient="nobody@x", params={}))
+        kept = await p.call("on_rcpt_to", ctx("on_rcpt_to", recipient="reject@x", params={}))
+        assert (refused.action, kept.action) == (Action.REJECT, Action.CONTINUE)
+    finally:
+        await p.close()
+
+
+async def test_call_timeout(tmp_path: Path) -> None:
+    script = tmp_path / "slow.py"
+    script.write_text(
+        "import asyncio\n"
+        "from mailpipe.plugins.sdk import serve\n"
+        "class Slow:\n"
+        "    async def on_data(self, ctx):\n"
+        "        await asyncio.sleep(30)\n"
+        "serve(hooks=Slow())\n")
+    p = ExternalPlugin("slow", sys.executable, [str(script)], call_timeout=0.3)
+    await p.start({})
+    try:
+        started = time.monotonic()
+        with pytest.raises(PluginCallError, match="'slow': on_data failed: DEADLINE_EXCEEDED"):
+            await p.call("on_data", ctx("on_data"))
+        assert time.monotonic() - started < 2
+        assert await p.health()  # a slow call is not a dead plugin
+    finally:
+        await p.close()

@@ -2,7 +2,7 @@
 """A mailpipe plugin in Python, run out of process (go-plugin's gRPC protocol).
 
 Configure it in mailpipe as an external plugin whose command is this file run by a Python
-that has mailpipe installed. It refuses recipients matching REJECT_PATTERN (550 5.1.1),
+that has mailpipe installed. It refuses recipients matching its config's reject_pattern (550 5.1.1),
 tempfails the sender tempfail@... (451), adds `X-Python-Plugin: yes` to every message, and
 as a selector picks the healthy downstream with the highest weight.
 """
@@ -13,10 +13,12 @@ import logging
 import os
 import re
 
-from mailpipe.plugins.sdk import Modify, Reject, Tempfail, serve
+from mailpipe.plugins.sdk import Modify, Reject, Tempfail, config, serve
 
 log = logging.getLogger("python-example")
-REJECT = re.compile(os.environ.get("REJECT_PATTERN", r"^reject"), re.IGNORECASE)
+# From the plugin's `config` in mailpipe's configuration, else the environment.
+PATTERN = config().get("reject_pattern") or os.environ.get("REJECT_PATTERN", r"^reject")
+REJECT = re.compile(PATTERN, re.IGNORECASE)
 
 
 class Policy:

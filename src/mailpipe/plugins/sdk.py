@@ -48,12 +48,18 @@ from mailpipe.plugins.results import (
 )
 
 __all__ = ["Accept", "Continue", "Disconnect", "HookResult", "Modify", "Reject", "Tempfail",
-           "serve"]
+           "config", "serve"]
 
 NOT_A_PLUGIN = ("This binary is a plugin. These are not meant to be executed directly.\n"
                 "Please execute the program that consumes these plugins, which will\n"
                 "load any plugins automatically\n")
 log = logging.getLogger("mailpipe.plugin")
+
+
+def config() -> dict[str, Any]:
+    """The plugin's `config` from mailpipe's configuration ({} if none)."""
+    raw = os.environ.get("MAILPIPE_PLUGIN_CONFIG")
+    return orjson.loads(raw) if raw else {}
 
 
 def serve(hooks: Any = None, selector: Any = None) -> None:

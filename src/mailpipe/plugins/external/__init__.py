@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,8 +28,11 @@ from mailpipe.plugins.external.process import Instance, StartError
 from mailpipe.plugins.external.proto import plugin_pb2 as pb
 from mailpipe.plugins.results import HookResult, from_wire
 
-__all__ = ["ExternalPlugin", "HandshakeError", "PluginCallError", "PluginUnavailable",
-           "StartError"]
+__all__ = ["CONFIG_ENV", "ExternalPlugin", "HandshakeError", "PluginCallError",
+           "PluginUnavailable", "StartError"]
+
+
+CONFIG_ENV = "MAILPIPE_PLUGIN_CONFIG"
 
 
 class PluginUnavailable(PluginError):
@@ -71,10 +76,18 @@ class ExternalPlugin(Plugin):
         inst = self._current
         return inst.pid if inst is not None and inst.alive else None
 
+    def files(self) -> list[str]:
+        """The executable, so that auto_reload restarts the plugin when it is rebuilt."""
+        path = shutil.which(self.argv[0])
+        return [os.path.realpath(path)] if path else []
+
     async def start(self, config: dict[str, Any] | None = None) -> None:
         """Start the process; raises StartError/HandshakeError (naming the plugin) if it
-        does not come up. `config` is not sent: plugins take theirs from args and env."""
+        does not come up. `config` reaches the plugin (and its restarts) as JSON in the
+        environment variable MAILPIPE_PLUGIN_CONFIG: the protocol has no init call."""
         self._closed = False
+        if config:
+            self.env[CONFIG_ENV] = orjson.dumps(config, default=str).decode()
         self._adopt(await self._launch())
 
     async def call(self, hook: str, ctx: HookContext) -> HookResult | None:
@@ -116,8 +129,10 @@ class ExternalPlugin(Plugin):
             inst, self._current = self._current, None
         if inst is not None:
             await inst.close()
-        for task in list(self._watchers):
-            task.cancel()
+        if self._watchers:  # they end as their process exits; a crash's cleanup finishes
+            _, pending = await asyncio.wait(list(self._watchers), timeout=5.0)
+            for task in pending:
+                task.cancel()
 
     async def reload(self) -> None:
         """A new process (e.g. a new binary at the same path) takes the calls once healthy;
