@@ -384,7 +384,7 @@ async def test_a_failed_reload_keeps_the_running_plugin(go_plugin: str, tmp_path
     try:
         pid = p.pid
         launcher.write_text("#!/bin/sh\necho broken build\n")
-        with pytest.raises(HandshakeError, match="'keep'.*broken build"):
+        with pytest.raises(HandshakeError, match=r"'keep'.*broken build"):
             await p.reload()
         assert p.pid == pid
         result = await p.call("on_rcpt_to", ctx("on_rcpt_to", recipient="reject@x", params={}))
