@@ -140,6 +140,7 @@ async def test_call_while_down_raises_unavailable(go_plugin: str) -> None:
         with pytest.raises(PluginUnavailable, match="'down' is not running"):
             await p.call("on_rcpt_to", ctx("on_rcpt_to", recipient="a@b", params={}))
         assert not await p.health()
+        assert p.implemented() == EXPECTED_HOOKS  # still named: its calls fail, not vanish
     finally:
         await p.close()
 
@@ -242,6 +243,30 @@ async def test_missing_cookie_exits_1_with_a_clear_error(kind: str,
     with pytest.raises(StartError, match=r"'nocookie' exited with code 1 before its handshake"
                                          r".*This binary is a plugin"):
         await p.start({})
+
+
+async def test_long_stderr_lines_do_not_block_the_plugin(tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    # 3 MiB on stderr in lines past the reader's limit, then the handshake: had the reader
+    # stopped at the first long line, the plugin would block on a full pipe and never start.
+    script = tmp_path / "noisy.py"
+    script.write_text(
+        "import sys\n"
+        "sys.stderr.write(('x' * (3 << 20)) + '\\n[WARN] after the long line\\n')\n"
+        "sys.stderr.flush()\n"
+        "from mailpipe.plugins.sdk import serve\n"
+        "class Hooks:\n"
+        "    def on_connect(self, ctx):\n"
+        "        return None\n"
+        "serve(hooks=Hooks())\n")
+    caplog.set_level(logging.DEBUG, logger="mailpipe.plugins")
+    p = ExternalPlugin("noisy", sys.executable, [str(script)], start_timeout=20)
+    await p.start({})
+    try:
+        assert p.implemented() == {"on_connect"}
+        assert any(r.getMessage() == "[WARN] after the long line" for r in caplog.records)
+    finally:
+        await p.close()
 
 
 async def test_start_timeout(tmp_path: Path) -> None:

@@ -60,6 +60,7 @@ class ExternalPlugin(Plugin):
         self.restarts = 0
         self.logger = logging.getLogger(f"mailpipe.plugins.{name}")
         self._current: Instance | None = None
+        self._hooks: frozenset[str] = frozenset()
         self._closed = False
         self._delay = self.backoff_min
         self._watchers: set[asyncio.Task[None]] = set()
@@ -69,7 +70,9 @@ class ExternalPlugin(Plugin):
     # ------------------------------------------------------------------ the Plugin interface
 
     def implemented(self) -> frozenset[str]:
-        return self._current.hooks if self._current is not None else frozenset()
+        """The hooks the last started process named: kept while it is down, so that its
+        calls fail (PluginUnavailable) rather than silently not happen."""
+        return self._hooks
 
     @property
     def pid(self) -> int | None:
@@ -154,6 +157,7 @@ class ExternalPlugin(Plugin):
 
     def _adopt(self, inst: Instance) -> None:
         self._current = inst
+        self._hooks = inst.hooks
         watcher = asyncio.create_task(self._watch(inst))
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)

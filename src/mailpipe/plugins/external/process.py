@@ -16,7 +16,7 @@ import stat
 import tempfile
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -31,6 +31,7 @@ from mailpipe.plugins.hooks import HOOKS
 
 SHUTDOWN_WAIT = 2.0  # go-plugin's host waits this long after Shutdown before killing
 HEALTH_PATH = "/grpc.health.v1.Health/Check"
+LINE_LIMIT = 1 << 20  # longer stderr/stdout lines are dropped, not fatal
 _TOLERATED = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAVAILABLE)
 
 
@@ -79,6 +80,7 @@ class Instance:
                 *argv, env=plugin_env(env, socket_dir), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # mailpipe manages its lifetime, not the terminal's ^C
+                limit=LINE_LIMIT,
             )
         except OSError as exc:
             shutil.rmtree(socket_dir, ignore_errors=True)
@@ -114,7 +116,11 @@ class Instance:
 
     async def _read_handshake(self) -> Handshake:
         assert self.proc.stdout is not None
-        line = await self.proc.stdout.readline()
+        try:
+            line = await self.proc.stdout.readline()
+        except ValueError:  # longer than LINE_LIMIT: not a handshake
+            raise StartError(f"plugin {self.name!r}: its first stdout line is longer than "
+                             f"{LINE_LIMIT} bytes, not a handshake") from None
         if not line:
             code = await self.proc.wait()
             await asyncio.sleep(0.05)  # let the stderr reader take the last lines
@@ -129,14 +135,14 @@ class Instance:
 
     async def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
+        async for line in _lines(self.proc.stderr):
             self.stderr_tail.append(line.decode("utf-8", "replace").strip()[:300])
             log_stderr_line(self.logger, self.name, line)
 
     async def _drain_stdout(self) -> None:
         # go-plugin discards what follows the handshake; a full pipe would block the plugin.
         assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
+        async for line in _lines(self.proc.stdout):
             self.logger.debug("stdout: %s", line.decode("utf-8", "replace").rstrip(),
                               extra={"plugin": self.name})
 
@@ -255,3 +261,17 @@ class Instance:
                 if stat.S_ISSOCK(os.lstat(path).st_mode):  # never a file the line names
                     os.unlink(path)
         shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """The stream's lines until EOF; one longer than LINE_LIMIT is dropped (StreamReader
+    clears it) rather than ending the reader, which would leave the plugin blocked on a full
+    pipe."""
+    while True:
+        try:
+            line = await stream.readline()
+        except ValueError:
+            continue
+        if not line:
+            return
+        yield line
