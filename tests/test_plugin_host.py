@@ -203,6 +203,26 @@ async def test_selector_only_python_plugin(tmp_path: Path) -> None:
         await p.close()
 
 
+async def test_tcp_plugin(tmp_path: Path) -> None:
+    script = tmp_path / "tcp.py"
+    script.write_text(
+        "from mailpipe.plugins.sdk import Accept, serve\n"
+        "class Hooks:\n"
+        "    def on_ehlo(self, ctx):\n"
+        "        return Accept()\n"
+        "serve(hooks=Hooks(), network='tcp')\n")
+    p = ExternalPlugin("tcp", sys.executable, [str(script)])
+    await p.start({})
+    try:
+        host, port = p._current.handshake.address.rsplit(":", 1)
+        assert (p._current.handshake.network, host) == ("tcp", "127.0.0.1")
+        assert 10000 <= int(port) <= 25000  # PLUGIN_MIN_PORT..PLUGIN_MAX_PORT
+        result = await p.call("on_ehlo", ctx("on_ehlo", hostname="client"))
+        assert result.action is Action.ACCEPT
+    finally:
+        await p.close()
+
+
 async def test_python_plugin_exception_is_a_call_error(tmp_path: Path) -> None:
     script = tmp_path / "raises.py"
     script.write_text(

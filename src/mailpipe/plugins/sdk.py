@@ -62,9 +62,10 @@ def config() -> dict[str, Any]:
     return orjson.loads(raw) if raw else {}
 
 
-def serve(hooks: Any = None, selector: Any = None) -> None:
+def serve(hooks: Any = None, selector: Any = None, network: str = "unix") -> None:
     """Serve `hooks` and/or `selector` to the mailpipe that started this process; returns
-    when mailpipe shuts the plugin down. Exits 1 if not started by mailpipe."""
+    when mailpipe shuts the plugin down. Exits 1 if not started by mailpipe. `network`
+    "tcp" listens on 127.0.0.1 within PLUGIN_MIN_PORT..PLUGIN_MAX_PORT instead of a socket."""
     if os.environ.get(wire.COOKIE_KEY) != wire.COOKIE_VALUE:
         sys.stderr.write(NOT_A_PLUGIN)
         sys.exit(1)
@@ -72,34 +73,49 @@ def serve(hooks: Any = None, selector: Any = None) -> None:
     _log_to_stderr()
     # Like go-plugin: the host manages our lifetime, a ^C in its terminal is not for us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    asyncio.run(_serve(hooks, selector, handshake_out))
+    asyncio.run(_serve(hooks, selector, network, handshake_out))
 
 
-async def _serve(hooks: Any, selector: Any, handshake_out: Any) -> None:
+async def _serve(hooks: Any, selector: Any, network: str, handshake_out: Any) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    server = grpc.aio.server(options=wire.CHANNEL_OPTIONS)
+    # No SO_REUSEPORT (grpc's default): a port another process holds must count as taken.
+    server = grpc.aio.server(options=[*wire.CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
     await _add_health(server)
     server.add_generic_rpc_handlers(_services(hooks, selector, stop))
-    path = _socket_path()
-    server.add_insecure_port(f"unix:{path}")
+    address = _listen(server, network)
     await server.start()
     try:
         version = wire.APP_PROTOCOL_VERSION
-        handshake_out.write(f"{wire.CORE_PROTOCOL_VERSION}|{version}|unix|{path}|grpc|\n")
+        handshake_out.write(f"{wire.CORE_PROTOCOL_VERSION}|{version}|{network}|{address}|grpc|\n")
         handshake_out.flush()
-        log.info("plugin serving", extra={"network": "unix", "address": path, "pid": os.getpid()})
+        log.info("plugin serving", extra={"network": network, "address": address,
+                                          "pid": os.getpid()})
         await stop.wait()
         await server.stop(grace=0.5)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        if network == "unix":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(address)
 
 
-def _socket_path() -> str:
-    directory = os.environ.get("PLUGIN_UNIX_SOCKET_DIR") or tempfile.gettempdir()
-    return os.path.join(directory, f"plugin{uuid.uuid4().hex[:10]}")
+def _listen(server: grpc.aio.Server, network: str) -> str:
+    """The address the server listens on: a new unix socket, or go-plugin's port range."""
+    if network == "unix":
+        directory = os.environ.get("PLUGIN_UNIX_SOCKET_DIR") or tempfile.gettempdir()
+        path = os.path.join(directory, f"plugin{uuid.uuid4().hex[:10]}")
+        server.add_insecure_port(f"unix:{path}")
+        return path
+    if network != "tcp":
+        raise ValueError(f"network must be unix or tcp, not {network!r}")
+    low = int(os.environ.get("PLUGIN_MIN_PORT") or 10000)
+    high = int(os.environ.get("PLUGIN_MAX_PORT") or 25000)
+    for port in range(low, high + 1):
+        with contextlib.suppress(RuntimeError):  # taken
+            if server.add_insecure_port(f"127.0.0.1:{port}"):
+                return f"127.0.0.1:{port}"
+    raise RuntimeError(f"no free port in {low}..{high}")
 
 
 async def _add_health(server: grpc.aio.Server) -> None:
