@@ -170,7 +170,7 @@ async def test_select_picks_the_first_healthy(go_plugin: str) -> None:
         downstreams = [
             {"name": "down", "host": "10.0.0.1", "port": 25, "weight": 9, "healthy": False},
             {"name": "up", "host": "10.0.0.2", "port": 2525, "weight": 1, "healthy": True,
-             "labels": {"zone": "a"}},
+             "labels": {"zone": "a"}, "tls": "not a proto field"},
         ]
         envelope = {"mail_from": "a@b", "rcpt_to": ["c@d"]}
         assert await p.select(downstreams, envelope, "m-1", b"{}") == "up"

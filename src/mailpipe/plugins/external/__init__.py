@@ -33,6 +33,7 @@ __all__ = ["CONFIG_ENV", "ExternalPlugin", "HandshakeError", "PluginCallError",
 
 
 CONFIG_ENV = "MAILPIPE_PLUGIN_CONFIG"
+_DOWNSTREAM = set(pb.Downstream.DESCRIPTOR.fields_by_name)  # other keys are not sent
 
 
 class PluginUnavailable(PluginError):
@@ -107,7 +108,8 @@ class ExternalPlugin(Plugin):
         """The Selector service: the name of one of `downstreams` (dicts with the fields of
         the proto's Downstream: name, host, port, weight, labels, healthy)."""
         request = pb.SelectRequest(
-            downstreams=[pb.Downstream(**d) for d in downstreams],
+            downstreams=[pb.Downstream(**{k: v for k, v in d.items() if k in _DOWNSTREAM})
+                         for d in downstreams],
             envelope=pb.Envelope(mail_from=envelope.get("mail_from") or "",
                                  rcpt_to=list(envelope.get("rcpt_to") or ())),
             message_uuid=message_uuid, event_json=event_json)

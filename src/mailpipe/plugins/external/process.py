@@ -123,7 +123,7 @@ class Instance:
                              f"{LINE_LIMIT} bytes, not a handshake") from None
         if not line:
             code = await self.proc.wait()
-            await asyncio.sleep(0.05)  # let the stderr reader take the last lines
+            await asyncio.wait(self._tasks[:1], timeout=1.0)  # its last stderr lines, to EOF
             raise StartError(f"plugin {self.name!r} exited with code {code} before its "
                              f"handshake {self._stderr_hint()}")
         return parse_handshake(self.name, line.decode("utf-8", "replace"))
