@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 SYSTEM_STAMP := $(VENV)/.system-packages
 # Real clients and peers the tests drive, from Debian's packages (installed when missing).
-SYSTEM_PACKAGES := swaks php-cli php-symfony-mailer libphp-phpmailer msmtp
+SYSTEM_PACKAGES := swaks php-cli php-symfony-mailer libphp-phpmailer msmtp \
+  golang-go golang-github-hashicorp-go-plugin-dev golang-goprotobuf-dev protobuf-compiler \
+  golang-google-grpc-dev
 
 .PHONY: run test lint bench clean system-packages
 
@@ -68,3 +70,12 @@ bench: $(TEST_STAMP)
 
 clean:
 	rm -rf $(VENV) .mailpipe .pytest_cache
+
+# The plugin protocol's Python modules (committed) from proto/, and the example Go plugin
+# (GOPATH mode, offline, Debian's go-plugin 1.0.1): build/go-plugin/mailpipe-go-plugin.
+.PHONY: protos plugins-go
+protos: $(TEST_STAMP)
+	PYTHON=$(BIN)/python scripts/gen_protos.sh
+
+plugins-go:
+	examples/plugins/go/build.sh $(CURDIR)/build/go-plugin/mailpipe-go-plugin
