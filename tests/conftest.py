@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -333,3 +334,31 @@ async def inproc(tmp_path: Path) -> AsyncIterator[InProc]:
 
 def port_of(app: Mailpipe, listener: str = "default") -> int:
     return int(app.capture.addresses()[listener].rsplit(":", 1)[1])
+
+
+# ---- out-of-process plugins: the examples, built and run for real --------------------------
+
+GO_SOURCES = ROOT / "examples" / "plugins" / "go"
+PYTHON_PLUGIN = ROOT / "examples" / "plugins" / "python_plugin.py"
+GO_PLUGIN_LIB = Path("/usr/share/gocode/src/github.com/hashicorp/go-plugin")
+
+
+@pytest.fixture(scope="session")
+def go_plugin() -> str:
+    """The example Go plugin, built once per source hash under build/ (offline, GOPATH)."""
+    require_tool("go")
+    require_tool("protoc")
+    if not GO_PLUGIN_LIB.is_dir():
+        missing("go-plugin is not installed (golang-github-hashicorp-go-plugin-dev)")
+    digest = hashlib.sha256()
+    for path in (GO_SOURCES / "main.go", GO_SOURCES / "build.sh",
+                 ROOT / "proto" / "mailpipe" / "plugin" / "v1" / "plugin.proto"):
+        digest.update(path.read_bytes())
+    binary = ROOT / "build" / "go-plugin" / digest.hexdigest()[:16] / "mailpipe-go-plugin"
+    if not binary.exists():
+        subprocess.run([str(GO_SOURCES / "build.sh"), str(binary)], check=True, timeout=300)
+    return str(binary)
+
+
+def python_plugin_command() -> tuple[str, list[str]]:
+    return sys.executable, [str(PYTHON_PLUGIN)]

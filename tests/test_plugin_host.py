@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import importlib.util
 import logging
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, missing, require_tool
+from conftest import PYTHON_PLUGIN, ROOT, missing, python_plugin_command
 from mailpipe.plugins.base import PluginError
 from mailpipe.plugins.context import HookContext, SessionView
 from mailpipe.plugins.external import (
@@ -32,31 +31,7 @@ from mailpipe.plugins.external.handshake import parse_handshake
 from mailpipe.plugins.external.logs import log_stderr_line
 from mailpipe.plugins.results import Action
 
-GO_SOURCES = ROOT / "examples" / "plugins" / "go"
-PYTHON_PLUGIN = ROOT / "examples" / "plugins" / "python_plugin.py"
-GO_PLUGIN_LIB = Path("/usr/share/gocode/src/github.com/hashicorp/go-plugin")
 EXPECTED_HOOKS = {"on_mail_from", "on_rcpt_to", "on_message_complete"}
-
-
-@pytest.fixture(scope="session")
-def go_plugin() -> str:
-    """The example Go plugin, built once per source hash under build/ (offline, GOPATH)."""
-    require_tool("go")
-    require_tool("protoc")
-    if not GO_PLUGIN_LIB.is_dir():
-        missing("go-plugin is not installed (golang-github-hashicorp-go-plugin-dev)")
-    digest = hashlib.sha256()
-    for path in (GO_SOURCES / "main.go", GO_SOURCES / "build.sh",
-                 ROOT / "proto" / "mailpipe" / "plugin" / "v1" / "plugin.proto"):
-        digest.update(path.read_bytes())
-    binary = ROOT / "build" / "go-plugin" / digest.hexdigest()[:16] / "mailpipe-go-plugin"
-    if not binary.exists():
-        subprocess.run([str(GO_SOURCES / "build.sh"), str(binary)], check=True, timeout=300)
-    return str(binary)
-
-
-def python_plugin_command() -> tuple[str, list[str]]:
-    return sys.executable, [str(PYTHON_PLUGIN)]
 
 
 @pytest.fixture(params=["go", "python"])
