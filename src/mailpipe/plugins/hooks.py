@@ -85,7 +85,7 @@ HOOKS: dict[str, Hook] = _hooks(
     ("on_reputation_check", "security", ("remote_addr", "domain"), S.MAIL, "session",
      "MAIL FROM, after on_mail_from; `domain` is the sender's (the HELO name if none)"),
     ("on_antivirus_scan", "content", ("content",), S.MESSAGE, "message",
-     "the whole message, before on_message_complete"),
+     "the whole message, after on_body"),
     ("on_antispam_scan", "content", ("content",), S.MESSAGE, "message",
      "the whole message, after on_antivirus_scan"),
     ("on_content_filter", "content", ("content",), S.MESSAGE, "message",
@@ -99,10 +99,10 @@ HOOKS: dict[str, Hook] = _hooks(
     ("on_dmarc_check", "authentication", ("sender", "spf_result", "dkim_result"), S.MESSAGE,
      "message", "after on_dkim_verify"),
     ("on_metrics_collect", "metrics", ("event", "data"), None, "notify",
-     "mailpipe counted something: event is connection_closed, email_accepted, "
-     "email_refused or hook_called, data its numbers"),
+     "mailpipe counted something: event is connection_closed, email_accepted or "
+     "email_refused, data its numbers"),
     ("on_error", "error", ("error", "stage"), None, "notify",
-     "a plugin call raised or timed out, or a sink failed; `stage` is the hook's name"),
+     "a plugin call raised, timed out or answered nonsense; `stage` is the hook's name"),
     ("on_recovery", "error", ("recovered", "stage"), None, "notify",
      "a plugin switched off by its circuit breaker is back (`recovered` is its name)"),
 )
