@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailpipe.plugins.builtin.chaos import Chaos
-from mailpipe.plugins.builtin.greylist import Greylist
-from mailpipe.plugins.builtin.header_stamp import HeaderStamp
-from mailpipe.plugins.builtin.policy import Policy
-from mailpipe.plugins.builtin.rate_limit import RateLimit
+from mailpipe.plugins.builtin._common import parse
+from mailpipe.plugins.builtin.chaos import Chaos, ChaosConfig
+from mailpipe.plugins.builtin.greylist import Greylist, GreylistConfig
+from mailpipe.plugins.builtin.header_stamp import HeaderStamp, HeaderStampConfig
+from mailpipe.plugins.builtin.policy import Policy, PolicyConfig
+from mailpipe.plugins.builtin.rate_limit import RateLimit, RateLimitConfig
 
 BUILTINS: dict[str, Any] = {
     "chaos": Chaos,
@@ -21,3 +22,19 @@ BUILTINS: dict[str, Any] = {
     "policy": Policy,
     "rate_limit": RateLimit,
 }
+
+# Each built-in's settings model: what `check_settings` validates against.
+SETTINGS: dict[str, Any] = {
+    "chaos": ChaosConfig,
+    "greylist": GreylistConfig,
+    "header_stamp": HeaderStampConfig,
+    "policy": PolicyConfig,
+    "rate_limit": RateLimitConfig,
+}
+
+
+def check_settings(name: str, settings: dict[str, Any] | None) -> None:
+    """Validate a built-in's `plugins.plugin_config.NAME` without starting it (for config
+    loading or `check-config`); raises PluginError naming each bad key in full."""
+    if name in SETTINGS:
+        parse(name, SETTINGS[name], settings)

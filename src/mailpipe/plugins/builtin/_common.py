@@ -33,6 +33,8 @@ def parse(name: str, model: type[M], config: dict[str, Any] | None) -> M:
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
                 lines.append(f"  {key}: unknown key (check its spelling)")
+            elif isinstance(error["input"], dict):  # a rule across the section's keys
+                lines.append(f"  {key}: {message}")
             else:
                 lines.append(f"  {key}: got {error['input']!r}: {message}")
         raise PluginError("\n".join(lines)) from None
