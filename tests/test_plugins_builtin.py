@@ -15,6 +15,7 @@ import pytest
 
 from conftest import InProc, MailpipeServer, port_of
 from mailpipe.app import Mailpipe, StartupError
+from mailpipe.plugins.builtin.rate_limit import Window
 
 SENDER = "app@example.com"
 RCPT = "dev@example.test"
@@ -124,6 +125,16 @@ async def test_rate_limit_leaves_exempt_networks_alone(inproc: InProc) -> None:
         client, greeting = await Client.open(port_of(app))
         assert greeting[0] == 220
         client.close()
+
+
+def test_rate_limit_window_forgets_idle_clients_and_stays_bounded() -> None:
+    window = Window(max_keys=3)
+    for n in range(10):
+        window.add(f"10.0.0.{n}", now=100.0 + n)
+    assert list(window.keys) == ["10.0.0.7", "10.0.0.8", "10.0.0.9"]  # the bound
+    assert window.count("10.0.0.9", now=109.0) == 1
+    window.add("10.0.0.9", now=170.0)  # a minute on: the others have aged out
+    assert list(window.keys) == ["10.0.0.9"] and window.count("10.0.0.9", now=170.0) == 1
 
 
 # ---- policy -------------------------------------------------------------------------------
@@ -253,6 +264,20 @@ async def test_greylist_starts_over_after_expire_and_skips_exemptions(inproc: In
     assert await send(port) == {}
 
 
+async def test_greylist_remembers_at_most_max_entries(inproc: InProc) -> None:
+    app = await plugins(inproc, ["greylist"], {"greylist": {
+        "delay": "100ms", "expire": "10s", "max_entries": 2}})
+    port = port_of(app)
+    recipients = ["a@example.test", "b@example.test", "c@example.test"]
+    with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as first:
+        await send(port, recipients)  # all three are new; a is dropped to remember c
+    assert [r.recipient for r in first.value.recipients] == recipients
+    await asyncio.sleep(0.15)
+    assert await send(port, recipients[1:]) == {}  # remembered: they pass
+    with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
+        await send(port, recipients[:1])  # forgotten: greylisted as new
+
+
 async def test_greylist_exempt_network(inproc: InProc) -> None:
     app = await plugins(inproc, ["greylist"], {"greylist": {"exempt": ["127.0.0.1/32"]}})
     assert await send(port_of(app)) == {}
@@ -290,6 +315,15 @@ async def test_chaos_fails_its_rate_of_recipients(inproc: InProc) -> None:
     failed = codes.count(451) / len(codes)
     assert abs(failed - 0.3) <= 0.05, failed
     assert time.monotonic() - started < 60
+
+
+async def test_chaos_seed_repeats_the_same_failures(inproc: InProc) -> None:
+    outcomes = []
+    for _ in range(2):
+        app = await plugins(inproc, ["chaos"], {"chaos": {"seed": 3, "rules": [
+            {"stage": "rcpt", "rate": 0.5, "code": 451}]}})
+        outcomes.append([await rcpt_code(port_of(app)) for _ in range(40)])
+    assert outcomes[0] == outcomes[1] and set(outcomes[0]) == {250, 451}
 
 
 async def test_chaos_reply_carries_the_rule_s_code_and_text(inproc: InProc) -> None:
@@ -408,8 +442,9 @@ BROKEN: list[tuple[str, dict[str, Any], str]] = [
     ("greylist", {"delay": "1h", "expire": "30m"}, "expire must be longer than delay"),
     ("greylist", {"delay": "soon"}, "plugins.plugin_config.greylist.delay: got 'soon'"),
     ("header_stamp", {"headers": {"X-A": "{nope}"}},
-     "plugins.plugin_config.header_stamp.headers: got {'X-A': '{nope}'}: Value error, "
-     "X-A: unknown field {nope}"),
+     "plugins.plugin_config.header_stamp.headers.X-A: got '{nope}': unknown field {nope}"),
+    ("header_stamp", {"headers": {"Bad Name": "x"}},
+     "plugins.plugin_config.header_stamp.headers.Bad Name.[key]: got 'Bad Name': not a valid"),
 ]
 
 

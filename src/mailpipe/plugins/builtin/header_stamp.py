@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from mailpipe.plugins.builtin._common import Section, parse
 from mailpipe.plugins.context import HookContext
@@ -29,37 +29,33 @@ _NAME = re.compile(r"[!-9;-~]+")  # printable ASCII but the colon (RFC 5322 fiel
 
 
 def _check_template(value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ValueError("line breaks are not allowed in a header value")
     try:
         parts = list(string.Formatter().parse(value))
     except ValueError as exc:
         raise ValueError(f"not a valid template: {exc}") from None
     for _, name, spec, conversion in parts:
-        if name is None:
-            continue
-        if name not in FIELDS or spec or conversion:
+        if name is not None and (name not in FIELDS or spec or conversion):
             raise ValueError(f"unknown field {{{name}}}; known: "
                              + ", ".join(f"{{{f}}}" for f in FIELDS))
-    if "\r" in value or "\n" in value:
-        raise ValueError("line breaks are not allowed in a header value")
     return value
 
 
+def _check_name(value: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise ValueError("not a valid header name (printable ASCII, no colon or space)")
+    return value
+
+
+Template = Annotated[str, AfterValidator(_check_template)]
+HeaderName = Annotated[str, AfterValidator(_check_name)]
+
+
 class HeaderStampConfig(Section):
-    headers: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_HEADERS))
+    headers: dict[HeaderName, Template] = Field(default_factory=lambda: dict(DEFAULT_HEADERS))
     mode: Literal["add", "set"] = "add"
     tags: list[str] = Field(default_factory=list)
-
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, template in value.items():
-            if not _NAME.fullmatch(name):
-                raise ValueError(f"{name!r} is not a valid header name")
-            try:
-                _check_template(template)
-            except ValueError as exc:
-                raise ValueError(f"{name}: {exc}") from None
-        return value
 
     @field_validator("tags")
     @classmethod
