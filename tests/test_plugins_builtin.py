@@ -408,7 +408,7 @@ async def test_chaos_listener_rules_hit_only_their_listener(inproc: InProc) -> N
 
 async def test_chaos_rate_zero_never_fires_and_sender_rules_match(inproc: InProc) -> None:
     app = await plugins(inproc, ["chaos"], {"chaos": {"rules": [
-        {"stage": "rcpt", "rate": 0.0, "code": 550},
+        {"stage": "rcpt", "rate": "0%", "code": 550},
         {"stage": "rcpt", "rate": 1.0, "code": 550, "senders": ["flaky@*"]},
     ]}})
     port = port_of(app)
@@ -422,7 +422,9 @@ async def test_chaos_rate_zero_never_fires_and_sender_rules_match(inproc: InProc
 
 BROKEN: list[tuple[str, dict[str, Any], str]] = [
     ("chaos", {"rules": [{"stage": "rcpt", "rate": 2, "code": 451}]},
-     "plugins.plugin_config.chaos.rules[0].rate: got 2: Input should be less than or equal to 1"),
+     "plugins.plugin_config.chaos.rules[0].rate: got 2: expected a probability from 0 to 1"),
+    ("chaos", {"rules": [{"stage": "rcpt", "rate": "110%", "code": 451}]},
+     "plugins.plugin_config.chaos.rules[0].rate: got '110%': expected a probability"),
     ("chaos", {"rules": [{"stage": "rcpt", "rate": 0.1, "code": 451, "stages": "x"}]},
      "plugins.plugin_config.chaos.rules[0].stages: unknown key (check its spelling)"),
     ("chaos", {"rules": [{"stage": "rcpt", "rate": 0.1, "code": 250}]},

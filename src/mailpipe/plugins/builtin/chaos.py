@@ -42,9 +42,23 @@ def _stages(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+def _rate(value: Any) -> float:
+    """0.1 or "10%" (Mailpit counts in percent)."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        text = str(value).strip()
+        rate = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        rate = -1.0
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError("expected a probability from 0 to 1, or a percentage like 10%")
+    return rate
+
+
 class Rule(Section):
     stage: Annotated[list[StageName], BeforeValidator(_stages)] = Field(min_length=1)
-    rate: float = Field(ge=0.0, le=1.0)
+    rate: Annotated[float, BeforeValidator(_rate)]
     code: Code | None = None
     enhanced: Enhanced | None = None
     message: str | None = None
