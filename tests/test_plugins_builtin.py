@@ -232,7 +232,7 @@ async def test_header_stamp_message_uuid_is_the_event_uuid(
 async def test_greylist_tempfails_a_new_triplet_and_passes_a_timely_retry(
     inproc: InProc,
 ) -> None:
-    app = await plugins(inproc, ["greylist"], {"greylist": {"delay": "300ms", "expire": "5s"}})
+    app = await plugins(inproc, ["greylist"], {"greylist": {"delay": "1s", "expire": "10s"}})
     port = port_of(app)
     with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as first:
         await send(port)
@@ -240,7 +240,7 @@ async def test_greylist_tempfails_a_new_triplet_and_passes_a_timely_retry(
     assert error.code == 451 and error.message == "4.7.1 Greylisted, try again in 1 seconds"
     with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
         await send(port)  # too soon
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(1.05)
     assert await send(port) == {}
     assert await send(port) == {}  # now known: no wait
     refused = await send(port, [RCPT, "new@example.test"])  # a new triplet waits again
@@ -252,15 +252,15 @@ async def test_greylist_tempfails_a_new_triplet_and_passes_a_timely_retry(
 
 async def test_greylist_starts_over_after_expire_and_skips_exemptions(inproc: InProc) -> None:
     app = await plugins(inproc, ["greylist"], {"greylist": {
-        "delay": "100ms", "expire": "300ms", "exempt_recipients": ["postmaster@*"]}})
+        "delay": "500ms", "expire": "1s", "exempt_recipients": ["postmaster@*"]}})
     port = port_of(app)
     assert await send(port, ["postmaster@example.test"]) == {}
     with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
         await send(port)
-    await asyncio.sleep(0.5)  # past expire: this retry counts as a first attempt
+    await asyncio.sleep(1.2)  # past expire: this retry counts as a first attempt
     with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
         await send(port)
-    await asyncio.sleep(0.15)
+    await asyncio.sleep(0.6)
     assert await send(port) == {}
 
 
