@@ -209,12 +209,7 @@ async def test_header_stamp_templates_tags_and_set_mode(inproc: InProc) -> None:
     assert event["tags"] == ["stamped", "ci"]
 
 
-@pytest.mark.parametrize("with_mail_hook", [
-    True,
-    pytest.param(False, marks=pytest.mark.xfail(strict=True, reason=(
-        "capture/server.py: when no plugin holds the MAIL stage, the MESSAGE stage's "
-        "transaction gets a fresh uuid, not the event's (reported to the lead)"))),
-])
+@pytest.mark.parametrize("with_mail_hook", [True, False])
 async def test_header_stamp_message_uuid_is_the_event_uuid(
     inproc: InProc, with_mail_hook: bool,
 ) -> None:

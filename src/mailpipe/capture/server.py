@@ -680,9 +680,11 @@ class SMTPSession(asyncio.Protocol):
                        envelope: Envelope | None = None,
                        email_uuid: str | None = None) -> CapturedEmail:
         started = time.perf_counter()
-        if email_uuid is None and self._txn is not None \
-                and self._txn.envelope is received.envelope:
-            email_uuid = self._txn.uuid
+        if email_uuid is None and self.conn.held:
+            # The transaction's uuid (made now if no stage before asked for it), so that
+            # plugins see the uuid the event gets.
+            txn = self._transaction(Stage.MESSAGE, received.envelope)
+            email_uuid = txn.uuid if txn is not None else None
         session = SessionInfo(
             uuid=self.id,
             remote_addr=self.remote_addr,

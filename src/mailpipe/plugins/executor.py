@@ -121,6 +121,14 @@ class Executor:
             stats.timeouts += 1
             error = TimeoutError(f"{entry.name}.{hook} timed out after {self.timeout:g}s")
             return self._failed(entry, hook, stats, started, error, exc)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # the session (or mailpipe) is being cancelled: not the plugin's doing
+            # The plugin's own machinery cancelled the call (a gRPC channel closed under
+            # it when its process died): a failure like any other.
+            error = RuntimeError(f"{entry.name}.{hook} was cancelled ({exc!r})")
+            return self._failed(entry, hook, stats, started, error, error)
         except Exception as exc:
             if self.panic_recovery:
                 stats.recoveries += 1
