@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import ssl
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -431,8 +432,6 @@ async def test_an_entry_point_plugin_is_found_by_name(tmp_path: Path) -> None:
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-mail\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[mailpipe.plugins]\nguard = acme_mail:Guard\n")
-    import sys
-
     sys.path.insert(0, str(site))
     try:
         config, _ = load_config(cwd=tmp_path, overrides={
@@ -460,8 +459,11 @@ VERSIONED = '''
 
 
 async def test_auto_reload_swaps_a_changed_plugin_without_dropping_a_session(
-    inproc: InProc, tmp_path: Path
+    inproc: InProc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The edit keeps the file's size, within the same second: cached bytecode (written when
+    # allowed) would look current, so the reload must compile the source itself.
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
     app = await start(inproc, tmp_path, sources={"versioned": VERSIONED.format(version=1)},
                       auto_reload=True, reload_interval="0.1s")
     async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port_of(app)) as client:

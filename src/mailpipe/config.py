@@ -521,6 +521,25 @@ class PluginsConfig(Section):
     plugin_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
     external: dict[str, ExternalPluginConfig] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _builtin_settings(self) -> PluginsConfig:
+        """A listed built-in's settings are checked now, so that a typo is a config error
+        (exit 2, `check-config`) rather than a failure at start."""
+        from mailpipe.plugins.base import PluginError
+        from mailpipe.plugins.builtin import BUILTINS, check_settings
+        from mailpipe.plugins.python import find_file
+
+        for name in self.plugins:
+            shadowed = name in self.external or find_file(Path(self.plugin_path), name)
+            if name in BUILTINS and not shadowed:
+                try:
+                    check_settings(name, self.plugin_config.get(name))
+                except PluginError as exc:
+                    # Its lines name each bad key in full; the heading line goes.
+                    lines = str(exc).splitlines()
+                    raise ValueError("\n".join(lines[1:] if len(lines) > 1 else lines)) from None
+        return self
+
 
 class LogConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -831,6 +850,8 @@ class _Sources:
                 lines.append(f"  {key}: unknown key (check its spelling)")
             elif not loc:  # a rule across sections: its message names the keys
                 lines.append(f"  {message}")
+            elif message.lstrip().startswith(f"{key}."):  # it names the keys inside
+                lines.extend(f"  {line.strip()}" for line in message.splitlines())
             else:
                 lines.append(f"  {key}: got {error['input']!r}: {message}")
         if not origins and self.path:

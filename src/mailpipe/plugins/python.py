@@ -121,9 +121,14 @@ def load_file(name: str, path: Path) -> PythonPlugin:
     if spec is None or spec.loader is None:
         raise PluginError(f"plugin {name}: cannot load {file}")
     module = importlib.util.module_from_spec(spec)
+    # A reload must see the file as it is now: drop the package's submodules imported last
+    # time, and compile the source itself (cached bytecode is keyed on the file's mtime in
+    # whole seconds and its size, so a quick same-size edit would run the old code).
+    for loaded in [m for m in sys.modules if m.startswith(f"{module_name}.")]:
+        del sys.modules[loaded]
     sys.modules[module_name] = module  # dataclasses and pickling look modules up here
     try:
-        spec.loader.exec_module(module)
+        exec(compile(file.read_bytes(), str(file), "exec"), module.__dict__)
     except Exception as exc:
         raise PluginError(f"plugin {name}: {file} failed to import: {exc!r}") from exc
     files = [str(p) for p in (path.rglob("*.py") if path.is_dir() else [path])]
