@@ -9,6 +9,8 @@ import os
 import signal
 import smtplib
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -110,9 +112,6 @@ def version_of(server: MailpipeServer, uuid: str) -> list[bytes]:
 
 def post(server: MailpipeServer, path: str, body: bytes | None,
          headers: dict[str, str]) -> tuple[int, Any]:
-    import urllib.error
-    import urllib.request
-
     request = urllib.request.Request(server.api + path, data=body, method="POST",
                                      headers=headers)
     try:
@@ -393,3 +392,18 @@ def test_delivery_attempts_count_worker_retries(mailpipe_factory: Factory,
     (retried,) = server.messages(q="retried")
     assert {e["event"] for e in recorded(tmp_path, "on_delivery_attempt")
             if e["recipient"] != "c@example.test"} == {retried["uuid"]}
+
+
+def test_jobs_consume_with_a_plugin_that_cannot_load(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / f"{NAME}.py").write_text("this is not python\n")
+    config = tmp_path / "consumer.yaml"
+    config.write_text(json.dumps({
+        "data_dir": str(tmp_path / "data"), "plugins": {"plugin_path": str(plugins)},
+        "jobs": {"pipelines": {"emails": {}}, "pool": {"command": CONSUMER}}}))
+    result = cli("jobs", "consume", "emails", "-c", str(config), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"mailpipe: cannot start: plugin {NAME}: "), result.stderr
+    assert "failed to import" in last and "Traceback" not in result.stderr
