@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mailpipe.admin import AdminMixin, JobsAdminMixin
+from mailpipe.admin import AdminMixin, JobsAdminMixin, PluginsAdminMixin
 from mailpipe.capture.attachments import AttachmentStorage, run_sweeper
 from mailpipe.capture.message import EventOptions
 from mailpipe.capture.server import CaptureServer, format_addr
@@ -44,7 +44,7 @@ class StartupError(Exception):
     """A part cannot start (for example a worker command that does not run)."""
 
 
-class Mailpipe(AdminMixin, JobsAdminMixin):
+class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
@@ -52,6 +52,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
         self.store: SQLiteStore | None = None
         self.pool: WorkerPool | None = None
         self.jobs_sink: JobsSink | None = None
+        self.worker_sink: WorkerSink | None = None
         self.consumer: JobsConsumer | None = None
         self.jobs_drivers: dict[str, Driver] = {}
         self.dispatcher = Dispatcher(self._make_sinks(), self.metrics)
@@ -61,6 +62,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
         )
         self.verdicts = Verdicts()  # plugins register here: an answer at every SMTP stage
         self.plugins = PluginManager(config.plugins, self.verdicts)
+        self._plugins_notify_sinks()
         self.capture = CaptureServer(
             config.smtp.listeners(),
             dispatcher=self.dispatcher,
@@ -85,9 +87,18 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
                 self.store = sink.store
             elif isinstance(sink, WorkerSink):
                 self.pool = sink.pool
+                self.worker_sink = sink
             elif isinstance(sink, JobsSink):
                 self.jobs_sink = sink
         return sinks
+
+    def _plugins_notify_sinks(self) -> None:
+        """The sinks that fire plugin hooks where things happen: on_enqueue (jobs) and
+        on_delivery_attempt for an email retried on another worker."""
+        if self.jobs_sink is not None:
+            self.jobs_sink.notify = self.plugins.notify
+        if self.worker_sink is not None:
+            self.worker_sink.notify = self.plugins.notify
 
     def health(self) -> dict[str, object]:
         sinks = self.dispatcher.health()
@@ -144,7 +155,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin):
     async def _start_consumer(self) -> None:
         from mailpipe.jobs.runner import build_consumer
 
-        self.consumer = build_consumer(self.config, self.config.jobs.consume, self.metrics)
+        self.consumer = build_consumer(self.config, self.config.jobs.consume, self.metrics,
+                                       notify=self.plugins.notify)
         try:
             await self.consumer.start()
         except PoolError as exc:

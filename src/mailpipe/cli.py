@@ -136,9 +136,15 @@ class AdminClient:
     base: str
     headers: dict[str, str]
 
-    def call(self, method: str, path: str) -> Any:
-        """The decoded JSON body (None when empty); exits 1 with one clear line on failure."""
-        request = urllib.request.Request(self.base + path, method=method, headers=self.headers)
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """The decoded JSON body (None when empty); exits 1 with one clear line on failure.
+        `body`, when given, is sent as JSON."""
+        headers, data = self.headers, None
+        if body is not None:
+            headers = {**headers, "Content-Type": "application/json"}
+            data = json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, method=method,
+                                         headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 data = response.read()
@@ -460,6 +466,7 @@ def jobs_consume(pipelines: tuple[str, ...], config_file: str | None, log_level:
 
     from mailpipe.jobs.runner import run_consumer
     from mailpipe.metrics import Metrics
+    from mailpipe.plugins.base import PluginError
     from mailpipe.workers.on_init import OnInitError
     from mailpipe.workers.pool import PoolError
 
@@ -468,7 +475,7 @@ def jobs_consume(pipelines: tuple[str, ...], config_file: str | None, log_level:
         asyncio.run(run_consumer(config, names, Metrics()))
     except PoolError as exc:
         _fail(f"cannot start the jobs worker pool: {exc}")
-    except OnInitError as exc:
+    except (OnInitError, PluginError) as exc:
         _fail(f"cannot start: {exc}")
     except KeyboardInterrupt:  # before the signal handlers are installed
         pass
@@ -551,3 +558,103 @@ def jobs_purge(client: AdminClient, as_json: bool, pipeline: str) -> None:
     """Delete the pipeline's jobs not yet acked (ready, delayed, reserved); dead letters stay."""
     data = client.call("DELETE", _pipeline_path(pipeline, "/jobs"))
     _emit(data, as_json, f"purged {data['purged']} jobs from pipeline {pipeline}")
+
+
+# ---- plugins of a running mailpipe ------------------------------------------------------
+
+
+@main.group()
+def plugins() -> None:
+    """List the plugins of a running mailpipe, show their counters, reload them."""
+
+
+def _plugins_table(entries: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+
+    table = Table("Name", "Kind", "Enabled", "Hooks", "Source")
+    for entry in entries:
+        _add_row(
+            table,
+            str(entry.get("name")),
+            str(entry.get("kind", "")),
+            "yes" if entry.get("enabled") else "no",
+            ", ".join(entry.get("hooks") or []) or "-",
+            str(entry.get("source", "")),
+        )
+    return table
+
+
+STAT_COLUMNS = ("executions", "successes", "failures", "timeouts", "recoveries")
+
+
+def _plugin_stats_table(entries: list[dict[str, Any]]) -> Table:
+    """One row per plugin and hook it implements (hooks never called show zeros)."""
+    from rich.table import Table
+
+    external = any(entry.get("kind") == "external" for entry in entries)
+    table = Table("Plugin", "Hook", "Execs", "OK", "Failed", "Timeouts", "Recovered",
+                  "Mean ms", "P99 ms", *(["PID", "Restarts"] if external else []))
+    for column in table.columns[2:9]:
+        column.justify = "right"
+    for entry in entries:
+        stats = entry.get("stats") or {}
+        process = ([str(entry.get("pid") or "-"), str(entry.get("restarts") or 0)]
+                   if entry.get("kind") == "external" else ["-", "-"])
+        for hook in sorted(set(entry.get("hooks") or []) | set(stats)):
+            counts = stats.get(hook, {})
+            _add_row(
+                table,
+                str(entry.get("name")),
+                hook,
+                *(str(counts.get(key, 0)) for key in STAT_COLUMNS),
+                f"{counts.get('mean_ms', 0):.3f}",
+                f"{counts.get('p99_ms', 0):.3f}",
+                *(process if external else []),
+            )
+    return table
+
+
+def _plugin_path(name: str) -> str:
+    return f"/api/v1/plugins/{urllib.parse.quote(name, safe='')}"
+
+
+@plugins.command("list")
+@admin_options
+def plugins_list(client: AdminClient, as_json: bool) -> None:
+    """The loaded plugins: name, kind, enabled, hooks, source."""
+    data = client.call("GET", "/api/v1/plugins")
+    _show_list(data, "plugins", as_json, _plugins_table)
+
+
+@plugins.command("status")
+@click.argument("name", required=False)
+@admin_options
+def plugins_status(client: AdminClient, as_json: bool, name: str | None) -> None:
+    """Per hook: executions, successes, failures, timeouts, recoveries, mean and p99 time;
+    PID and restarts of external plugins (every plugin without NAME)."""
+    if name is None:
+        data = client.call("GET", "/api/v1/plugins")
+        _show_list(data, "plugins", as_json, _plugin_stats_table)
+        return
+    entry = client.call("GET", _plugin_path(name))
+    if as_json:
+        click.echo(json.dumps(entry, indent=2))
+        return
+    if entry.get("last_error"):
+        click.echo(f"last error: {entry['last_error']}")
+    _console().print(_plugin_stats_table([entry]))
+
+
+@plugins.command("reload")
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@admin_options
+def plugins_reload(client: AdminClient, as_json: bool, names: tuple[str, ...]) -> None:
+    """Load plugins afresh (every one without NAME); open SMTP sessions go on. Exits 1 when
+    one failed to reload (it keeps running its previous version)."""
+    data = client.call("POST", "/api/v1/plugins/reload",
+                       body={"plugins": list(names) if names else None})
+    outcomes: dict[str, str] = data["plugins"]
+    lines = [f"{name}: {outcome}" for name, outcome in outcomes.items()]
+    _emit(data, as_json, "\n".join(lines) or "no plugins loaded")
+    if any(outcome != "reloaded" for outcome in outcomes.values()):
+        sys.exit(1)

@@ -7,7 +7,9 @@ from mailpipe.admin.ops import (
     JobsAdminMixin,
     NotConsumed,
     NoWorkerPool,
+    PluginsAdminMixin,
     UnknownPipeline,
+    UnknownPlugin,
 )
 
 __all__ = [
@@ -16,5 +18,7 @@ __all__ = [
     "JobsAdminMixin",
     "NoWorkerPool",
     "NotConsumed",
+    "PluginsAdminMixin",
     "UnknownPipeline",
+    "UnknownPlugin",
 ]

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from mailpipe.jobs.base import Driver
     from mailpipe.jobs.consumer import JobsConsumer, PipelineConsumer
     from mailpipe.jobs.sink import JobsSink
+    from mailpipe.plugins.manager import PluginManager
     from mailpipe.workers.pool import WorkerPool
 
 log = logging.getLogger("mailpipe.admin")
@@ -31,6 +32,10 @@ class UnknownPipeline(Exception):
 
 class NotConsumed(UnknownPipeline):
     """A declared pipeline that this process does not consume (pause and resume need one)."""
+
+
+class UnknownPlugin(Exception):
+    """A plugin name that is not loaded in this process."""
 
 
 class AdminOps(Protocol):
@@ -83,6 +88,19 @@ class AdminOps(Protocol):
 
     async def purge_pipeline(self, name: str) -> int:
         """Delete the pipeline's waiting jobs; how many. Raises UnknownPipeline."""
+        ...
+
+    def plugin_list(self) -> dict[str, Any]:
+        """{"plugins": each loaded plugin's status (PluginManager.status), "reloads": n}."""
+        ...
+
+    def plugin_status(self, name: str) -> dict[str, Any]:
+        """One loaded plugin's status. Raises UnknownPlugin."""
+        ...
+
+    async def reload_plugins(self, names: list[str] | None) -> dict[str, str]:
+        """Reload the named plugins (every one when None); each name's outcome ("reloaded"
+        or "error: ...")."""
         ...
 
 
@@ -191,3 +209,23 @@ class JobsAdminMixin:
         for driver in self.jobs_drivers.values():
             with contextlib.suppress(Exception):
                 await driver.close()
+
+
+class PluginsAdminMixin:
+    """The plugins part of `AdminOps`."""
+
+    plugins: PluginManager
+
+    def plugin_list(self) -> dict[str, Any]:
+        return {"plugins": self.plugins.status(), "reloads": self.plugins.reloads}
+
+    def plugin_status(self, name: str) -> dict[str, Any]:
+        for status in self.plugins.status():
+            if status["name"] == name:
+                return status
+        raise UnknownPlugin(f"no plugin {name!r} is loaded")
+
+    async def reload_plugins(self, names: list[str] | None) -> dict[str, str]:
+        log.info("plugin reload requested through the admin API",
+                 extra={"plugins": ",".join(names) if names is not None else "all"})
+        return await self.plugins.reload(names)

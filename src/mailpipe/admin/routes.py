@@ -1,5 +1,5 @@
-"""The admin routes: the worker pool, the live SMTP sessions, the jobs pipelines and stopping
-the process.
+"""The admin routes: the worker pool, the live SMTP sessions, the jobs pipelines, the plugins
+and stopping the process.
 
 They sit beside the messages API under the same auth and act only through `AdminOps`."""
 
@@ -10,9 +10,16 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+import orjson
 from aiohttp import web
 
-from mailpipe.admin.ops import AdminOps, NotConsumed, NoWorkerPool, UnknownPipeline
+from mailpipe.admin.ops import (
+    AdminOps,
+    NotConsumed,
+    NoWorkerPool,
+    UnknownPipeline,
+    UnknownPlugin,
+)
 from mailpipe.jobs.base import DriverError
 from mailpipe.web.app import ApiError, json_response
 
@@ -45,6 +52,9 @@ class AdminRoutes:
             web.post("/api/v1/jobs/pipelines/{name}/pause", self.pause_pipeline),
             web.post("/api/v1/jobs/pipelines/{name}/resume", self.resume_pipeline),
             web.delete("/api/v1/jobs/pipelines/{name}/jobs", self.purge_pipeline),
+            web.get("/api/v1/plugins", self.list_plugins),
+            web.get("/api/v1/plugins/{name}", self.plugin_status),
+            web.post("/api/v1/plugins/reload", self.reload_plugins),
         ]
 
     @property
@@ -128,6 +138,43 @@ class AdminRoutes:
         with _pipeline_errors():
             purged = await self.ops.purge_pipeline(request.match_info["name"])
             return json_response({"purged": purged})
+
+    # ---- plugins ------------------------------------------------------------------------
+
+    async def list_plugins(self, request: web.Request) -> web.Response:
+        return json_response(self.ops.plugin_list())
+
+    async def plugin_status(self, request: web.Request) -> web.Response:
+        try:
+            return json_response(self.ops.plugin_status(request.match_info["name"]))
+        except UnknownPlugin as exc:
+            raise ApiError(404, str(exc)) from None
+
+    async def reload_plugins(self, request: web.Request) -> web.Response:
+        names = _plugin_names(await request.read())
+        outcomes = await self.ops.reload_plugins(names)
+        log.info("plugins reloaded through the admin API",
+                 extra={"remote": request.remote or "", "outcomes": outcomes})
+        return json_response({"plugins": outcomes})
+
+
+def _plugin_names(body: bytes) -> list[str] | None:
+    """The optional body of a reload: {"plugins": [names]}; none, or null, means every one."""
+    if not body.strip():
+        return None
+    error = ApiError(400, 'the body must be {"plugins": [names]} (or empty: every plugin)')
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise error from None
+    if not isinstance(doc, dict) or set(doc) - {"plugins"}:
+        raise error
+    names = doc.get("plugins")
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise error
+    return names
 
 
 @contextlib.contextmanager

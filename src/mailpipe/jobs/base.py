@@ -8,6 +8,7 @@ dies comes back after the pipeline's `visibility_timeout`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,10 @@ import orjson
 from mailpipe.config import PipelineOptions
 
 JOB_NAME = "smtp.email"
+
+# The plugins' notification hooks, as PluginManager.notify(hook, args, event=...): fired in
+# the background, returns at once (and does nothing when no plugin has that hook).
+Notify = Callable[..., None]
 
 
 class DriverError(Exception):

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from mailpipe.config import PipelineOptions
-from mailpipe.jobs.base import Delivery, Driver, DriverError
+from mailpipe.jobs.base import Delivery, Driver, DriverError, Notify
 from mailpipe.metrics import Metrics
 from mailpipe.workers.goridge import CODEC_RAW
 from mailpipe.workers.pool import PoolError, WorkerPool
@@ -70,8 +70,10 @@ class PipelineConsumer:
 
     def __init__(self, driver: Driver, options: PipelineOptions, pool: WorkerPool, *,
                  metrics: Metrics, dead_letter: Driver | None = None,
-                 workers: asyncio.Semaphore | None = None) -> None:
+                 workers: asyncio.Semaphore | None = None,
+                 notify: Notify | None = None) -> None:
         self.driver = driver
+        self.notify = notify  # on_dequeue and on_queue_retry
         self.options = options
         self.pool = pool
         # One slot per worker, shared by every pipeline on the pool: a job is taken from the
@@ -152,6 +154,8 @@ class PipelineConsumer:
     async def _handle(self, delivery: Delivery) -> None:
         try:
             self._consumed.inc()
+            if self.notify is not None:
+                self.notify("on_dequeue", {"queue_id": delivery.job.id})
             if delivery.job.auto_ack:
                 await self._settle(delivery, Verdict("ack"))
             verdict = await self._run(delivery)
@@ -182,6 +186,9 @@ class PipelineConsumer:
                     delivery.attempt, verdict.reason)
         await self.driver.nack(delivery, requeue=True, delay=verdict.delay)
         self._nacked.inc()
+        if self.notify is not None:  # attempt: the one the job goes back for
+            self.notify("on_queue_retry", {"queue_id": delivery.job.id,
+                                           "attempt": delivery.attempt + 1})
 
     async def _bury(self, delivery: Delivery, reason: str) -> None:
         log.warning("job %s dead-lettered: %s", delivery.job.id, reason)

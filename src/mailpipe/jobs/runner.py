@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from mailpipe.config import Config
-from mailpipe.jobs.base import Driver, DriverError
+from mailpipe.jobs.base import Driver, DriverError, Notify
 from mailpipe.jobs.consumer import JobsConsumer, PipelineConsumer
 from mailpipe.jobs.drivers import make_driver
 from mailpipe.jobs.sink import JobsSink
@@ -44,8 +44,10 @@ def build_jobs_sink(config: Config, metrics: Metrics) -> JobsSink:
     return JobsSink(driver, config.smtp.jobs, metrics)
 
 
-def build_consumer(config: Config, names: list[str], metrics: Metrics) -> JobsConsumer:
-    """Consumers for `names` sharing one pool of jobs workers (RR_MODE=jobs)."""
+def build_consumer(config: Config, names: list[str], metrics: Metrics,
+                   notify: Notify | None = None) -> JobsConsumer:
+    """Consumers for `names` sharing one pool of jobs workers (RR_MODE=jobs); `notify` fires
+    the plugins' on_dequeue and on_queue_retry."""
     pool = WorkerPool(config.jobs.pool, config.server, metrics=metrics, mode="jobs",
                       rpc_address=config.admin_url)
     consumers = {}
@@ -54,7 +56,8 @@ def build_consumer(config: Config, names: list[str], metrics: Metrics) -> JobsCo
         options = config.jobs.pipelines[name].config
         dead = pipeline_driver(config, options.dead_letter) if options.dead_letter else None
         consumers[name] = PipelineConsumer(pipeline_driver(config, name), options, pool,
-                                           metrics=metrics, dead_letter=dead, workers=workers)
+                                           metrics=metrics, dead_letter=dead, workers=workers,
+                                           notify=notify)
     return JobsConsumer(consumers, pool)
 
 
@@ -72,12 +75,20 @@ async def close_drivers(consumer: JobsConsumer) -> None:
 
 async def run_consumer(config: Config, names: list[str], metrics: Metrics) -> None:
     """`mailpipe jobs consume`: drain pipelines until SIGINT/SIGTERM (lifecycle.py), then stop
-    in order: no more pulling, the jobs in hand finish (unless hurried), drivers closed."""
-    consumer = build_consumer(config, names, metrics)
+    in order: no more pulling, the jobs in hand finish (unless hurried), drivers closed.
+
+    The configured plugins are loaded here too, so their on_dequeue and on_queue_retry fire in
+    this process (their SMTP hooks are never called: there is no SMTP here)."""
+    from mailpipe.capture.verdicts import Verdicts
+    from mailpipe.plugins.manager import PluginManager
+
+    plugins = PluginManager(config.plugins, Verdicts())
+    consumer = build_consumer(config, names, metrics, notify=plugins.notify)
     tasks: list[asyncio.Task[None]] = []
 
     async def start() -> None:
         await run_on_init(config.server)
+        await plugins.start()
         await consumer.start()
         drivers = [c.driver for c in consumer.consumers.values()]
         tasks.append(asyncio.create_task(watch_queue_depth(drivers, metrics)))
@@ -91,5 +102,6 @@ async def run_consumer(config: Config, names: list[str], metrics: Metrics) -> No
         for task in tasks:
             task.cancel()
         await close_drivers(consumer)
+        await plugins.close()
 
     await Lifecycle().run(start, drain, close)

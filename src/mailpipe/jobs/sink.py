@@ -6,7 +6,7 @@ import contextlib
 
 from mailpipe.config import SMTPJobsConfig
 from mailpipe.event import CapturedEmail
-from mailpipe.jobs.base import JOB_NAME, Driver, DriverError, Job
+from mailpipe.jobs.base import JOB_NAME, Driver, DriverError, Job, Notify
 from mailpipe.jobs.producer import BatchPusher
 from mailpipe.metrics import Metrics
 from mailpipe.sinks.base import DELIVER, Sink, SinkContext, SinkError, SinkSettings
@@ -29,8 +29,10 @@ class JobsSink(Sink):
 
         return build_jobs_sink(context.config, context.metrics)
 
-    def __init__(self, driver: Driver, config: SMTPJobsConfig, metrics: Metrics) -> None:
+    def __init__(self, driver: Driver, config: SMTPJobsConfig, metrics: Metrics,
+                 notify: Notify | None = None) -> None:
         self.driver = driver
+        self.notify = notify  # on_enqueue, once the broker confirmed the job
         self.config = config
         self.pusher = BatchPusher(
             driver,
@@ -71,6 +73,8 @@ class JobsSink(Sink):
             await self.pusher.push(self.job_for(email))
         except DriverError as exc:
             raise SinkError(str(exc)) from exc
+        if self.notify is not None:
+            self.notify("on_enqueue", {"queue_id": email.uuid}, event=email.event)
         return Accepted(note={"id": email.uuid, "pipeline": self.config.pipeline,
                               "driver": self.driver.name})
 

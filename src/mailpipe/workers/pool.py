@@ -200,10 +200,14 @@ class WorkerPool:
 
     # ---- borrowing -----------------------------------------------------------------
 
-    async def exec(self, context: bytes, body: bytes, flags: int = CODEC_JSON) -> WorkerResponse:
+    async def exec(self, context: bytes, body: bytes, flags: int = CODEC_JSON,
+                   retried: Callable[[int], None] | None = None) -> WorkerResponse:
         """Run one request on a free worker. Raises PoolError (PoisonEmail when every worker
-        tried asked to stop on it) or WorkerError."""
-        for _ in range(self.config.max_retries_per_email):
+        tried asked to stop on it) or WorkerError. `retried(attempt)` is called before the
+        request goes to another worker (attempt 2, 3...)."""
+        for attempt in range(1, self.config.max_retries_per_email + 1):
+            if attempt > 1 and retried is not None:
+                retried(attempt)
             worker = await self._acquire()
             try:
                 return await self._exec_on(worker, context, body, flags)

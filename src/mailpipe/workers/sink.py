@@ -9,6 +9,8 @@ time, is a failure: `sinks.workers.on_failure` says what the client gets (451 by
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from pydantic import field_validator
 
@@ -62,6 +64,9 @@ class WorkerSink(Sink):
         self.pool = pool
         self.metrics = metrics
         self.include_raw = include_raw
+        # The plugins' notifications (PluginManager.notify): on_delivery_attempt when an email
+        # goes to another worker (the capture server fires attempt 1 itself).
+        self.notify: Callable[..., None] | None = None
 
     async def start(self) -> None:
         await self.pool.start()
@@ -72,7 +77,7 @@ class WorkerSink(Sink):
     async def submit(self, email: CapturedEmail) -> Accepted:
         body = email.raw if self.include_raw else b""
         try:
-            response = await self.pool.exec(email.json(), body)
+            response = await self.pool.exec(email.json(), body, retried=self._retried(email))
         except (PoolError, WorkerError) as exc:
             raise SinkError(str(exc)) from exc
         if response.error is not None:
@@ -91,6 +96,19 @@ class WorkerSink(Sink):
             log.warning("worker answered %r, expected CONTINUE or CLOSE: treated as CONTINUE",
                         context[:40], extra={"uuid": email.uuid})
         return "CONTINUE"
+
+    def _retried(self, email: CapturedEmail) -> Callable[[int], None] | None:
+        notify = self.notify
+        if notify is None:
+            return None
+
+        def retried(attempt: int) -> None:
+            envelope: Any = email.event.get("envelope") or {}
+            for recipient in envelope.get("to") or []:
+                notify("on_delivery_attempt", {"recipient": recipient, "attempt": attempt},
+                       event=email.event)
+
+        return retried
 
     def health(self) -> dict[str, object]:
         workers = self.pool.workers
