@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -362,3 +363,47 @@ def go_plugin() -> str:
 
 def python_plugin_command() -> tuple[str, list[str]]:
     return sys.executable, [str(PYTHON_PLUGIN)]
+
+
+# ---- a raw SMTP client, for exact control of what is sent when ----------------------------
+
+
+async def read_reply(reader: asyncio.StreamReader) -> tuple[int, str]:
+    lines = []
+    while True:
+        line = await reader.readuntil(b"\r\n")
+        lines.append(line[:-2])
+        if line[3:4] != b"-":
+            return int(line[:3]), b"\n".join(x[4:] for x in lines).decode()
+
+
+class AsyncSMTP:
+    """An SMTP client over an asyncio stream, for exact control of what is sent when."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int, *, greet: int | None = 220) -> AsyncSMTP:
+        client = cls(*await asyncio.open_connection("127.0.0.1", port))
+        if greet is not None:
+            code, text = await client.reply()
+            assert code == greet, text
+        return client
+
+    async def reply(self) -> tuple[int, str]:
+        return await asyncio.wait_for(read_reply(self.reader), 10)
+
+    async def command(self, line: str | bytes) -> tuple[int, str]:
+        self.writer.write(line.encode() + b"\r\n" if isinstance(line, str) else line)
+        return await self.reply()
+
+    async def closed(self) -> bool:
+        """True once the server has closed the connection."""
+        try:
+            return await asyncio.wait_for(self.reader.read(), 5) == b""
+        except ConnectionError:
+            return True
+
+    def close(self) -> None:
+        self.writer.close()

@@ -13,7 +13,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from conftest import InProc, MailpipeServer, port_of
+from conftest import AsyncSMTP, InProc, MailpipeServer, port_of
 from mailpipe.app import Mailpipe
 from mailpipe.config import ConfigError
 from mailpipe.plugins.builtin.rate_limit import Window
@@ -22,41 +22,6 @@ SENDER = "app@example.com"
 RCPT = "dev@example.test"
 BODY = b"From: <app@example.com>\r\nSubject: builtins\r\n\r\nHello.\r\n"
 PLAIN = "AUTH PLAIN " + base64.b64encode(b"\0user\0secret").decode()
-
-
-class Client:
-    """SMTP over an asyncio stream: exact control of each command and its reply."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, port: int) -> tuple[Client, tuple[int, str]]:
-        client = cls(*await asyncio.open_connection("127.0.0.1", port))
-        return client, await client.reply()
-
-    async def reply(self) -> tuple[int, str]:
-        lines = []
-        while True:
-            line = await asyncio.wait_for(self.reader.readline(), 10)
-            if not line:
-                return 0, "connection closed"
-            lines.append(line[4:].decode().rstrip())
-            if line[3:4] != b"-":
-                return int(line[:3]), "\n".join(lines)
-
-    async def command(self, line: str | bytes) -> tuple[int, str]:
-        self.writer.write(line.encode() + b"\r\n" if isinstance(line, str) else line)
-        return await self.reply()
-
-    async def closed(self) -> bool:
-        try:
-            return await asyncio.wait_for(self.reader.read(), 5) == b""
-        except ConnectionError:
-            return True
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 async def plugins(inproc: InProc, names: list[str], settings: dict[str, Any],
@@ -81,7 +46,8 @@ async def events(app: Mailpipe) -> list[dict[str, Any]]:
 
 async def transaction(port: int, *lines: str) -> list[tuple[int, str]]:
     """Greeting, EHLO and the given commands on one connection: every reply."""
-    client, greeting = await Client.open(port)
+    client = await AsyncSMTP.open(port, greet=None)
+    greeting = await client.reply()
     replies = [greeting, await client.command("EHLO client.test")]
     for line in lines:
         replies.append(await client.command(line))
@@ -97,11 +63,13 @@ async def test_rate_limit_answers_421_past_the_connections_per_minute(inproc: In
                         {"rate_limit": {"max_connections_per_minute": 3}})
     port = port_of(app)
     for _ in range(3):
-        client, greeting = await Client.open(port)
+        client = await AsyncSMTP.open(port, greet=None)
+        greeting = await client.reply()
         assert greeting[0] == 220
         assert (await client.command("QUIT"))[0] == 221
         client.close()
-    client, greeting = await Client.open(port)
+    client = await AsyncSMTP.open(port, greet=None)
+    greeting = await client.reply()
     assert greeting == (421, "4.7.0 Too many connections from your address, try again later")
     assert await client.closed()
     client.close()
@@ -123,7 +91,8 @@ async def test_rate_limit_leaves_exempt_networks_alone(inproc: InProc) -> None:
     app = await plugins(inproc, ["rate_limit"], {"rate_limit": {
         "max_connections_per_minute": 1, "exempt": ["127.0.0.0/8", "::1"]}})
     for _ in range(5):
-        client, greeting = await Client.open(port_of(app))
+        client = await AsyncSMTP.open(port_of(app), greet=None)
+        greeting = await client.reply()
         assert greeting[0] == 220
         client.close()
 
@@ -283,7 +252,8 @@ async def test_greylist_exempt_network(inproc: InProc) -> None:
 
 
 async def rcpt_code(port: int, recipient: str = RCPT) -> int:
-    client, greeting = await Client.open(port)
+    client = await AsyncSMTP.open(port, greet=None)
+    greeting = await client.reply()
     try:
         assert greeting[0] == 220, greeting
         await client.command("EHLO client.test")
@@ -336,7 +306,7 @@ async def test_chaos_reply_carries_the_rule_s_code_and_text(inproc: InProc) -> N
 async def test_chaos_disconnect_answers_421_and_closes(inproc: InProc) -> None:
     app = await plugins(inproc, ["chaos"], {"chaos": {"rules": [
         {"stage": "mail", "rate": 1.0, "action": "disconnect"}]}})
-    client, _ = await Client.open(port_of(app))
+    client = await AsyncSMTP.open(port_of(app))
     await client.command("EHLO client.test")
     assert await client.command(f"MAIL FROM:<{SENDER}>") == (
         421, "4.7.0 Chaos: closing connection")
@@ -347,7 +317,7 @@ async def test_chaos_disconnect_answers_421_and_closes(inproc: InProc) -> None:
 async def test_chaos_delay_slows_the_command_and_lets_it_through(inproc: InProc) -> None:
     app = await plugins(inproc, ["chaos"], {"chaos": {"rules": [
         {"stage": "data", "rate": 1.0, "delay": "0.3s"}]}})
-    client, _ = await Client.open(port_of(app))
+    client = await AsyncSMTP.open(port_of(app))
     for line in ("EHLO client.test", f"MAIL FROM:<{SENDER}>", f"RCPT TO:<{RCPT}>"):
         assert (await client.command(line))[0] == 250
     started = time.monotonic()
@@ -363,7 +333,7 @@ async def test_chaos_delay_then_failure_at_auth_and_message(inproc: InProc) -> N
         {"stage": "auth", "rate": 1.0, "code": 535, "enhanced": "5.7.8", "delay": 0.2},
         {"stage": "message", "rate": 1.0, "code": 451},
     ]}})
-    client, _ = await Client.open(port_of(app))
+    client = await AsyncSMTP.open(port_of(app))
     await client.command("EHLO client.test")
     started = time.monotonic()
     assert await client.command(PLAIN) == (535, "5.7.8 Chaos: failure")
@@ -395,7 +365,8 @@ async def test_chaos_listener_rules_hit_only_their_listener(inproc: InProc) -> N
         {"stage": "connect", "rate": 1.0, "code": 421, "listeners": ["apps"]}]}},
         smtp={"servers": [{"name": "apps", "addr": "127.0.0.1:0"},
                           {"name": "tests", "addr": "127.0.0.1:0"}]})
-    client, greeting = await Client.open(port_of(app, "apps"))
+    client = await AsyncSMTP.open(port_of(app, "apps"), greet=None)
+    greeting = await client.reply()
     assert greeting == (421, "4.3.0 Chaos: temporary failure")
     assert await client.closed()
     client.close()

@@ -26,7 +26,15 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from conftest import InProc, MailpipeServer, free_port, port_of, wait_until_ready
+from conftest import (
+    AsyncSMTP,
+    InProc,
+    MailpipeServer,
+    free_port,
+    port_of,
+    read_reply,
+    wait_until_ready,
+)
 from mailpipe.app import Mailpipe
 from mailpipe.capture.verdicts import (
     Disconnect,
@@ -440,32 +448,23 @@ def test_implicit_tls_client_that_never_handshakes_times_out(mailpipe_factory: F
 # ---- load -------------------------------------------------------------------------------
 
 
-async def _async_reply(reader: asyncio.StreamReader) -> tuple[int, str]:
-    lines = []
-    while True:
-        line = await reader.readuntil(b"\r\n")
-        lines.append(line[:-2])
-        if line[3:4] != b"-":
-            return int(line[:3]), b"\n".join(x[4:] for x in lines).decode()
-
-
 async def _pipelined_client(port: int, n: int, emails: int) -> list[tuple[int, str]]:
     """One connection sending `emails` emails, each body's end pipelined with the next
     MAIL/RCPT/DATA. Returns every reply after the greeting."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     replies: list[tuple[int, str]] = []
     try:
-        assert (await _async_reply(reader))[0] == 220
+        assert (await read_reply(reader))[0] == 220
         envelope = f"MAIL FROM:<c{n}@example.com>\r\nRCPT TO:<{RCPT}>\r\nDATA\r\n".encode()
         writer.write(f"EHLO c{n}.test\r\n".encode() + envelope)
         for _ in range(4):  # EHLO, MAIL, RCPT, DATA
-            replies.append(await _async_reply(reader))
+            replies.append(await read_reply(reader))
         for i in range(emails):
             last = i == emails - 1
             body = message(f"load c{n} m{i}") + b".\r\n"
             writer.write(body + (b"QUIT\r\n" if last else envelope))
             for _ in range(2 if last else 4):  # 250 for the body, then QUIT or MAIL/RCPT/DATA
-                replies.append(await _async_reply(reader))
+                replies.append(await read_reply(reader))
     finally:
         writer.close()
         await writer.wait_closed()
@@ -1011,38 +1010,6 @@ def test_retention_keeps_the_newest(mailpipe_factory: Factory) -> None:
 async def stored(app: Mailpipe) -> int:
     assert app.store is not None
     return await app.store.count()
-
-
-class AsyncSMTP:
-    """An SMTP client over an asyncio stream, for exact control of what is sent when."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, port: int, *, greet: int | None = 220) -> AsyncSMTP:
-        client = cls(*await asyncio.open_connection("127.0.0.1", port))
-        if greet is not None:
-            code, text = await client.reply()
-            assert code == greet, text
-        return client
-
-    async def reply(self) -> tuple[int, str]:
-        return await asyncio.wait_for(_async_reply(self.reader), 10)
-
-    async def command(self, line: str | bytes) -> tuple[int, str]:
-        self.writer.write(line.encode() + b"\r\n" if isinstance(line, str) else line)
-        return await self.reply()
-
-    async def closed(self) -> bool:
-        """True once the server has closed the connection."""
-        try:
-            return await asyncio.wait_for(self.reader.read(), 5) == b""
-        except ConnectionError:
-            return True
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 PLAIN = "AUTH PLAIN " + base64.b64encode(b"\0user\0secret").decode()
