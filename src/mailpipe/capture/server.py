@@ -646,6 +646,8 @@ class SMTPSession(asyncio.Protocol):
         the envelope, tags into the event."""
         envelope = received.envelope
         txn = self._txn
+        if txn is None and self._session_changes is None:  # no plugin asked: nothing to do
+            return email, envelope
         changes = self._session_changes or Changes()
         if txn is not None and txn.envelope is envelope:
             changes = changes.then(txn.changes)
