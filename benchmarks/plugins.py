@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this 
 
 from ingest import (  # a sibling script, not a package
     REPO,
+    MakeServer,
     Row,
     Server,
     announce,
@@ -170,7 +171,7 @@ def external_plugin(choice: str, root: Path) -> tuple[dict[str, Any], str]:
     return {"command": sys.executable, "args": [str(script)]}, fallback
 
 
-def make_target(external: dict[str, Any]) -> Any:
+def make_target(external: dict[str, Any]) -> MakeServer:
     """The `make` for ingest.bench_mode: mailpipe with the target's `plugins:` section."""
 
     def make(target: str, workdir: Path, max_messages: int) -> Server:
@@ -425,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, root: Path) -> int:
     command, machine = announce(root)
-    external, external_note = ("", "")
+    external: dict[str, Any] = {}
+    external_note = ""
     if "external1" in args.target_list:
         external, external_note = external_plugin(args.external, root)
     print(
@@ -448,7 +450,7 @@ def run(args: argparse.Namespace, root: Path) -> int:
     }
     started_at = time.monotonic()
     lines: list[str] = []
-    make = make_target(external or {})
+    make = make_target(external)
     for mode, title, mode_args in scenarios(args):
         rows = bench_mode(mode, mode_args, root, make=make, observe=observe)
         label = title.split(":")[0]
