@@ -10,7 +10,7 @@ SYSTEM_PACKAGES := swaks php-cli php-symfony-mailer libphp-phpmailer msmtp \
   golang-go golang-github-hashicorp-go-plugin-dev golang-goprotobuf-dev protobuf-compiler \
   golang-google-grpc-dev
 
-.PHONY: run test lint bench clean system-packages
+.PHONY: run test lint bench bench-plugins clean system-packages
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,10 @@ lint: $(TEST_STAMP)
 
 bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/ingest.py
+
+# No plugins vs 5 in-process no-op plugins vs 1 out-of-process (Go) no-op plugin; about 5 minutes.
+bench-plugins: $(TEST_STAMP)
+	$(BIN)/python benchmarks/plugins.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mailpipe .pytest_cache

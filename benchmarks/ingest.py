@@ -677,16 +677,31 @@ def failure_note(exc: Exception) -> str:
     return f"run failed: {type(exc).__name__}: {exc}"[:600]
 
 
+# Builds the server of a target: (target name, its fresh work dir, store.max_messages).
+MakeServer = Callable[[str, Path, int], Server]
+# Called with each target's server and row after its store was filled ("measured": the rounds
+# start) and after its last round ("done": it is still running): what another benchmark reads.
+Observe = Callable[[Server, Row, str], None]
+
+
 def started(
-    name: str, scenario: str, root: Path, args: argparse.Namespace, max_messages: int
+    name: str,
+    scenario: str,
+    root: Path,
+    args: argparse.Namespace,
+    max_messages: int,
+    make: MakeServer | None = None,
 ) -> tuple[Server | None, Row]:
     row = Row(target=name, scenario=scenario)
     if name == "smtp-sink" and not SMTP_SINK.exists():
         row.note = f"skipped: {SMTP_SINK} not installed (Debian package postfix)"
         return None, row
-    server, row.note = start_server(
-        name, root, lambda workdir: make_server(name, workdir, args.mailpipe_src, max_messages)
-    )
+    if make is None:
+
+        def make(name: str, workdir: Path, limit: int) -> Server:
+            return make_server(name, workdir, args.mailpipe_src, limit)
+
+    server, row.note = start_server(name, root, lambda workdir: make(name, workdir, max_messages))
     return server, row
 
 
@@ -700,17 +715,25 @@ class Running:
     results: list[LoadResult] = field(default_factory=list)
 
 
-def bench_mode(mode: str, args: argparse.Namespace, root: Path) -> list[Row]:
+def bench_mode(
+    mode: str,
+    args: argparse.Namespace,
+    root: Path,
+    make: MakeServer | None = None,
+    observe: Observe | None = None,
+) -> list[Row]:
     """The main table: every target started fresh (with --steady-state each mailpipe's store
     filled to its limit first), then `rounds` runs of C connections x M messages. Each round
     runs the targets one after the other, so a slow spell of the machine hits all alike, and
-    every other round in reverse order (A B, B A, A B, ...), so no target always goes first."""
+    every other round in reverse order (A B, B A, A B, ...), so no target always goes first.
+    `make` builds each target's server (default: `make_server`); `observe` sees each server
+    before its first round and after its last."""
     max_messages = args.max_messages if args.steady_state else RETENTION_OFF
     rows: list[Row] = []
     runs: list[Running] = []
     try:
         for name in args.target_list:
-            server, row = started(name, mode, root, args, max_messages)
+            server, row = started(name, mode, root, args, max_messages, make)
             rows.append(row)
             if server is not None:
                 runs.append(Running(server, row, read_status_kb(server.pid, "VmRSS")))
@@ -718,16 +741,26 @@ def bench_mode(mode: str, args: argparse.Namespace, root: Path) -> list[Row]:
         if args.steady_state:
             active = [run for run in active if fill_store(run, max_messages, args)]
         spec = [group_spec("load", args.connections, args.messages, args.size, mode)]
+        observe_all(observe, active, "measured")
         for round_number in range(args.rounds):
             in_turn = active if round_number % 2 == 0 else active[::-1]
             failed = [run for run in in_turn if not run_round(run, spec, args.timeout)]
             active = [run for run in active if run not in failed]
+        observe_all(observe, active, "done")
         for run in active:
             summarize_load(run)
     finally:
         for run in runs:
             finish_server(run.row, run.server)
     return rows
+
+
+def observe_all(observe: Observe | None, runs: list[Running], phase: str) -> None:
+    for run in runs if observe is not None else ():
+        try:
+            observe(run.server, run.row, phase)
+        except Exception as exc:  # what it reads is extra: the rounds still count
+            run.row.note = failure_note(exc)
 
 
 def fill_store(run: Running, max_messages: int, args: argparse.Namespace) -> bool:
