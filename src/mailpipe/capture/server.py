@@ -497,38 +497,76 @@ class SMTPSession(asyncio.Protocol):
     # ---- events from the protocol core --------------------------------------------
 
     def _handle(self, events: list[Event]) -> None:
-        transport = self.transport
-        for event in events:
-            if type(event) is Send:
-                if transport is not None:
-                    transport.write(event.data)
-            elif type(event) is MessageReceived:
-                self._update_reading()
-                if event.chunked and not self.spooler.attach(event):
-                    log.error("could not spool a message body", extra={"session": self.id})
-                    self.listener.metrics.rejected_error.inc()
-                    self._handle(self.conn.verdict(SPOOL_FAILED))
-                    self._update_reading()
+        """Act on the core's events. The replies of one pass go out in one write; a verdict
+        the plugins give at once is answered here, and the core's events after it handled
+        in the same pass (no task, no recursion: a pipelined batch stays one write)."""
+        out: list[bytes] = []
+        answered = False
+        while events:
+            following = None
+            for event in events:
+                kind = type(event)
+                if kind is Send:
+                    out.append(event.data)  # type: ignore[union-attr]
                     continue
-                self._delivering = asyncio.ensure_future(self._deliver(event))
-            elif type(event) is Close:
-                if transport is not None:
-                    transport.close()
-            elif type(event) is StartTLS:
-                self._tls_task = asyncio.ensure_future(self._start_tls())
-            elif type(event) is Violation:
-                self.listener.metrics.violations.inc()
-                log.warning("protocol violation: %s", event.text,
-                            extra={"session": self.id, "remote": self.remote_addr})
-            elif type(event) is Trace:
-                log.debug("%s: %s", event.direction, event.line, extra={"session": self.id})
-            elif type(event) is BodyChunk:
-                self.spooler.chunk(event.data)
-            elif type(event) is BodyDropped:
-                self.spooler.drop()
-            elif type(event) is VerdictNeeded:
+                if out and (kind is Close or kind is StartTLS):
+                    self._write(out)
+                if kind is VerdictNeeded:
+                    following = self._verdict_now(event)  # type: ignore[arg-type]
+                    answered = answered or following is not None
+                else:
+                    self._act(event)
+            events = following
+        if out:
+            self._write(out)
+        if answered:
+            self._update_reading()
+
+    def _write(self, out: list[bytes]) -> None:
+        if self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+
+    def _act(self, event: Event) -> None:
+        transport = self.transport
+        kind = type(event)
+        if kind is MessageReceived:
+            self._update_reading()
+            if event.chunked and not self.spooler.attach(event):  # type: ignore[union-attr]
+                log.error("could not spool a message body", extra={"session": self.id})
+                self.listener.metrics.rejected_error.inc()
+                self._handle(self.conn.verdict(SPOOL_FAILED))
                 self._update_reading()
-                self._asking = asyncio.ensure_future(self._ask(event))
+                return
+            self._delivering = asyncio.ensure_future(self._deliver(event))  # type: ignore[arg-type]
+        elif kind is Close:
+            if transport is not None:
+                transport.close()
+        elif kind is StartTLS:
+            self._tls_task = asyncio.ensure_future(self._start_tls())
+        elif kind is Violation:
+            self.listener.metrics.violations.inc()
+            log.warning("protocol violation: %s", event.text,  # type: ignore[union-attr]
+                        extra={"session": self.id, "remote": self.remote_addr})
+        elif kind is Trace:
+            log.debug("%s: %s", event.direction, event.line,  # type: ignore[union-attr]
+                      extra={"session": self.id})
+        elif kind is BodyChunk:
+            self.spooler.chunk(event.data)  # type: ignore[union-attr]
+        elif kind is BodyDropped:
+            self.spooler.drop()
+
+    def _verdict_now(self, needed: VerdictNeeded) -> list[Event] | None:
+        """The core's events after a verdict given at once; None when it must be awaited
+        (a task asks, and reading pauses meanwhile)."""
+        context = self._context(needed.stage, needed.args, needed.envelope)
+        verdict = self.server.verdicts.decide_now(context)
+        if verdict is not None and self.transport is not None \
+                and not self.transport.is_closing():
+            return self.conn.verdict(verdict)
+        self._update_reading()
+        self._asking = asyncio.ensure_future(self._ask(context))
+        return None
 
     # ---- verdicts -----------------------------------------------------------------
 
@@ -584,8 +622,7 @@ class SMTPSession(asyncio.Protocol):
         except Exception:
             log.exception("plugin notification failed", extra={"session": self.id})
 
-    async def _ask(self, needed: VerdictNeeded) -> None:
-        context = self._context(needed.stage, needed.args, needed.envelope)
+    async def _ask(self, context: VerdictContext) -> None:
         verdict = await self.server.verdicts.decide(context)
         self._asking = None
         self._answer(verdict)
@@ -596,7 +633,9 @@ class SMTPSession(asyncio.Protocol):
         if Stage.MESSAGE not in self.conn.held:
             return PROCEED
         context = self._context(Stage.MESSAGE, {}, received.envelope, email)
-        return await self.server.verdicts.decide(context)
+        verdicts = self.server.verdicts
+        verdict = verdicts.decide_now(context)
+        return verdict if verdict is not None else await verdicts.decide(context)
 
     def _answer(self, verdict: Verdict) -> None:
         if self.transport is None or self.transport.is_closing():

@@ -79,6 +79,9 @@ class VerdictContext:
 
 
 VerdictCheck = Callable[[VerdictContext], Awaitable[Verdict | None]]
+# The same check when it can answer at once (plugins whose hooks are plain functions): the
+# session then gets its verdict without a task, and pipelined commands are answered together.
+VerdictNow = Callable[[VerdictContext], Verdict | None]
 # Told what happened: "disconnect", "delivery_attempt", "delivery_success",
 # "delivery_failure", "email_accepted", "email_refused"; the context's args say more.
 Observer = Callable[[str, VerdictContext], None]
@@ -89,21 +92,23 @@ class Verdicts:
     """The callables registered per stage. `held` is what sessions opened from now on hold."""
 
     timeout: float = 30.0  # seconds a callable may take; past it the client gets 451
-    _checks: dict[Stage, list[tuple[VerdictCheck, bool]]] = field(
+    _checks: dict[Stage, list[tuple[VerdictCheck, bool, VerdictNow | None]]] = field(
         default_factory=dict, init=False)
     held: frozenset[Stage] = field(default=frozenset(), init=False)
     observer: Observer | None = None  # the plugins' notification hooks, when any
 
-    def register(self, stage: Stage, check: VerdictCheck, *, bounded: bool = True) -> None:
+    def register(self, stage: Stage, check: VerdictCheck, *, bounded: bool = True,
+                 now: VerdictNow | None = None) -> None:
         """Call `check` at `stage`, after those registered before it. `bounded` False: the
-        check bounds its own time (the plugin executor does, call by call)."""
-        self._checks.setdefault(stage, []).append((check, bounded))
+        check bounds its own time (the plugin executor does, call by call). `now`: the same
+        check, answering synchronously (see `decide_now`)."""
+        self._checks.setdefault(stage, []).append((check, bounded, now))
         self._update()
 
     def unregister(self, stage: Stage, check: VerdictCheck) -> None:
         checks = self._checks.get(stage, [])
-        for pair in [pair for pair in checks if pair[0] == check]:
-            checks.remove(pair)
+        for item in [item for item in checks if item[0] == check]:
+            checks.remove(item)
         if not checks:
             self._checks.pop(stage, None)
         self._update()
@@ -113,7 +118,7 @@ class Verdicts:
 
     async def decide(self, context: VerdictContext) -> Verdict:
         """The first verdict of the stage's callables; Proceed when none has one."""
-        for check, bounded in list(self._checks.get(context.stage, ())):
+        for check, bounded, _ in list(self._checks.get(context.stage, ())):
             try:
                 if bounded:
                     verdict = await asyncio.wait_for(check(context), self.timeout)
@@ -123,6 +128,29 @@ class Verdicts:
                 reason = "timed out" if isinstance(exc, TimeoutError) else "failed"
                 log.error("verdict at %s %s: %r", context.stage.name, reason, exc,
                           extra={"session": context.session}, exc_info=reason == "failed")
+                return TEMPFAIL
+            if verdict is None:
+                continue
+            if not _valid(verdict):
+                log.error("verdict at %s is not valid: %r", context.stage.name, verdict,
+                          extra={"session": context.session})
+                return TEMPFAIL
+            return verdict
+        return PROCEED
+
+
+    def decide_now(self, context: VerdictContext) -> Verdict | None:
+        """The stage's verdict without awaiting anything, when every callable of the stage
+        can give it synchronously; None when one cannot (then `decide` is awaited)."""
+        checks = self._checks.get(context.stage, ())
+        if not all(now is not None for _, _, now in checks):
+            return None
+        for _, _, now in checks:
+            try:
+                verdict = now(context)  # type: ignore[misc]
+            except Exception as exc:
+                log.error("verdict at %s failed: %r", context.stage.name, exc,
+                          extra={"session": context.session}, exc_info=True)
                 return TEMPFAIL
             if verdict is None:
                 continue

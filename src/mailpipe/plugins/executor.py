@@ -103,19 +103,30 @@ class Executor:
         self._on_failure = on_failure
         self._slots = asyncio.Semaphore(max_concurrent)
 
-    async def call(self, entry: Entry, hook: str, ctx: HookContext) -> HookResult | Failed | None:
-        """Call one hook of one plugin; never raises (but CancelledError, which is ours)."""
-        plugin = entry.plugin
+    def call_now(self, entry: Entry, hook: str, ctx: HookContext) -> HookResult | Failed | None:
+        """A hook the plugin answers inline (`Plugin.inline`): no task, timer or slot."""
         stats = entry.stat(hook)
         stats.executions += 1
         started = time.perf_counter()
         try:
-            if plugin.inline(hook):
-                result = plugin.call_inline(hook, ctx)
-            else:
-                async with self._slots, asyncio.timeout(self.timeout):
-                    result = await plugin.call(hook, ctx)
-            if result is not None and not isinstance(result, HookResult):
+            result = entry.plugin.call_inline(hook, ctx)
+            if result is not None and type(result) is not HookResult:
+                raise TypeError(f"{hook} returned {result!r}, not a HookResult or None")
+        except Exception as exc:
+            return self._raised(entry, hook, stats, started, exc)
+        return self._succeeded(entry, stats, started, result)
+
+    async def call(self, entry: Entry, hook: str, ctx: HookContext) -> HookResult | Failed | None:
+        """Call one hook of one plugin; never raises (but CancelledError, which is ours)."""
+        if entry.plugin.inline(hook):
+            return self.call_now(entry, hook, ctx)
+        stats = entry.stat(hook)
+        stats.executions += 1
+        started = time.perf_counter()
+        try:
+            async with self._slots, asyncio.timeout(self.timeout):
+                result = await entry.plugin.call(hook, ctx)
+            if result is not None and type(result) is not HookResult:
                 raise TypeError(f"{hook} returned {result!r}, not a HookResult or None")
         except TimeoutError as exc:
             stats.timeouts += 1
@@ -130,15 +141,23 @@ class Executor:
             error = RuntimeError(f"{entry.name}.{hook} was cancelled ({exc!r})")
             return self._failed(entry, hook, stats, started, error, error)
         except Exception as exc:
-            if self.panic_recovery:
-                stats.recoveries += 1
-            return self._failed(entry, hook, stats, started, exc, exc)
+            return self._raised(entry, hook, stats, started, exc)
+        return self._succeeded(entry, stats, started, result)
+
+    def _succeeded(self, entry: Entry, stats: CallStats, started: float,
+                   result: HookResult | None) -> HookResult | None:
         elapsed = time.perf_counter() - started
         stats.successes += 1
         stats.seconds += elapsed
         stats.recent.append(elapsed)
         entry.consecutive_failures = 0
         return result
+
+    def _raised(self, entry: Entry, hook: str, stats: CallStats, started: float,
+                exc: Exception) -> Failed:
+        if self.panic_recovery:
+            stats.recoveries += 1
+        return self._failed(entry, hook, stats, started, exc, exc)
 
     def _failed(self, entry: Entry, hook: str, stats: CallStats, started: float,
                 error: BaseException, cause: BaseException) -> Failed:

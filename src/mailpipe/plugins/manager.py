@@ -24,6 +24,7 @@ import email.policy
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mailpipe.plugins")
 
 PLUGIN_FAILED = Respond(451, "4.3.0", "Temporary failure in a plugin, please retry")
+NEXT = object()  # a hook's result that leaves the word to the next plugin
 CHECK_RESULTS = {"on_spf_check": "spf_result", "on_dkim_verify": "dkim_result"}
 _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 
@@ -170,12 +172,14 @@ class PluginManager:
             stage: tuple(h for h in hooks if h in self.callers)
             for stage, hooks in STAGE_HOOKS.items()
         }
-        wanted = {stage for stage, hooks in self._stage_hooks.items() if hooks}
-        for stage in self._registered - wanted:
+        for stage in self._registered:
             self.verdicts.unregister(stage, self.decide)
-        for stage in wanted - self._registered:
-            self.verdicts.register(stage, self.decide, bounded=False)
-        self._registered = wanted
+        self._registered = {stage for stage, hooks in self._stage_hooks.items() if hooks}
+        for stage in self._registered:
+            inline = all(entry.plugin.inline(hook) for hook in self._stage_hooks[stage]
+                         for entry in self.callers[hook])
+            self.verdicts.register(stage, self.decide, bounded=False,
+                                   now=self.decide_now if inline else None)
         self.verdicts.observer = self.observe if self._observed() else None
 
     def _observed(self) -> bool:
@@ -187,44 +191,60 @@ class PluginManager:
 
     async def decide(self, vctx: VerdictContext) -> Verdict:
         """The verdict of every plugin hook at this SMTP stage."""
-        view = session_view(vctx)
-        event = vctx.email.event if vctx.email is not None else None
-        for hook in self._stage_hooks.get(vctx.stage, ()):
-            for args in self._args(hook, vctx, view):
-                ctx = HookContext(hook, vctx.stage.name.lower(), args, view, event)
-                verdict = await self.run(hook, ctx, vctx.changes)
-                if verdict is not None:
-                    return verdict
+        call = self.executor.call
+        for hook, ctx in self._calls(vctx):
+            for entry in self.callers.get(hook, ()):
+                if entry.open:
+                    continue
+                outcome = self._outcome(hook, ctx, await call(entry, hook, ctx), vctx.changes)
+                if outcome is NEXT:
+                    continue
+                if outcome is PROCEED:
+                    break
+                return outcome  # type: ignore[return-value]
         return PROCEED
 
-    async def run(self, hook: str, ctx: HookContext, changes: Changes | None) -> Verdict | None:
-        """One hook's plugins in order; the refusal that ends it, or None."""
-        for entry in self.callers.get(hook, ()):
-            if entry.open:
-                continue
-            result = await self.executor.call(entry, hook, ctx)
-            if result is None:
-                continue
-            if type(result) is Failed:
-                if result.tempfail:
-                    return PLUGIN_FAILED
-                continue
-            verdict = self._verdict(hook, ctx, result, changes)
-            if verdict is not None:
-                return None if verdict is PROCEED else verdict
-        return None
+    def decide_now(self, vctx: VerdictContext) -> Verdict:
+        """`decide` for a stage whose plugins all answer inline: no task, nothing awaited.
+        (The same loop as `decide`; Python cannot share it between sync and async.)"""
+        call = self.executor.call_now
+        for hook, ctx in self._calls(vctx):
+            for entry in self.callers.get(hook, ()):
+                if entry.open:
+                    continue
+                outcome = self._outcome(hook, ctx, call(entry, hook, ctx), vctx.changes)
+                if outcome is NEXT:
+                    continue
+                if outcome is PROCEED:
+                    break
+                return outcome  # type: ignore[return-value]
+        return PROCEED
 
-    def _verdict(self, hook: str, ctx: HookContext, result: HookResult,
-                 changes: Changes | None) -> Verdict | None:
+    def _calls(self, vctx: VerdictContext) -> Iterator[tuple[str, HookContext]]:
+        """Each hook of the stage with its context (once per recipient for on_pre_delivery)."""
+        view = session_view(vctx)
+        event = vctx.email.event if vctx.email is not None else None
+        stage = vctx.stage.name.lower()
+        for hook in self._stage_hooks.get(vctx.stage, ()):
+            for args in self._args(hook, vctx, view):
+                yield hook, HookContext(hook, stage, args, view, event)
+
+    def _outcome(self, hook: str, ctx: HookContext, result: HookResult | Failed | None,
+                 changes: Changes | None) -> Verdict | object:
+        """NEXT (the next plugin's turn), PROCEED (the hook is done: ACCEPT) or a refusal."""
+        if result is None:
+            return NEXT
+        if type(result) is Failed:
+            return PLUGIN_FAILED if result.tempfail else NEXT
         action = result.action
         if hook in CHECK_RESULTS and result.message:
             ctx.store[CHECK_RESULTS[hook]] = result.message
         if action is Action.CONTINUE:
-            return None
+            return NEXT
         if action is Action.MODIFY:
             if changes is not None:
                 note_changes(changes, hook, ctx.args, result)
-            return None
+            return NEXT
         if action is Action.ACCEPT:
             return PROCEED
         code, enhanced, text = result.reply()
@@ -278,11 +298,27 @@ class PluginManager:
 
     def notify(self, hook: str, args: dict[str, Any], view: SessionView | None = None,
                event: dict[str, Any] | None = None) -> None:
-        """Fire a notification hook in the background (its results are ignored)."""
-        if hook not in self.callers:
+        """Fire a notification hook (its results are ignored): plugins answering inline are
+        called now, the others in the background."""
+        entries = self.callers.get(hook)
+        if not entries:
             return
         ctx = HookContext(hook, "", args, view or SessionView(), event)
-        self._spawn(self.run(hook, ctx, None))
+        later = []
+        for entry in entries:
+            if entry.open:
+                continue
+            if entry.plugin.inline(hook):
+                self.executor.call_now(entry, hook, ctx)
+            else:
+                later.append(entry)
+        if later:
+            self._spawn(self._notify_later(later, hook, ctx))
+
+    async def _notify_later(self, entries: list[Entry], hook: str, ctx: HookContext) -> None:
+        for entry in entries:
+            if not entry.open:
+                await self.executor.call(entry, hook, ctx)
 
     def observe(self, what: str, vctx: VerdictContext) -> None:
         """The capture server reports: disconnect, delivery_attempt, delivery_success,
