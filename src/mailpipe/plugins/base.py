@@ -8,6 +8,7 @@ this interface, so both get the same executor, metrics, breaker and reload.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 from mailpipe.plugins.context import HookContext
@@ -34,12 +35,10 @@ class Plugin(ABC):
     async def call(self, hook: str, ctx: HookContext) -> HookResult | None:
         """One hook call; may raise or hang: the executor isolates it."""
 
-    def inline(self, hook: str) -> bool:
-        """True when `call_inline` answers this hook synchronously (no task, no timer)."""
-        return False
-
-    def call_inline(self, hook: str, ctx: HookContext) -> HookResult | None:
-        raise NotImplementedError(hook)
+    def inline(self, hook: str) -> Callable[[HookContext], HookResult | None] | None:
+        """A plain function answering this hook synchronously (no task, no timer), or None
+        when calls must go through `call`."""
+        return None
 
     async def health(self) -> bool:
         """True while the plugin can take calls; the health check asks it."""

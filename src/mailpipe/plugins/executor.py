@@ -20,14 +20,14 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from mailpipe.plugins.results import HookResult
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from mailpipe.plugins.base import Plugin
     from mailpipe.plugins.context import HookContext
 
@@ -80,6 +80,18 @@ class Entry:
     opened_at: float = 0.0
     restored: int = 0  # times the health check closed the breaker again
     last_error: str | None = None
+    # Per hook: the plugin's inline function (None: awaited) and the hook's counters.
+    calls: dict[str, tuple[Callable[[HookContext], Any] | None, CallStats]] = field(
+        default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.use(self.plugin)
+
+    def use(self, plugin: Plugin) -> None:
+        """Take this plugin (a reloaded one keeps the counters of the hooks it still has)."""
+        self.plugin = plugin
+        self.calls = {hook: (plugin.inline(hook), self.stat(hook))
+                      for hook in plugin.implemented()}
 
     @property
     def name(self) -> str:
@@ -104,23 +116,29 @@ class Executor:
         self._slots = asyncio.Semaphore(max_concurrent)
 
     def call_now(self, entry: Entry, hook: str, ctx: HookContext) -> HookResult | Failed | None:
-        """A hook the plugin answers inline (`Plugin.inline`): no task, timer or slot."""
-        stats = entry.stat(hook)
+        """A hook the plugin answers inline (`Plugin.inline`): no task, timer or slot. The
+        bookkeeping is written out here because it runs for every plugin on every command."""
+        now, stats = entry.calls[hook]
         stats.executions += 1
-        started = time.perf_counter()
+        started = perf_counter()
         try:
-            result = entry.plugin.call_inline(hook, ctx)
+            result = now(ctx)  # type: ignore[misc]
             if result is not None and type(result) is not HookResult:
                 raise TypeError(f"{hook} returned {result!r}, not a HookResult or None")
         except Exception as exc:
             return self._raised(entry, hook, stats, started, exc)
-        return self._succeeded(entry, stats, started, result)
+        elapsed = perf_counter() - started
+        stats.successes += 1
+        stats.seconds += elapsed
+        stats.recent.append(elapsed)
+        entry.consecutive_failures = 0
+        return result
 
     async def call(self, entry: Entry, hook: str, ctx: HookContext) -> HookResult | Failed | None:
         """Call one hook of one plugin; never raises (but CancelledError, which is ours)."""
-        if entry.plugin.inline(hook):
+        now, stats = entry.calls[hook]
+        if now is not None:
             return self.call_now(entry, hook, ctx)
-        stats = entry.stat(hook)
         stats.executions += 1
         started = time.perf_counter()
         try:

@@ -176,7 +176,7 @@ class PluginManager:
             self.verdicts.unregister(stage, self.decide)
         self._registered = {stage for stage, hooks in self._stage_hooks.items() if hooks}
         for stage in self._registered:
-            inline = all(entry.plugin.inline(hook) for hook in self._stage_hooks[stage]
+            inline = all(entry.calls[hook][0] is not None for hook in self._stage_hooks[stage]
                          for entry in self.callers[hook])
             self.verdicts.register(stage, self.decide, bounded=False,
                                    now=self.decide_now if inline else None)
@@ -212,7 +212,10 @@ class PluginManager:
             for entry in self.callers.get(hook, ()):
                 if entry.open:
                     continue
-                outcome = self._outcome(hook, ctx, call(entry, hook, ctx), vctx.changes)
+                result = call(entry, hook, ctx)
+                if result is None:  # the usual answer, spared a call
+                    continue
+                outcome = self._outcome(hook, ctx, result, vctx.changes)
                 if outcome is NEXT:
                     continue
                 if outcome is PROCEED:
@@ -308,7 +311,7 @@ class PluginManager:
         for entry in entries:
             if entry.open:
                 continue
-            if entry.plugin.inline(hook):
+            if entry.calls[hook][0] is not None:
                 self.executor.call_now(entry, hook, ctx)
             else:
                 later.append(entry)
@@ -423,6 +426,7 @@ class PluginManager:
         try:
             if swap is not None:  # an external plugin swaps its own process
                 await swap()
+                entry.use(old)  # the new process may implement other hooks
                 return "reloaded"
             new = self._load(entry.name)
             await self._start_plugin(new)
@@ -430,7 +434,7 @@ class PluginManager:
             log.error("plugin %s: reload failed, keeping the running version: %s",
                       entry.name, exc)
             return f"error: {exc}"
-        entry.plugin = new
+        entry.use(new)
         entry.open = False
         entry.consecutive_failures = 0
         await self._close_plugin(old)
