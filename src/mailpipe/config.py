@@ -525,6 +525,8 @@ class PluginsConfig(Section):
     def _builtin_settings(self) -> PluginsConfig:
         """A listed built-in's settings are checked now, so that a typo is a config error
         (exit 2, `check-config`) rather than a failure at start."""
+        if not self.plugins:
+            return self  # (also: the default instance is made while this module loads)
         from mailpipe.plugins.base import PluginError
         from mailpipe.plugins.builtin import BUILTINS, check_settings
         from mailpipe.plugins.python import find_file
