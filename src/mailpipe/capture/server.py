@@ -605,8 +605,9 @@ class SMTPSession(asyncio.Protocol):
     def _observe(self, what: str, envelope: Envelope | None, email: CapturedEmail | None,
                  args: dict[str, object]) -> None:
         """Tell the plugins' notification hooks, when any plugin has one."""
-        observer = self.server.verdicts.observer
-        if observer is None:
+        verdicts = self.server.verdicts
+        observer = verdicts.observer
+        if observer is None or what not in verdicts.observed:
             return
         if self._store is None:
             self._store = {}

@@ -96,6 +96,7 @@ class Verdicts:
         default_factory=dict, init=False)
     held: frozenset[Stage] = field(default=frozenset(), init=False)
     observer: Observer | None = None  # the plugins' notification hooks, when any
+    observed: frozenset[str] = frozenset()  # what the observer wants to be told
 
     def register(self, stage: Stage, check: VerdictCheck, *, bounded: bool = True,
                  now: VerdictNow | None = None) -> None:

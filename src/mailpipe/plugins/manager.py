@@ -57,6 +57,15 @@ log = logging.getLogger("mailpipe.plugins")
 PLUGIN_FAILED = Respond(451, "4.3.0", "Temporary failure in a plugin, please retry")
 NEXT = object()  # a hook's result that leaves the word to the next plugin
 CHECK_RESULTS = {"on_spf_check": "spf_result", "on_dkim_verify": "dkim_result"}
+# What the capture server reports (see `observe`), and the hooks that hear of it.
+OBSERVED = {
+    "disconnect": ("on_disconnect", "on_metrics_collect"),
+    "delivery_attempt": ("on_delivery_attempt",),
+    "delivery_success": ("on_delivery_success",),
+    "delivery_failure": ("on_delivery_failure",),
+    "email_accepted": ("on_metrics_collect",),
+    "email_refused": ("on_metrics_collect",),
+}
 
 
 class PluginManager:
@@ -107,7 +116,7 @@ class PluginManager:
         for stage in self._registered:
             self.verdicts.unregister(stage, self.decide)
         self._registered.clear()
-        self.verdicts.observer = None
+        self.verdicts.observer, self.verdicts.observed = None, frozenset()
         for entry in self.entries:
             await self._close_plugin(entry.plugin)
         self.entries.clear()
@@ -177,12 +186,10 @@ class PluginManager:
                          for entry in self.callers[hook])
             self.verdicts.register(stage, self.decide, bounded=False,
                                    now=self.decide_now if inline else None)
-        self.verdicts.observer = self.observe if self._observed() else None
-
-    def _observed(self) -> bool:
-        return any(h in self.callers for h in (
-            "on_disconnect", "on_delivery_attempt", "on_delivery_success",
-            "on_delivery_failure", "on_metrics_collect"))
+        observed = frozenset(what for what, hooks in OBSERVED.items()
+                             if any(hook in self.callers for hook in hooks))
+        self.verdicts.observed = observed
+        self.verdicts.observer = self.observe if observed else None
 
     # ---- hooks at SMTP stages -----------------------------------------------------------
 
@@ -224,9 +231,9 @@ class PluginManager:
         """Each hook of the stage with its context (once per recipient for on_pre_delivery)."""
         view = session_view(vctx)
         event = vctx.email.event if vctx.email is not None else None
-        stage = vctx.stage.name.lower()
+        stage = STAGE_NAMES[vctx.stage]
         for hook in self._stage_hooks.get(vctx.stage, ()):
-            for args in self._args(hook, vctx, view):
+            for args in ARGS[hook](vctx.args, view, vctx.email):
                 yield hook, HookContext(hook, stage, args, view, event)
 
     def _outcome(self, hook: str, ctx: HookContext, result: HookResult | Failed | None,
@@ -251,48 +258,6 @@ class PluginManager:
         if action is Action.DISCONNECT:
             return Disconnect(text, enhanced)
         return Respond(code, enhanced, text)
-
-    def _args(self, hook: str, vctx: VerdictContext, view: SessionView) -> list[dict[str, Any]]:
-        """The hook's own arguments at this stage; none when the hook does not apply (on_helo
-        at EHLO); one per recipient for on_pre_delivery."""
-        a = vctx.args
-        if hook in ("on_helo", "on_ehlo"):
-            verb = "EHLO" if hook == "on_ehlo" else "HELO"
-            wanted = a.get("verb") in (verb, "LHLO") if verb == "EHLO" else a.get("verb") == verb
-            return [{"hostname": a.get("hostname")}] if wanted else []
-        if hook in ("on_connect", "on_rate_limit_check", "on_starttls", "on_data"):
-            return [{"remote_addr": view.remote_addr} if hook != "on_data" else {}]
-        if hook == "on_auth":
-            return [{"mechanism": a.get("mechanism"), "username": a.get("username")}]
-        if hook in ("on_mail_from", "on_rcpt_to"):
-            key = "sender" if hook == "on_mail_from" else "recipient"
-            return [{key: a.get(key), "params": a.get("params", [])}]
-        if hook == "on_reputation_check":
-            sender = str(a.get("sender") or "")
-            domain = sender.rpartition("@")[2] if "@" in sender else view.helo
-            return [{"remote_addr": view.remote_addr, "domain": domain}]
-        if hook == "on_spf_check":
-            return [{"sender": a.get("sender"), "remote_ip": view.remote_ip}]
-        if hook == "on_greylist_check":
-            return [{"sender": view.mail_from, "recipient": a.get("recipient"),
-                     "remote_addr": view.remote_addr}]
-        if hook == "on_headers":
-            return [{"headers": parse_headers(a.get("headers") or b"")}]
-        return self._message_args(hook, vctx, view)
-
-    def _message_args(self, hook: str, vctx: VerdictContext,
-                      view: SessionView) -> list[dict[str, Any]]:
-        raw = vctx.email.raw if vctx.email is not None else b""
-        if hook == "on_pre_delivery":
-            return [{"recipient": rcpt} for rcpt in view.rcpt_to]
-        if hook == "on_body":
-            return [{"body": body_of(raw)}]
-        if hook == "on_message_complete":
-            return [{"raw": raw}]
-        if hook == "on_dmarc_check":
-            return [{"sender": view.mail_from, "spf_result": view.store.get("spf_result", "none"),
-                     "dkim_result": view.store.get("dkim_result", "none")}]
-        return [{"content": raw}]  # antivirus, antispam, content filter, dkim
 
     # ---- notifications ------------------------------------------------------------------
 
@@ -472,6 +437,72 @@ def session_view(vctx: VerdictContext) -> SessionView:
         message_uuid=vctx.message_uuid, mail_from=mail_from, rcpt_to=rcpt_to,
         store=vctx.store,
     )
+
+
+# ---- each hook's arguments at its stage ------------------------------------------------------
+# One small function per hook, from the stage's own arguments, the session and the email:
+# a list of argument sets (empty: the hook does not apply, as on_helo at EHLO; one per
+# recipient for on_pre_delivery).
+
+Args = list[dict[str, Any]]
+STAGE_NAMES = {stage: stage.name.lower() for stage in Stage}
+
+
+def _greeting(verbs: tuple[str, ...]) -> Any:
+    def args(a: dict[str, Any], view: SessionView, email: Any) -> Args:
+        return [{"hostname": a.get("hostname")}] if a.get("verb") in verbs else []
+    return args
+
+
+def _envelope_args(key: str) -> Any:
+    def args(a: dict[str, Any], view: SessionView, email: Any) -> Args:
+        return [{key: a.get(key), "params": a.get("params", [])}]
+    return args
+
+
+def _remote(a: dict[str, Any], view: SessionView, email: Any) -> Args:
+    return [{"remote_addr": view.remote_addr}]
+
+
+def _reputation(a: dict[str, Any], view: SessionView, email: Any) -> Args:
+    sender = str(a.get("sender") or "")
+    domain = sender.rpartition("@")[2] if "@" in sender else view.helo
+    return [{"remote_addr": view.remote_addr, "domain": domain}]
+
+
+def _raw(email: Any) -> bytes:
+    return email.raw if email is not None else b""
+
+
+ARGS: dict[str, Any] = {
+    "on_connect": _remote,
+    "on_rate_limit_check": _remote,
+    "on_starttls": lambda a, view, email: [{}],
+    "on_data": lambda a, view, email: [{}],
+    "on_helo": _greeting(("HELO",)),
+    "on_ehlo": _greeting(("EHLO", "LHLO")),
+    "on_auth": lambda a, view, email: [{"mechanism": a.get("mechanism"),
+                                        "username": a.get("username")}],
+    "on_mail_from": _envelope_args("sender"),
+    "on_rcpt_to": _envelope_args("recipient"),
+    "on_reputation_check": _reputation,
+    "on_spf_check": lambda a, view, email: [{"sender": a.get("sender"),
+                                             "remote_ip": view.remote_ip}],
+    "on_greylist_check": lambda a, view, email: [{
+        "sender": view.mail_from, "recipient": a.get("recipient"),
+        "remote_addr": view.remote_addr}],
+    "on_headers": lambda a, view, email: [{"headers": parse_headers(a.get("headers") or b"")}],
+    "on_body": lambda a, view, email: [{"body": body_of(_raw(email))}],
+    "on_antivirus_scan": lambda a, view, email: [{"content": _raw(email)}],
+    "on_antispam_scan": lambda a, view, email: [{"content": _raw(email)}],
+    "on_content_filter": lambda a, view, email: [{"content": _raw(email)}],
+    "on_dkim_verify": lambda a, view, email: [{"content": _raw(email)}],
+    "on_dmarc_check": lambda a, view, email: [{
+        "sender": view.mail_from, "spf_result": view.store.get("spf_result", "none"),
+        "dkim_result": view.store.get("dkim_result", "none")}],
+    "on_message_complete": lambda a, view, email: [{"raw": _raw(email)}],
+    "on_pre_delivery": lambda a, view, email: [{"recipient": rcpt} for rcpt in view.rcpt_to],
+}
 
 
 def note_changes(changes: Changes, hook: str, args: dict[str, Any], result: HookResult) -> None:
