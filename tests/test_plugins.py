@@ -482,3 +482,15 @@ async def wait_for(condition: Any, timeout: float = 5.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+def test_docs_describe_every_hook_as_the_table_does() -> None:
+    """docs/plugins.md's hook table is HOOKS written out: each hook, its arguments and when
+    it fires, so that the documentation cannot drift from what fires."""
+    from conftest import ROOT
+    from mailpipe.plugins.hooks import HOOKS
+
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    for hook in HOOKS.values():
+        row = f"| `{hook.name}({', '.join(hook.args)})` | {hook.family} | {hook.when} |"
+        assert row in docs, row

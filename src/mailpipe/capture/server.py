@@ -509,8 +509,8 @@ class SMTPSession(asyncio.Protocol):
                 if kind is Send:
                     out.append(event.data)  # type: ignore[union-attr]
                     continue
-                if out and (kind is Close or kind is StartTLS):
-                    self._write(out)
+                if out and (kind is Close or kind is StartTLS or kind is MessageReceived):
+                    self._write(out)  # what came before goes first (a message may answer now)
                 if kind is VerdictNeeded:
                     following = self._verdict_now(event)  # type: ignore[arg-type]
                     answered = answered or following is not None

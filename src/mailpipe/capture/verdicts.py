@@ -130,15 +130,9 @@ class Verdicts:
                 log.error("verdict at %s %s: %r", context.stage.name, reason, exc,
                           extra={"session": context.session}, exc_info=reason == "failed")
                 return TEMPFAIL
-            if verdict is None:
-                continue
-            if not _valid(verdict):
-                log.error("verdict at %s is not valid: %r", context.stage.name, verdict,
-                          extra={"session": context.session})
-                return TEMPFAIL
-            return verdict
+            if verdict is not None:
+                return _checked(context, verdict)
         return PROCEED
-
 
     def decide_now(self, context: VerdictContext) -> Verdict | None:
         """The stage's verdict without awaiting anything, when every callable of the stage
@@ -153,18 +147,17 @@ class Verdicts:
                 log.error("verdict at %s failed: %r", context.stage.name, exc,
                           extra={"session": context.session}, exc_info=True)
                 return TEMPFAIL
-            if verdict is None:
-                continue
-            if not _valid(verdict):
-                log.error("verdict at %s is not valid: %r", context.stage.name, verdict,
-                          extra={"session": context.session})
-                return TEMPFAIL
-            return verdict
+            if verdict is not None:
+                return _checked(context, verdict)
         return PROCEED
 
 
-def _valid(verdict: object) -> bool:
-    # Only the sinks may answer 2xx to a message: a 250 from anyone else would lose it.
-    if isinstance(verdict, Respond):
-        return 400 <= verdict.code < 600
-    return isinstance(verdict, Proceed | Disconnect)
+def _checked(context: VerdictContext, verdict: object) -> Verdict:
+    """The verdict, or TEMPFAIL for nonsense. Only the sinks may answer 2xx to a message:
+    a 250 from anyone else would lose it."""
+    refusal = isinstance(verdict, Respond) and 400 <= verdict.code < 600
+    if refusal or isinstance(verdict, Proceed | Disconnect):
+        return verdict  # type: ignore[return-value]
+    log.error("verdict at %s is not valid: %r", context.stage.name, verdict,
+              extra={"session": context.session})
+    return TEMPFAIL

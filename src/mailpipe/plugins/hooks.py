@@ -69,7 +69,8 @@ HOOKS: dict[str, Hook] = _hooks(
     ("on_dequeue", "queue", ("queue_id",), None, "notify",
      "a consumer took a job off a pipeline"),
     ("on_queue_retry", "queue", ("queue_id", "attempt"), None, "notify",
-     "a job goes back on its pipeline for another attempt"),
+     "a job goes back on its pipeline for another attempt; `attempt` is the one it goes "
+     "back for (2 after the first failure)"),
     ("on_pre_delivery", "delivery", ("recipient",), S.MESSAGE, "message",
      "before the sinks get the email, once per recipient; a refusal refuses the message"),
     ("on_delivery_attempt", "delivery", ("recipient", "attempt"), None, "notify",
