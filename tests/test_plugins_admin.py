@@ -300,14 +300,23 @@ EXPECTED_ANSWERS = sorted([("ok", "ack"), ("[fail] retried", "nack-requeue"),
                            ("[fail] retried", "nack-requeue")])
 
 
+def send_one_ok_one_retried(server: MailpipeServer) -> dict[str, str]:
+    """Two emails for the consumer: one it acks, one it asks to retry; their uuids."""
+    send(server, "ok")
+    send(server, "[fail] retried")
+    return uuids_by_subject(server, 2)
+
+
+def wait_for_answers(tmp_path: Path) -> None:
+    assert wait_for(lambda: sorted(consumer_answers(tmp_path)) == EXPECTED_ANSWERS,
+                    timeout=30), consumer_answers(tmp_path)
+
+
 def test_queue_hooks_in_serve(mailpipe_factory: Factory, tmp_path: Path) -> None:
     pipeline = {"driver": "sqlite", "config": {"max_attempts": 2}}
     server = mailpipe_factory(consuming(tmp_path, pipeline, consume_here=True))
-    send(server, "ok")
-    send(server, "[fail] retried")
-    found = uuids_by_subject(server, 2)
-    assert wait_for(lambda: sorted(consumer_answers(tmp_path)) == EXPECTED_ANSWERS,
-                    timeout=30), consumer_answers(tmp_path)
+    found = send_one_ok_one_retried(server)
+    wait_for_answers(tmp_path)
     check_queue_hooks(tmp_path, found, enqueuer=server.process.pid)
     stats = server.get_json(f"/api/v1/plugins/{NAME}")["stats"]
     assert stats["on_enqueue"]["executions"] == 2 and stats["on_dequeue"]["executions"] == 3
@@ -316,14 +325,11 @@ def test_queue_hooks_in_serve(mailpipe_factory: Factory, tmp_path: Path) -> None
 def test_queue_hooks_in_jobs_consume(mailpipe_factory: Factory, tmp_path: Path) -> None:
     pipeline = {"driver": "sqlite", "config": {"max_attempts": 2}}
     server = mailpipe_factory(consuming(tmp_path, pipeline, consume_here=False))
-    send(server, "ok")
-    send(server, "[fail] retried")
-    found = uuids_by_subject(server, 2)
+    found = send_one_ok_one_retried(server)
     assert recorded(tmp_path, "on_dequeue") == []  # nothing consumes in `serve`
     process = consume(server.workdir / "mailpipe.yaml", "emails")
     try:
-        assert wait_for(lambda: sorted(consumer_answers(tmp_path)) == EXPECTED_ANSWERS,
-                        timeout=30), consumer_answers(tmp_path)
+        wait_for_answers(tmp_path)
         check_queue_hooks(tmp_path, found, enqueuer=server.process.pid, consumer=process.pid)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
@@ -345,11 +351,8 @@ def test_queue_hooks_with_redis(mailpipe_factory: Factory, tmp_path: Path) -> No
                                               "stream": stream, "max_attempts": 2}}
     try:
         server = mailpipe_factory(consuming(tmp_path, pipeline, consume_here=True))
-        send(server, "ok")
-        send(server, "[fail] retried")
-        found = uuids_by_subject(server, 2)
-        assert wait_for(lambda: sorted(consumer_answers(tmp_path)) == EXPECTED_ANSWERS,
-                        timeout=30), consumer_answers(tmp_path)
+        found = send_one_ok_one_retried(server)
+        wait_for_answers(tmp_path)
         check_queue_hooks(tmp_path, found, enqueuer=server.process.pid)
     finally:
         with Redis(host=REDIS_HOST, port=REDIS_PORT) as client:
