@@ -34,6 +34,7 @@ from mailpipe.capture.types import (
     BodyDropped,
     Close,
     Disconnect,
+    Envelope,
     Event,
     MessageReceived,
     Proceed,
@@ -127,9 +128,10 @@ class Driven:
 
 
 def new_conn(*, tls_active: bool = False, spool_dir: str | None = None,
-             held: frozenset[Any] = frozenset(), **kwargs: Any) -> Driven:
+             held: frozenset[Any] = frozenset(), judge: Any = None, **kwargs: Any) -> Driven:
     settings = make_settings(**kwargs)
     conn = SMTPConnection(settings, clock=clock, tls_active=tls_active, held=held)
+    conn.judge = judge
     return Driven(conn, spool_dir)
 
 
@@ -1464,3 +1466,45 @@ def test_holding_every_stage_and_proceeding_changes_nothing(
     held = drive(split(wire, cuts), held=ALL_STAGES)
     assert outcome(held) == outcome(plain)
     assert sum(isinstance(e, VerdictNeeded) for e in held.events) >= 2  # CONNECT, HELO...
+
+
+@FAST
+@given(full_session(), st.lists(st.integers(min_value=0), max_size=12))
+def test_a_judge_answering_at_once_or_not_changes_nothing(
+    session_wire: tuple[bytes, list[bytes]], cuts: list[int]
+) -> None:
+    """Verdicts the judge gives at once and verdicts asked with VerdictNeeded, alternating,
+    come to the same replies and messages as holding nothing."""
+    wire, _ = session_wire
+    asked: list[Stage] = []
+
+    def judge(stage: Stage, args: dict[str, object], envelope: Envelope | None) -> Any:
+        asked.append(stage)
+        return Proceed() if len(asked) % 2 else None
+
+    plain = drive([wire])
+    judged = drive(split(wire, cuts), held=ALL_STAGES, judge=judge)
+    assert outcome(judged) == outcome(plain)
+    needed = sum(isinstance(e, VerdictNeeded) for e in judged.events)
+    assert asked[0] == Stage.CONNECT and needed == len(asked) // 2
+
+
+@pytest.mark.parametrize("stage", [s for s in STAGES if s != Stage.CONNECT])
+def test_a_judge_refusing_at_once_refuses_that_command_only(stage: Stage) -> None:
+    seen: list[tuple[Stage, dict[str, object], Envelope | None]] = []
+
+    def judge(at: Stage, args: dict[str, object], envelope: Envelope | None) -> Any:
+        seen.append((at, args, envelope))
+        return REFUSED if at == stage else Proceed()
+
+    kwargs, before, trigger, _ = STAGES[stage]
+    conn = new_conn(held=frozenset({stage}), judge=judge, **kwargs)
+    events = conn.start() + conn.receive(before + trigger + b"NOOP\r\n")
+    assert not any(isinstance(e, VerdictNeeded) for e in events)
+    assert not conn.awaiting_reply
+    answered = [line for line in replies(events) if line[3:4] == " "]
+    assert answered[-2:] == ["451 4.7.1 Not now", "250 2.0.0 Ok"]
+    assert [at for at, _, _ in seen] == [stage]
+    if stage == Stage.RCPT:
+        _, args, envelope = seen[0]
+        assert args["recipient"] == "user@example.org" and envelope.mail_from == "a@b"

@@ -335,6 +335,8 @@ class SMTPSession(asyncio.Protocol):
         self.id = new_uuid()
         self.conn = SMTPConnection(listener.settings, clock=_now, tls_active=listener.implicit_tls,
                                    held=server.verdicts.held)
+        if self.conn.held:  # verdicts the plugins give at once are given inside the core
+            self.conn.judge = self._judge
         self.transport: asyncio.Transport | None = None
         self.remote_addr = ""
         self.local_addr = ""
@@ -497,30 +499,22 @@ class SMTPSession(asyncio.Protocol):
     # ---- events from the protocol core --------------------------------------------
 
     def _handle(self, events: list[Event]) -> None:
-        """Act on the core's events. The replies of one pass go out in one write; a verdict
-        the plugins give at once is answered here, and the core's events after it handled
-        in the same pass (no task, no recursion: a pipelined batch stays one write)."""
+        """Act on the core's events. The replies of one pass go out in one write (verdicts
+        given at once were given inside the core: see `_judge`)."""
         out: list[bytes] = []
-        answered = False
-        while events:
-            following = None
-            for event in events:
-                kind = type(event)
-                if kind is Send:
-                    out.append(event.data)  # type: ignore[union-attr]
-                    continue
-                if out and (kind is Close or kind is StartTLS or kind is MessageReceived):
-                    self._write(out)  # what came before goes first (a message may answer now)
-                if kind is VerdictNeeded:
-                    following = self._verdict_now(event)  # type: ignore[arg-type]
-                    answered = answered or following is not None
-                else:
-                    self._act(event)
-            events = following
+        for event in events:
+            kind = type(event)
+            if kind is Send:
+                out.append(event.data)  # type: ignore[union-attr]
+                continue
+            if out and (kind is Close or kind is StartTLS or kind is MessageReceived):
+                self._write(out)  # what came before goes first (a message may answer now)
+            if kind is VerdictNeeded:
+                self._ask_later(event)  # type: ignore[arg-type]
+            else:
+                self._act(event)
         if out:
             self._write(out)
-        if answered:
-            self._update_reading()
 
     def _write(self, out: list[bytes]) -> None:
         if self.transport is not None:
@@ -556,17 +550,19 @@ class SMTPSession(asyncio.Protocol):
         elif kind is BodyDropped:
             self.spooler.drop()
 
-    def _verdict_now(self, needed: VerdictNeeded) -> list[Event] | None:
-        """The core's events after a verdict given at once; None when it must be awaited
-        (a task asks, and reading pauses meanwhile)."""
+    def _judge(self, stage: Stage, args: dict[str, object],
+               envelope: Envelope | None) -> Verdict | None:
+        """The core asks: a held stage's verdict if the verdict callables give it at once
+        (the core then reads on in the same pass); None: it asks with VerdictNeeded."""
+        if self.transport is None or self.transport.is_closing():
+            return None
+        return self.server.verdicts.decide_now(self._context(stage, args, envelope))
+
+    def _ask_later(self, needed: VerdictNeeded) -> None:
+        """A verdict that must be awaited: a task asks, and reading pauses meanwhile."""
         context = self._context(needed.stage, needed.args, needed.envelope)
-        verdict = self.server.verdicts.decide_now(context)
-        if verdict is not None and self.transport is not None \
-                and not self.transport.is_closing():
-            return self.conn.verdict(verdict)
         self._update_reading()
         self._asking = asyncio.ensure_future(self._ask(context))
-        return None
 
     # ---- verdicts -----------------------------------------------------------------
 

@@ -95,6 +95,8 @@ class Verdicts:
     _checks: dict[Stage, list[tuple[VerdictCheck, bool, VerdictNow | None]]] = field(
         default_factory=dict, init=False)
     held: frozenset[Stage] = field(default=frozenset(), init=False)
+    # Per stage, its callables' `now` forms when every one has one (see `decide_now`).
+    _now: dict[Stage, tuple[VerdictNow, ...]] = field(default_factory=dict, init=False)
     observer: Observer | None = None  # the plugins' notification hooks, when any
     observed: frozenset[str] = frozenset()  # what the observer wants to be told
 
@@ -116,6 +118,9 @@ class Verdicts:
 
     def _update(self) -> None:
         self.held = frozenset(self._checks)
+        self._now = {stage: tuple(now for _, _, now in checks)  # type: ignore[misc]
+                     for stage, checks in self._checks.items()
+                     if all(now is not None for _, _, now in checks)}
 
     async def decide(self, context: VerdictContext) -> Verdict:
         """The first verdict of the stage's callables; Proceed when none has one."""
@@ -137,12 +142,12 @@ class Verdicts:
     def decide_now(self, context: VerdictContext) -> Verdict | None:
         """The stage's verdict without awaiting anything, when every callable of the stage
         can give it synchronously; None when one cannot (then `decide` is awaited)."""
-        checks = self._checks.get(context.stage, ())
-        if not all(now is not None for _, _, now in checks):
+        nows = self._now.get(context.stage)
+        if nows is None:
             return None
-        for _, _, now in checks:
+        for now in nows:
             try:
-                verdict = now(context)  # type: ignore[misc]
+                verdict = now(context)
             except Exception as exc:
                 log.error("verdict at %s failed: %r", context.stage.name, exc,
                           extra={"session": context.session}, exc_info=True)

@@ -10,12 +10,24 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from mailpipe.capture.types import Stage
+
+if TYPE_CHECKING:
+    from mailpipe.capture.verdicts import VerdictContext
+
+
+def _ip_of(host: str) -> str:
+    if host.startswith("["):
+        return host[1:host.index("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 @dataclass(slots=True)
 class SessionView:
-    """A session's facts as plugins see them; the capture server keeps it current."""
+    """A session's facts as plugins see them, as plain values (`StageSession` has the same
+    attributes, read from the capture server's stage when asked)."""
 
     session_uuid: str = ""
     server: str = ""
@@ -32,10 +44,46 @@ class SessionView:
 
     @property
     def remote_ip(self) -> str:
-        host = self.remote_addr
-        if host.startswith("["):
-            return host[1:host.index("]")] if "]" in host else host
-        return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        return _ip_of(self.remote_addr)
+
+
+class StageSession:
+    """`SessionView`'s attributes over the capture server's context of one SMTP stage: made
+    for every held stage, so it copies nothing until a plugin reads it. Read later, it still
+    tells the stage's facts (the envelope's recipients as they were)."""
+
+    __slots__ = ("_rcpts", "_v")
+
+    def __init__(self, vctx: VerdictContext) -> None:
+        self._v = vctx
+        envelope = vctx.envelope  # recipients are only ever added to an envelope
+        self._rcpts = len(envelope.rcpt_to) if envelope is not None else 0
+
+    session_uuid = property(lambda self: self._v.session)
+    server = property(lambda self: self._v.server)
+    remote_addr = property(lambda self: self._v.remote_addr)
+    local_addr = property(lambda self: self._v.local_addr)
+    tls = property(lambda self: self._v.tls)
+    helo = property(lambda self: self._v.helo)
+    auth_mechanism = property(lambda self: self._v.auth.mechanism)
+    auth_username = property(lambda self: self._v.auth.username)
+    message_uuid = property(lambda self: self._v.message_uuid)
+    store = property(lambda self: self._v.store)
+    remote_ip = property(lambda self: _ip_of(self._v.remote_addr))
+
+    @property
+    def mail_from(self) -> str | None:
+        v = self._v
+        if v.stage is Stage.MAIL:  # the transaction starts with this command
+            return str(v.args.get("sender", ""))
+        return v.envelope.mail_from if v.envelope is not None else None
+
+    @property
+    def rcpt_to(self) -> list[str]:
+        v = self._v
+        if v.envelope is None or v.stage is Stage.MAIL:
+            return []
+        return v.envelope.rcpt_to[:self._rcpts]
 
 
 @dataclass(slots=True)
@@ -45,7 +93,7 @@ class HookContext:
     hook: str
     stage: str
     args: dict[str, Any]
-    session: SessionView
+    session: SessionView | StageSession
     event: dict[str, Any] | None = None
 
     # Short names for what plugins read most.

@@ -22,9 +22,9 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mailpipe.capture.types import (
     PROCEED,
@@ -36,8 +36,8 @@ from mailpipe.capture.types import (
 )
 from mailpipe.plugins.base import Plugin, PluginError
 from mailpipe.plugins.builtin import BUILTINS
-from mailpipe.plugins.context import HookContext, SessionView
-from mailpipe.plugins.executor import Entry, Executor, Failed
+from mailpipe.plugins.context import HookContext, SessionView, StageSession
+from mailpipe.plugins.executor import Entry, Executor, Failed, InlineCall
 from mailpipe.plugins.hooks import HOOKS, STAGE_HOOKS
 from mailpipe.plugins.python import (
     discover_files,
@@ -84,7 +84,8 @@ class PluginManager:
         )
         self.entries: list[Entry] = []
         self.callers: dict[str, tuple[Entry, ...]] = {}
-        self._stage_hooks: dict[Stage, tuple[str, ...]] = {}
+        self._steps: dict[Stage, tuple[Step, ...]] = {}
+        self._notified: dict[str, tuple[tuple[InlineCall, ...], tuple[Entry, ...]]] = {}
         self._registered: set[Stage] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._mtimes: dict[str, float] = {}
@@ -174,16 +175,23 @@ class PluginManager:
             for hook in entry.plugin.implemented():
                 callers.setdefault(hook, []).append(entry)
         self.callers = {hook: tuple(entries) for hook, entries in callers.items()}
-        self._stage_hooks = {
-            stage: tuple(h for h in hooks if h in self.callers)
+        # Everything a call needs, looked up now rather than on every command.
+        self._steps = {
+            stage: tuple(Step(hook, ARGS[hook], self.callers[hook],
+                              tuple(e.inline_call(hook) for e in self.callers[hook]))
+                         for hook in hooks if hook in self.callers)
             for stage, hooks in STAGE_HOOKS.items()
+        }
+        self._notified = {
+            hook: (tuple(c for e in entries if (c := e.inline_call(hook)) is not None),
+                   tuple(e for e in entries if e.calls[hook][0] is None))
+            for hook, entries in self.callers.items()
         }
         for stage in self._registered:
             self.verdicts.unregister(stage, self.decide)
-        self._registered = {stage for stage, hooks in self._stage_hooks.items() if hooks}
+        self._registered = {stage for stage, steps in self._steps.items() if steps}
         for stage in self._registered:
-            inline = all(entry.calls[hook][0] is not None for hook in self._stage_hooks[stage]
-                         for entry in self.callers[hook])
+            inline = all(None not in step.inline for step in self._steps[stage])
             self.verdicts.register(stage, self.decide, bounded=False,
                                    now=self.decide_now if inline else None)
         observed = frozenset(what for what, hooks in OBSERVED.items()
@@ -196,11 +204,12 @@ class PluginManager:
     async def decide(self, vctx: VerdictContext) -> Verdict:
         """The verdict of every plugin hook at this SMTP stage."""
         call = self.executor.call
-        for hook, ctx in self._calls(vctx):
-            for entry in self.callers.get(hook, ()):
+        for step, ctx in self._contexts(vctx):
+            for entry in step.entries:
                 if entry.open:
                     continue
-                outcome = self._outcome(hook, ctx, await call(entry, hook, ctx), vctx.changes)
+                outcome = self._outcome(step.hook, ctx, await call(entry, step.hook, ctx),
+                                        vctx.changes)
                 if outcome is NEXT:
                     continue
                 if outcome is PROCEED:
@@ -211,30 +220,27 @@ class PluginManager:
     def decide_now(self, vctx: VerdictContext) -> Verdict:
         """`decide` for a stage whose plugins all answer inline: no task, nothing awaited.
         (The same loop as `decide`; Python cannot share it between sync and async.)"""
-        call = self.executor.call_now
-        for hook, ctx in self._calls(vctx):
-            for entry in self.callers.get(hook, ()):
-                if entry.open:
-                    continue
-                result = call(entry, hook, ctx)
-                if result is None:  # the usual answer, spared a call
-                    continue
-                outcome = self._outcome(hook, ctx, result, vctx.changes)
-                if outcome is NEXT:
-                    continue
+        each = self.executor.call_each
+        for step, ctx in self._contexts(vctx):
+            index, result = each(step.inline, ctx)  # type: ignore[arg-type]
+            while result is not None:  # the usual answer is None: no plugin had a word
+                outcome = self._outcome(step.hook, ctx, result, vctx.changes)
                 if outcome is PROCEED:
                     break
-                return outcome  # type: ignore[return-value]
+                if outcome is not NEXT:
+                    return outcome  # type: ignore[return-value]
+                index, result = each(step.inline, ctx, index + 1)  # type: ignore[arg-type]
         return PROCEED
 
-    def _calls(self, vctx: VerdictContext) -> Iterator[tuple[str, HookContext]]:
+    def _contexts(self, vctx: VerdictContext) -> Iterator[tuple[Step, HookContext]]:
         """Each hook of the stage with its context (once per recipient for on_pre_delivery)."""
-        view = session_view(vctx)
-        event = vctx.email.event if vctx.email is not None else None
+        view = StageSession(vctx)
+        email = vctx.email
+        event = email.event if email is not None else None
         stage = STAGE_NAMES[vctx.stage]
-        for hook in self._stage_hooks.get(vctx.stage, ()):
-            for args in ARGS[hook](vctx.args, view, vctx.email):
-                yield hook, HookContext(hook, stage, args, view, event)
+        for step in self._steps[vctx.stage]:
+            for args in step.args(vctx.args, view, email):
+                yield step, HookContext(step.hook, stage, args, view, event)
 
     def _outcome(self, hook: str, ctx: HookContext, result: HookResult | Failed | None,
                  changes: Changes | None) -> Verdict | object:
@@ -261,26 +267,24 @@ class PluginManager:
 
     # ---- notifications ------------------------------------------------------------------
 
-    def notify(self, hook: str, args: dict[str, Any], view: SessionView | None = None,
+    def notify(self, hook: str, args: dict[str, Any],
+               view: SessionView | StageSession | None = None,
                event: dict[str, Any] | None = None) -> None:
         """Fire a notification hook (its results are ignored): plugins answering inline are
         called now, the others in the background."""
-        entries = self.callers.get(hook)
-        if not entries:
+        calls = self._notified.get(hook)
+        if calls is None:
             return
+        inline, later = calls
         ctx = HookContext(hook, "", args, view or SessionView(), event)
-        later = []
-        for entry in entries:
-            if entry.open:
-                continue
-            if entry.calls[hook][0] is not None:
-                self.executor.call_now(entry, hook, ctx)
-            else:
-                later.append(entry)
+        index, each = -1, self.executor.call_each
+        while index < len(inline):  # every plugin, whatever each answers
+            index = each(inline, ctx, index + 1)[0]
         if later:
             self._spawn(self._notify_later(later, hook, ctx))
 
-    async def _notify_later(self, entries: list[Entry], hook: str, ctx: HookContext) -> None:
+    async def _notify_later(self, entries: tuple[Entry, ...], hook: str,
+                            ctx: HookContext) -> None:
         for entry in entries:
             if not entry.open:
                 await self.executor.call(entry, hook, ctx)
@@ -288,7 +292,7 @@ class PluginManager:
     def observe(self, what: str, vctx: VerdictContext) -> None:
         """The capture server reports: disconnect, delivery_attempt, delivery_success,
         delivery_failure (args: error), email_accepted, email_refused."""
-        view = session_view(vctx)
+        view = StageSession(vctx)
         event = vctx.email.event if vctx.email is not None else None
         if what == "disconnect":
             self.notify("on_disconnect", {"remote_addr": view.remote_addr}, view)
@@ -424,47 +428,43 @@ class PluginManager:
 # ---- helpers ------------------------------------------------------------------------------
 
 
-def session_view(vctx: VerdictContext) -> SessionView:
-    env = vctx.envelope
-    mail_from = env.mail_from if env is not None else None
-    rcpt_to = list(env.rcpt_to) if env is not None else []
-    if vctx.stage is Stage.MAIL:  # the transaction starts with this command
-        mail_from, rcpt_to = str(vctx.args.get("sender", "")), []
-    return SessionView(
-        session_uuid=vctx.session, server=vctx.server, remote_addr=vctx.remote_addr,
-        local_addr=vctx.local_addr, tls=vctx.tls, helo=vctx.helo,
-        auth_mechanism=vctx.auth.mechanism, auth_username=vctx.auth.username,
-        message_uuid=vctx.message_uuid, mail_from=mail_from, rcpt_to=rcpt_to,
-        store=vctx.store,
-    )
-
-
 # ---- each hook's arguments at its stage ------------------------------------------------------
 # One small function per hook, from the stage's own arguments, the session and the email:
 # a list of argument sets (empty: the hook does not apply, as on_helo at EHLO; one per
 # recipient for on_pre_delivery).
 
 Args = list[dict[str, Any]]
+ArgsOf = Callable[[dict[str, Any], StageSession, Any], Args]
 STAGE_NAMES = {stage: stage.name.lower() for stage in Stage}
 
 
+class Step(NamedTuple):
+    """One hook at a stage: its arguments, its plugins in order, and their inline calls
+    (None for a plugin whose hook is awaited)."""
+
+    hook: str
+    args: ArgsOf
+    entries: tuple[Entry, ...]
+    inline: tuple[InlineCall | None, ...]
+
+
 def _greeting(verbs: tuple[str, ...]) -> Any:
-    def args(a: dict[str, Any], view: SessionView, email: Any) -> Args:
+    def args(a: dict[str, Any], view: StageSession, email: Any) -> Args:
         return [{"hostname": a.get("hostname")}] if a.get("verb") in verbs else []
     return args
 
 
 def _envelope_args(key: str) -> Any:
-    def args(a: dict[str, Any], view: SessionView, email: Any) -> Args:
+    def args(a: dict[str, Any], view: StageSession, email: Any) -> Args:
         return [{key: a.get(key), "params": a.get("params", [])}]
     return args
 
 
-def _remote(a: dict[str, Any], view: SessionView, email: Any) -> Args:
+def _remote(a: dict[str, Any], view: StageSession, email: Any) -> Args:
     return [{"remote_addr": view.remote_addr}]
 
 
-def _reputation(a: dict[str, Any], view: SessionView, email: Any) -> Args:
+def _reputation(a: dict[str, Any], view: StageSession, email: Any) -> Args:
     sender = str(a.get("sender") or "")
     domain = sender.rpartition("@")[2] if "@" in sender else view.helo
     return [{"remote_addr": view.remote_addr, "domain": domain}]

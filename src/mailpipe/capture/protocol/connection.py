@@ -9,6 +9,10 @@ is legal where, and where it leads), `lines` (where a command line ends), `comma
 scanner) and `auth` (the SASL exchanges). What stays here: the mode and phase changes, the
 verdict holds, which reply answers what, and the events.
 
+A held stage asks its verdict with a `VerdictNeeded` event and waits for `verdict()`. A driver
+that can often answer at once (plugins that are plain functions) may set `judge`: the core
+asks it first and, given a verdict, goes on in the same pass with no event and no wait.
+
 It is deliberately permissive: mailpipe captures what applications send, so sloppy clients
 (bare LF, long lines, 8-bit data without BODY=8BITMIME...) are accepted and their sins are
 reported as `Violation` events instead of being refused.
@@ -79,6 +83,8 @@ _NO_STAGES: frozenset[Stage] = frozenset()
 
 Then = Callable[[], None]
 Refuse = Callable[[bytes], None]
+# A verdict given at once, or None: ask with a VerdictNeeded event (see the module docstring).
+Judge = Callable[[Stage, dict[str, object], Envelope | None], Verdict | None]
 
 
 class SMTPConnection:
@@ -111,6 +117,7 @@ class SMTPConnection:
         "auth",
         "held",
         "helo",
+        "judge",
         "settings",
         "tls_active",
     )
@@ -129,6 +136,7 @@ class SMTPConnection:
         self.auth = AuthInfo()
         self._clock = clock
         self._held = self.held = held
+        self.judge: Judge | None = None
         self._mode = _COMMAND
         self._phase = _IDLE
         self._buf = bytearray()
@@ -200,14 +208,19 @@ class SMTPConnection:
     def verdict(self, verdict: Verdict, *, close_reply: Reply | None = None) -> list[Event]:
         """Answer the stage awaiting a verdict (a VerdictNeeded or a MessageReceived), then
         read on; with `close_reply`, end the session with it right after."""
+        how, reply = self._judged(verdict, self._stage)
+        return self._resolve(how, reply, close_reply)
+
+    @staticmethod
+    def _judged(verdict: Verdict, stage: Stage) -> tuple[int, bytes]:
         if type(verdict) is Proceed:
-            return self._resolve(_PROCEED, b"", close_reply)
+            return _PROCEED, b""
         if type(verdict) is Respond:
-            if self._stage != _MESSAGE and not 400 <= verdict.code < 600:
-                raise ValueError(f"a {self._stage.name} verdict must be 4xx or 5xx: {verdict}")
-            return self._resolve(_REFUSE, verdict.reply().encode(), close_reply)
+            if stage != _MESSAGE and not 400 <= verdict.code < 600:
+                raise ValueError(f"a {stage.name} verdict must be 4xx or 5xx: {verdict}")
+            return _REFUSE, verdict.reply().encode()
         if type(verdict) is Disconnect:
-            return self._resolve(_DISCONNECT, verdict.reply().encode(), close_reply)
+            return _DISCONNECT, verdict.reply().encode()
         raise TypeError(f"not a verdict: {verdict!r}")
 
     def reply_to_message(self, reply: Reply, *, close_after: bool = False,
@@ -227,6 +240,16 @@ class SMTPConnection:
         then, refuse = self._then, self._refuse_with
         self._then = self._refuse_with = None
         self._goto(self._resume)
+        self._apply(how, reply, then, refuse)
+        if close_reply is not None and self._mode != _CLOSED:
+            self._close(close_reply.encode())
+        if self._mode < _WAIT:
+            self._run()
+        return self._take_events()
+
+    def _apply(self, how: int, reply: bytes, then: Then | None, refuse: Refuse | None) -> None:
+        """What a verdict does: Proceed runs `then` (None: 250 Ok), Respond `refuse` (None:
+        send its reply), Disconnect closes with its reply."""
         if how == _PROCEED:
             if then is not None:
                 then()
@@ -239,11 +262,6 @@ class SMTPConnection:
                 self._send(reply)
         else:
             self._close(reply)
-        if close_reply is not None and self._mode != _CLOSED:
-            self._close(close_reply.encode())
-        if self._mode < _WAIT:
-            self._run()
-        return self._take_events()
 
     def tls_started(self) -> list[Event]:
         if self._mode != _WAIT_TLS:
@@ -292,7 +310,13 @@ class SMTPConnection:
     def _hold(self, stage: Stage, args: dict[str, object], then: Then | None,
               refuse: Refuse | None) -> None:
         """Ask the driver for a verdict at `stage`: Proceed runs `then`, Respond `refuse`
-        (None: send the reply as it is)."""
+        (None: send the reply as it is). The judge's verdict, when it gives one, at once."""
+        judge = self.judge
+        if judge is not None:
+            verdict = judge(stage, args, self._env)
+            if verdict is not None:
+                self._apply(*self._judged(verdict, stage), then, refuse)
+                return
         self._flush()
         self._events.append(VerdictNeeded(stage, args, self._env))
         self._await(stage, then, refuse)
