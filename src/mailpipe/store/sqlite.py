@@ -251,14 +251,17 @@ class SQLiteStore:
             # One read transaction, so the page and the counts come from the same snapshot.
             conn.execute("BEGIN")
             try:
-                rows = conn.execute(
-                    f"SELECT {SUMMARY_COLUMNS} FROM messages WHERE {where} "
-                    "ORDER BY id DESC LIMIT ? OFFSET ?",
-                    (*params, limit, offset),
-                ).fetchall()
-                (total,) = conn.execute(
-                    f"SELECT COUNT(*) FROM messages WHERE {where}", params
-                ).fetchone()
+                if params:
+                    rows, total = _search_page(conn, where, params, limit, offset)
+                else:  # no text to scan: the page by rowid, the count from an index
+                    rows = conn.execute(
+                        f"SELECT {SUMMARY_COLUMNS} FROM messages WHERE {where} "
+                        "ORDER BY id DESC LIMIT ? OFFSET ?",
+                        (limit, offset),
+                    ).fetchall()
+                    (total,) = conn.execute(
+                        f"SELECT COUNT(*) FROM messages WHERE {where}"
+                    ).fetchone()
                 (unread,) = conn.execute("SELECT COUNT(*) FROM messages WHERE read = 0").fetchone()
             finally:
                 conn.execute("COMMIT")
@@ -528,6 +531,24 @@ def _row(email: CapturedEmail) -> tuple[Any, ...]:
         outcomes,
         email.raw,
     )
+
+
+def _search_page(
+    conn: sqlite3.Connection, where: str, params: list[str], limit: int, offset: int
+) -> tuple[list[tuple[Any, ...]], int]:
+    """A page of matching rows and how many match, from one scan of the text: the ids of
+    every match (integers, cheap to hold), then the summaries of the page's ids alone. A page
+    query plus a COUNT would scan the text twice when matches are rare."""
+    ids = [row[0] for row in conn.execute(
+        f"SELECT id FROM messages WHERE {where} ORDER BY id DESC", params)]
+    page = ids[offset : offset + limit]
+    if not page:
+        return [], len(ids)
+    marks = ",".join("?" * len(page))
+    rows = conn.execute(
+        f"SELECT {SUMMARY_COLUMNS} FROM messages WHERE id IN ({marks}) ORDER BY id DESC", page
+    ).fetchall()
+    return rows, len(ids)
 
 
 def _summary_of_insert(row: tuple[Any, ...]) -> dict[str, Any]:
