@@ -169,10 +169,8 @@ class _SafeWriter(HTMLParser):
 
     def _srcset(self, value: str) -> str:
         candidates = []
-        for candidate in value.split(","):
-            url, _, descriptor = candidate.strip().partition(" ")
-            url = self._resource(url) if url else ""
-            if url:
+        for url, descriptor in _srcset_candidates(value):
+            if url := self._resource(url):
                 candidates.append(f"{url} {descriptor}".strip())
         return ", ".join(candidates)
 
@@ -216,6 +214,31 @@ class _SafeWriter(HTMLParser):
 
     def unknown_decl(self, data: str) -> None:
         return None
+
+
+def _srcset_candidates(value: str) -> list[tuple[str, str]]:
+    """(url, descriptor) pairs as the HTML standard splits a srcset: a URL runs to the next
+    whitespace (commas inside it, as in data: URLs, belong to it), then descriptors to the
+    next comma."""
+    found = []
+    i, n = 0, len(value)
+    while i < n:
+        while i < n and (value[i].isspace() or value[i] == ","):
+            i += 1
+        start = i
+        while i < n and not value[i].isspace():
+            i += 1
+        url = value[start:i]
+        descriptor = ""
+        if url.endswith(","):
+            url = url.rstrip(",")
+        else:
+            end = value.find(",", i)
+            end = n if end < 0 else end
+            descriptor, i = value[i:end].strip(), end + 1
+        if url:
+            found.append((url, descriptor))
+    return found
 
 
 _ATTR_NAME = re.compile(r"^[a-z_:][a-z0-9_:.-]*$")
