@@ -1,0 +1,246 @@
+// The inbox page: state, refreshes, live updates, keyboard. The list and the detail pane
+// render themselves (list.js, detail.js); everything here is wiring.
+
+import * as api from "./api.js";
+import { renderDetail } from "./detail.js";
+import { PAGE_SIZE, markRows, pageInfo, renderList } from "./list.js";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  q: "",
+  offset: 0,
+  total: 0,
+  unread: null,
+  rows: [],
+  selected: -1,
+  openUuid: null,
+};
+const actions = {
+  open: (uuid) => openEmail(uuid),
+  remove: (uuid) => removeEmail(uuid),
+  close: () => closeEmail(),
+  toggleRead: (uuid, unread) => run(() => api.setRead(uuid, unread)).then(refresh),
+};
+
+// ---- refreshing: at most one list request in flight, one more queued -----------------------
+// Live events only mark the list stale: a burst of 1,000 emails costs a few list requests,
+// and what is shown always comes from the server (search and paging included).
+
+let inFlight = null;
+let stale = false;
+
+function refresh() {
+  if (inFlight) {
+    stale = true;
+    return inFlight;
+  }
+  inFlight = loadList().finally(() => {
+    inFlight = null;
+    if (stale) {
+      stale = false;
+      refresh();
+    }
+  });
+  return inFlight;
+}
+
+async function loadList() {
+  const page = await run(() => api.listMessages({ q: state.q, offset: state.offset, limit: PAGE_SIZE }));
+  if (!page) return;
+  if (page.count === 0 && state.offset > 0 && page.total > 0) {
+    // The page emptied under us (deletes): step back to the last page that has emails.
+    state.offset = Math.max(0, Math.floor((page.total - 1) / PAGE_SIZE) * PAGE_SIZE);
+    return loadList();
+  }
+  const selectedUuid = state.rows[state.selected]?.uuid;
+  state.rows = page.messages;
+  state.total = page.total;
+  state.unread = typeof page.unread === "number" ? page.unread : null;
+  const kept = state.rows.findIndex((row) => row.uuid === selectedUuid);
+  state.selected = kept >= 0 ? kept : Math.min(state.selected, state.rows.length - 1);
+  render();
+}
+
+function render() {
+  renderList($("list"), state.rows, state, actions);
+  $("empty").hidden = state.rows.length > 0;
+  $("empty").textContent = state.q ? "No email matches this search." : $("empty").dataset.text;
+  $("page-info").textContent = pageInfo({ offset: state.offset, count: state.rows.length, total: state.total });
+  $("prev").disabled = state.offset === 0;
+  $("next").disabled = state.offset + state.rows.length >= state.total;
+  const unread = state.unread ? `, ${state.unread.toLocaleString()} unread` : "";
+  $("counts").textContent = `${state.total.toLocaleString()} email${state.total === 1 ? "" : "s"}${unread}`;
+  document.title = state.unread ? `(${state.unread}) mailpipe` : "mailpipe";
+}
+
+// ---- one email ------------------------------------------------------------------------------
+
+let openToken = 0;
+
+async function openEmail(uuid) {
+  const token = ++openToken; // a slower, older open must not overwrite a newer one
+  state.openUuid = uuid;
+  const index = state.rows.findIndex((row) => row.uuid === uuid);
+  if (index >= 0) state.selected = index;
+  markRows($("list"), state);
+  if (location.hash !== `#${uuid}`) history.replaceState(null, "", `#${uuid}`);
+  const event = await run(() => api.getMessage(uuid));
+  if (!event || token !== openToken) return;
+  const summary = state.rows.find((row) => row.uuid === uuid);
+  $("detail").replaceChildren(renderDetail(event, summary, actions));
+  showDetail(true);
+  if (summary?.read === false) {
+    summary.read = true; // shown at once; the server's answer arrives with the refresh
+    await run(() => api.setRead(uuid, true));
+    refresh();
+  }
+}
+
+function closeEmail() {
+  openToken++;
+  state.openUuid = null;
+  $("detail").replaceChildren();
+  showDetail(false);
+  history.replaceState(null, "", location.pathname + location.search);
+  markRows($("list"), state);
+  $("list").focus();
+}
+
+function showDetail(open) {
+  $("detail").hidden = !open;
+  $("placeholder").hidden = open;
+  document.body.classList.toggle("detail-open", open);
+}
+
+function emailGone(uuid) {
+  if (state.openUuid === uuid) closeEmail();
+}
+
+async function removeEmail(uuid) {
+  if (!uuid) return;
+  const index = state.rows.findIndex((row) => row.uuid === uuid);
+  if ((await run(() => api.deleteMessage(uuid))) === undefined) return;
+  emailGone(uuid);
+  if (index >= 0) {
+    state.rows.splice(index, 1);
+    state.selected = Math.min(index, state.rows.length - 1);
+    render();
+  }
+  refresh();
+}
+
+// ---- errors: shown, never thrown at the user as a blank page ---------------------------------
+
+let errorTimer = 0;
+
+/** `fn()`'s result, or undefined after showing its error. */
+async function run(fn) {
+  try {
+    return await fn();
+  } catch (error) {
+    showError(error.message || String(error));
+    return undefined;
+  }
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+  clearTimeout(errorTimer);
+  errorTimer = setTimeout(() => { $("error").hidden = true; }, 6000);
+}
+
+// ---- live updates -----------------------------------------------------------------------
+
+function onEvent(kind, data) {
+  if (kind === "deleted") emailGone(data.uuid);
+  if (kind === "cleared" && state.openUuid) closeEmail();
+  refresh();
+}
+
+function onLive(live) {
+  $("live").textContent = live ? "live" : "reconnecting…";
+  $("live").classList.toggle("on", live);
+  // Back after a gap: events may have been missed, so ask for the truth.
+  if (live) refresh();
+}
+
+// ---- keyboard -----------------------------------------------------------------------------
+
+const KEYS = {
+  j: () => move(1),
+  ArrowDown: () => move(1),
+  k: () => move(-1),
+  ArrowUp: () => move(-1),
+  Enter: () => state.rows[state.selected] && openEmail(state.rows[state.selected].uuid),
+  Delete: () => removeEmail(state.openUuid || state.rows[state.selected]?.uuid),
+  "/": () => $("search").focus(),
+  Escape: () => state.openUuid && closeEmail(),
+};
+
+function onKey(event) {
+  if (event.ctrlKey || event.metaKey || event.altKey) return;
+  const inField = event.target instanceof HTMLInputElement;
+  if (inField) {
+    if (event.key === "Escape" || event.key === "Enter") event.target.blur();
+    return;
+  }
+  const action = KEYS[event.key];
+  if (!action) return;
+  event.preventDefault();
+  action();
+}
+
+/** Select the next (1) or previous (-1) row, across pages; an open email follows. */
+async function move(step) {
+  const next = state.selected + step;
+  if (next >= state.rows.length && !$("next").disabled) {
+    await turnPage(PAGE_SIZE, 0);
+  } else if (next < 0 && state.offset > 0) {
+    await turnPage(-PAGE_SIZE, PAGE_SIZE - 1);
+  } else {
+    state.selected = Math.max(0, Math.min(next, state.rows.length - 1));
+    markRows($("list"), state);
+  }
+  if (state.openUuid && state.rows[state.selected]) openEmail(state.rows[state.selected].uuid);
+}
+
+async function turnPage(delta, select) {
+  state.offset = Math.max(0, state.offset + delta);
+  state.selected = select;
+  await refresh();
+  state.selected = Math.min(select, state.rows.length - 1);
+  markRows($("list"), state);
+}
+
+// ---- start --------------------------------------------------------------------------------
+
+function wire() {
+  $("empty").dataset.text = $("empty").textContent;
+  let searchTimer = 0;
+  $("search").addEventListener("input", () => {
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(() => {
+      state.q = $("search").value.trim();
+      state.offset = 0;
+      state.selected = -1;
+      refresh();
+    }, 150);
+  });
+  $("prev").addEventListener("click", () => turnPage(-PAGE_SIZE, 0));
+  $("next").addEventListener("click", () => turnPage(PAGE_SIZE, 0));
+  $("mark-all").addEventListener("click", () => run(api.markAllRead).then(refresh));
+  $("delete-all").addEventListener("click", async () => {
+    if (!confirm("Delete every stored email?")) return;
+    if ((await run(api.deleteAll)) === undefined) return;
+    if (state.openUuid) closeEmail();
+    refresh();
+  });
+  document.addEventListener("keydown", onKey);
+}
+
+wire();
+refresh();
+api.subscribe({ event: onEvent, state: onLive });
+const linked = location.hash.slice(1);
+if (linked) openEmail(linked);
