@@ -43,19 +43,20 @@ function row(summary, actions) {
       { class: "meta" },
       h("time", { datetime: summary.received_at }, formatShortTime(summary.received_at)),
       h("span", { class: "size" },
-        attachments ? h("span", { class: "clip", title: `${attachments} attachment(s)` }, "📎") : "",
+        attachments ? h("span", { class: "clip", title: `${attachments} attachment(s)`,
+          "aria-label": `${attachments} attachment(s)` }) : "",
         formatSize(summary.size)),
-      h("button", {
-        type: "button",
-        class: "row-delete",
-        title: "Delete",
-        "aria-label": "Delete this email",
-        onclick: (event) => {
-          event.stopPropagation();
-          actions.remove(summary.uuid);
-        },
-      }, "×"),
     ),
+    h("button", {
+      type: "button",
+      class: "row-delete",
+      title: "Delete",
+      "aria-label": "Delete this email",
+      onclick: (event) => {
+        event.stopPropagation();
+        actions.remove(summary.uuid);
+      },
+    }, "×"),
   );
 }
 
