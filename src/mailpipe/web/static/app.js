@@ -45,7 +45,8 @@ function refresh() {
 }
 
 async function loadList() {
-  const page = await run(() => api.listMessages({ q: state.q, offset: state.offset, limit: PAGE_SIZE }));
+  const q = state.q;
+  const page = await run(() => api.listMessages({ q, offset: state.offset, limit: PAGE_SIZE }));
   if (!page) return;
   if (page.count === 0 && state.offset > 0 && page.total > 0) {
     // The page emptied under us (deletes): step back to the last page that has emails.
@@ -54,6 +55,7 @@ async function loadList() {
   }
   const selectedUuid = state.rows[state.selected]?.uuid;
   state.rows = page.messages;
+  $("list").dataset.query = q; // which search the rows answer (tests wait on it)
   state.total = page.total;
   state.unread = typeof page.unread === "number" ? page.unread : null;
   const kept = state.rows.findIndex((row) => row.uuid === selectedUuid);
