@@ -258,6 +258,7 @@ async def test_summary_fields(store: SQLiteStore) -> None:
         "size": len(email.raw),
         "attachments": 0,
         "snippet": ("first line second " + "x" * 300)[:120],
+        "read": False,
     }
 
 

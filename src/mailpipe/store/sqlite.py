@@ -27,6 +27,8 @@ from mailpipe.event import CapturedEmail
 from mailpipe.metrics import Metrics
 from mailpipe.sinks.base import STORE, Sink, SinkContext, SinkSettings
 from mailpipe.sinks.results import ACCEPTED, Accepted
+from mailpipe.store.feed import ChangeFeed
+from mailpipe.store.search import LOWER, Term, compile_terms, parse
 from mailpipe.store.writer import GroupCommitWriter
 
 T = TypeVar("T")
@@ -53,9 +55,17 @@ CREATE TABLE IF NOT EXISTS messages (
     search TEXT NOT NULL,
     event BLOB NOT NULL,
     outcomes BLOB,
-    raw BLOB NOT NULL
+    raw BLOB NOT NULL,
+    read INTEGER NOT NULL DEFAULT 0
 );
+"""
+# Added by later versions: (column, its definition), added to a database made before them.
+COLUMNS_ADDED = (("read", "INTEGER NOT NULL DEFAULT 0"),)
+# Created after COLUMNS_ADDED, since they may index those columns. The partial index makes the
+# unread count and `is:unread` read the unread rows only.
+INDEXES = """
 CREATE INDEX IF NOT EXISTS messages_received_ts ON messages (received_ts);
+CREATE INDEX IF NOT EXISTS messages_unread ON messages (id) WHERE read = 0;
 """
 
 INSERT = """
@@ -65,7 +75,8 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 SUMMARY_COLUMNS = (
-    "uuid, subject, mail_from, rcpt, header_from, received_at, size, attachment_count, snippet"
+    "uuid, subject, mail_from, rcpt, header_from, received_at, size, attachment_count, snippet,"
+    " read"
 )
 
 # Addresses never contain a newline, so it is a safe separator for the recipient list.
@@ -76,10 +87,22 @@ class StoreClosedError(RuntimeError):
     """The store is not running (not started yet, or closed)."""
 
 
+OpKind = Literal["insert", "delete", "clear", "read"]
+
+
 @dataclass(slots=True)
 class _Op:
-    kind: Literal["insert", "delete", "clear"]
+    kind: OpKind
     arg: Any
+
+
+@dataclass(slots=True)
+class Page:
+    """One page of summaries; `total` matched the query, `unread` is the whole store's."""
+
+    messages: list[dict[str, Any]]
+    total: int
+    unread: int
 
 
 # Aliases, because inside SQLiteStore the name `list` is the method, not the builtin.
@@ -129,6 +152,8 @@ class SQLiteStore:
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._running = False
         self._messages = 0
+        self._pruned: list[str] = []  # uuids retention deleted in the current transaction
+        self.changes = ChangeFeed()
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -154,6 +179,7 @@ class SQLiteStore:
         self._running = False
         await self._writer.stop()
         self._close_readers()
+        self.changes.close()
 
     def _close_readers(self) -> None:
         while not self._readers.empty():
@@ -173,15 +199,36 @@ class SQLiteStore:
 
     async def add(self, email: CapturedEmail) -> None:
         """Return once the email is committed; raise if its batch failed."""
-        await self._submit("insert", _row(email))
+        row = _row(email)
+        await self._submit("insert", row)
+        self.changes.publish("new", _summary_of_insert(row))
 
     async def delete(self, uuid: str) -> bool:
-        return bool(await self._submit("delete", uuid))
+        deleted = bool(await self._submit("delete", uuid))
+        if deleted:
+            self.changes.publish("deleted", {"uuid": uuid})
+        return deleted
 
     async def clear(self) -> int:
-        return int(await self._submit("clear", None))
+        deleted = int(await self._submit("clear", None))
+        self.changes.publish("cleared", {})
+        return deleted
 
-    async def _submit(self, kind: Literal["insert", "delete", "clear"], arg: Any) -> Any:
+    async def mark_read(self, uuid: str, read: bool = True) -> dict[str, Any] | None:
+        """Set one message's read flag; its summary, or None when there is no such message."""
+        row = await self._submit("read", (uuid, read))
+        if row is None:
+            return None
+        self.changes.publish("read", {"uuid": uuid, "read": read})
+        return _summary(row)
+
+    async def mark_all_read(self, read: bool = True) -> int:
+        """Set every message's read flag; how many changed."""
+        updated = int(await self._submit("read", (None, read)))
+        self.changes.publish("read", {"all": True, "read": read})
+        return updated
+
+    async def _submit(self, kind: OpKind, arg: Any) -> Any:
         if not self._running or not self._writer.alive:
             raise StoreClosedError("store is not running")
         return await self._writer.submit(_Op(kind, arg))
@@ -192,25 +239,54 @@ class SQLiteStore:
         self, *, limit: int = 50, offset: int = 0, q: str | None = None
     ) -> tuple[Summaries, int]:
         """Summaries newest first, and how many messages match `q` in all."""
-        where, params = "", ()
-        if q:
-            where, params = "WHERE search LIKE ? ESCAPE '\\'", (f"%{_like_escape(q.lower())}%",)
+        page = await self.page(limit=limit, offset=offset, q=q)
+        return page.messages, page.total
 
-        def query(conn: sqlite3.Connection) -> tuple[Summaries, int]:
-            # One read transaction, so the page and the total come from the same snapshot.
+    async def page(self, *, limit: int = 50, offset: int = 0, q: str | None = None) -> Page:
+        """Summaries newest first matching `q` (store/search.py), how many match in all, and
+        how many messages are unread."""
+        where, params = compile_terms(parse(q or ""))
+
+        def query(conn: sqlite3.Connection) -> Page:
+            # One read transaction, so the page and the counts come from the same snapshot.
             conn.execute("BEGIN")
             try:
-                rows = conn.execute(
-                    f"SELECT {SUMMARY_COLUMNS} FROM messages {where} "
-                    "ORDER BY id DESC LIMIT ? OFFSET ?",
-                    (*params, limit, offset),
-                ).fetchall()
-                (total,) = conn.execute(f"SELECT COUNT(*) FROM messages {where}", params).fetchone()
+                if params:
+                    rows, total = _search_page(conn, where, params, limit, offset)
+                else:  # no text to scan: the page by rowid, the count from an index
+                    rows = conn.execute(
+                        f"SELECT {SUMMARY_COLUMNS} FROM messages WHERE {where} "
+                        "ORDER BY id DESC LIMIT ? OFFSET ?",
+                        (limit, offset),
+                    ).fetchall()
+                    (total,) = conn.execute(
+                        f"SELECT COUNT(*) FROM messages WHERE {where}"
+                    ).fetchone()
+                (unread,) = conn.execute("SELECT COUNT(*) FROM messages WHERE read = 0").fetchone()
             finally:
                 conn.execute("COMMIT")
-            return [_summary(row) for row in rows], total
+            return Page([_summary(row) for row in rows], total, unread)
 
         return await self._read(query)
+
+    async def newest(self, terms: list[Term], *, after_id: int = 0,
+                     after_ts: float | None = None) -> str | None:
+        """The uuid of the newest message matching `terms` stored after message id `after_id`
+        and received after `after_ts`, or None."""
+        where, params = compile_terms(terms)
+        sql = f"SELECT uuid FROM messages WHERE {where} AND id > ? AND received_ts > ? "
+        args = (*params, after_id, -1.0 if after_ts is None else after_ts)
+        row = await self._read(
+            lambda c: c.execute(sql + "ORDER BY id DESC LIMIT 1", args).fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    async def id_of(self, uuid: str) -> int | None:
+        """The message's row id: its place in the order of arrival."""
+        row = await self._read(
+            lambda c: c.execute("SELECT id FROM messages WHERE uuid = ?", (uuid,)).fetchone()
+        )
+        return None if row is None else int(row[0])
 
     async def get(self, uuid: str) -> dict[str, Any] | None:
         """The stored event; what sinks noted about it is under event["mailpipe"]["outcomes"]."""
@@ -252,6 +328,7 @@ class SQLiteStore:
     def _open_reader(self) -> sqlite3.Connection:
         conn = self._connect()
         conn.execute("PRAGMA query_only = ON")
+        conn.create_function(LOWER, 1, _lower, deterministic=True)
         return conn
 
     def _connect(self) -> sqlite3.Connection:
@@ -268,6 +345,8 @@ class SQLiteStore:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             conn.executescript(SCHEMA)
+            _add_missing_columns(conn)
+            conn.executescript(INDEXES)
             self._messages = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
             self._last_age_prune = -1e9
             self._transaction(conn, [])  # apply retention to what an earlier run left
@@ -298,6 +377,13 @@ class SQLiteStore:
             deleted = conn.execute("DELETE FROM messages WHERE uuid = ?", (op.arg,)).rowcount
             self._messages -= deleted
             return deleted > 0
+        if op.kind == "read":
+            uuid, read = op.arg
+            if uuid is None:
+                sql = "UPDATE messages SET read = ? WHERE read != ?"
+                return conn.execute(sql, (int(read), int(read))).rowcount
+            sql = f"UPDATE messages SET read = ? WHERE uuid = ? RETURNING {SUMMARY_COLUMNS}"
+            return conn.execute(sql, (int(read), uuid)).fetchone()
         deleted = conn.execute("DELETE FROM messages").rowcount
         self._messages -= deleted
         return deleted
@@ -313,6 +399,7 @@ class SQLiteStore:
         that op alone; anything else fails the whole batch.
         """
         results: Results = []
+        self._pruned = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             for op in batch:
@@ -336,6 +423,8 @@ class SQLiteStore:
         self.stats["written"] += sum(1 for op in batch if op.kind == "insert")
         if self.metrics is not None:
             self.metrics.store_messages.set(self._messages)
+        for uuid in self._pruned:  # before the batch's results, so before its "new" changes
+            self.changes.publish("deleted", {"uuid": uuid})
         return results
 
     def _prune(self, conn: sqlite3.Connection) -> None:
@@ -344,15 +433,20 @@ class SQLiteStore:
         now = time.monotonic()
         if self.max_age is not None and now - self._last_age_prune >= 1.0:
             self._last_age_prune = now
-            self._messages -= conn.execute(
-                "DELETE FROM messages WHERE received_ts < ?", (time.time() - self.max_age,)
-            ).rowcount
+            self._delete_pruned(conn, "received_ts < ?", time.time() - self.max_age)
         if self._messages > self.max_messages:
-            self._messages -= conn.execute(
-                "DELETE FROM messages WHERE id <= "
-                "(SELECT id FROM messages ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                (self.max_messages,),
-            ).rowcount
+            self._delete_pruned(
+                conn,
+                "id <= (SELECT id FROM messages ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                self.max_messages,
+            )
+
+    def _delete_pruned(self, conn: sqlite3.Connection, where: str, arg: float) -> None:
+        # RETURNING: the change feed tells watchers which messages retention removed.
+        uuids = [row[0] for row in conn.execute(
+            f"DELETE FROM messages WHERE {where} RETURNING uuid", (arg,))]
+        self._messages -= len(uuids)
+        self._pruned.extend(uuids)
 
 
 class StoreSink(Sink):
@@ -439,8 +533,36 @@ def _row(email: CapturedEmail) -> tuple[Any, ...]:
     )
 
 
+def _search_page(
+    conn: sqlite3.Connection, where: str, params: list[str], limit: int, offset: int
+) -> tuple[list[tuple[Any, ...]], int]:
+    """A page of matching rows and how many match, from one scan of the text: the ids of
+    every match (integers, cheap to hold), then the summaries of the page's ids alone. A page
+    query plus a COUNT would scan the text twice when matches are rare."""
+    ids = [row[0] for row in conn.execute(
+        f"SELECT id FROM messages WHERE {where} ORDER BY id DESC", params)]
+    page = ids[offset : offset + limit]
+    if not page:
+        return [], len(ids)
+    marks = ",".join("?" * len(page))
+    rows = conn.execute(
+        f"SELECT {SUMMARY_COLUMNS} FROM messages WHERE id IN ({marks}) ORDER BY id DESC", page
+    ).fetchall()
+    return rows, len(ids)
+
+
+def _summary_of_insert(row: tuple[Any, ...]) -> dict[str, Any]:
+    """The summary of a row as INSERT writes it (a new message is unread)."""
+    (uuid, received_at, _, mail_from, rcpt, header_from, subject, snippet, size,
+     attachments, *_) = row
+    return _summary((uuid, subject, mail_from, rcpt, header_from, received_at, size,
+                     attachments, snippet, 0))
+
+
 def _summary(row: tuple[Any, ...]) -> dict[str, Any]:
-    uuid, subject, mail_from, rcpt, header_from, received_at, size, attachments, snippet = row
+    """A row of SUMMARY_COLUMNS as the API shows it."""
+    (uuid, subject, mail_from, rcpt, header_from, received_at, size, attachments, snippet,
+     read) = row
     return {
         "uuid": uuid,
         "subject": subject,
@@ -451,7 +573,21 @@ def _summary(row: tuple[Any, ...]) -> dict[str, Any]:
         "size": size,
         "attachments": attachments,
         "snippet": snippet,
+        "read": bool(read),
     }
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Bring a database made by an older version up to SCHEMA (SQLite adds columns in place;
+    existing rows take the default)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+    for name, definition in COLUMNS_ADDED:
+        if name not in have:
+            conn.execute(f"ALTER TABLE messages ADD COLUMN {name} {definition}")
+
+
+def _lower(value: str | None) -> str | None:
+    return None if value is None else value.lower()
 
 
 def _header(headers: dict[str, str], name: str) -> str | None:
@@ -481,6 +617,3 @@ def _timestamp(received_at: object) -> float:
     except ValueError:
         return time.time()
 
-
-def _like_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -180,14 +180,15 @@ class _Api:
         limit = int_param(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
         offset = int_param(request, "offset", 0, 0, MAX_OFFSET)
         q = request.query.get("q") or None
-        messages, total = await self.store.list(limit=limit, offset=offset, q=q)
+        page = await self.store.page(limit=limit, offset=offset, q=q)
         return json_response(
             {
-                "total": total,
-                "count": len(messages),
+                "total": page.total,
+                "unread": page.unread,
+                "count": len(page.messages),
                 "offset": offset,
                 "limit": limit,
-                "messages": messages,
+                "messages": page.messages,
             }
         )
 
