@@ -220,15 +220,20 @@ async function turnPage(delta, select) {
 function wire() {
   $("empty").dataset.text = $("empty").textContent;
   let searchTimer = 0;
-  $("search").addEventListener("input", () => {
+  const search = () => {
     clearTimeout(searchTimer);
     searchTimer = setTimeout(() => {
-      state.q = $("search").value.trim();
+      const q = $("search").value.trim();
+      if (q === state.q) return;
+      state.q = q;
       state.offset = 0;
       state.selected = -1;
       refresh();
     }, 150);
-  });
+  };
+  // "search" too: Escape in a search box clears it without an input event.
+  $("search").addEventListener("input", search);
+  $("search").addEventListener("search", search);
   $("prev").addEventListener("click", () => turnPage(-PAGE_SIZE, 0));
   $("next").addEventListener("click", () => turnPage(PAGE_SIZE, 0));
   $("mark-all").addEventListener("click", () => run(api.markAllRead).then(refresh));
