@@ -110,7 +110,7 @@ async def test_raw_is_exact_bytes(client: TestClient, store: SQLiteStore) -> Non
     assert resp.status == 200
     assert await resp.read() == raw
     assert resp.content_type == "message/rfc822"
-    assert resp.headers["Content-Disposition"] == f'inline; filename="{email.uuid}.eml"'
+    assert resp.headers["Content-Disposition"] == f'attachment; filename="{email.uuid}.eml"'
     assert resp.headers["X-Content-Type-Options"] == "nosniff"
 
 

@@ -104,20 +104,26 @@ def create_app(
     admin: AdminOps | None = None,
     bind_host: str | None = None,
     allowed_hosts: Iterable[str] = (),
+    base_path: str = "",
+    code_pattern: str | None = None,
+    ping_interval: float | None = None,
 ) -> web.Application:
     """The API app; with the store disabled (None) only health, metrics and OpenAPI remain.
     The admin routes (workers, connections, stop) are always there; without `admin` they 404.
     `bind_host` and `allowed_hosts` say which Host headers are served (web/guard.py); without
-    `bind_host` only the loopback names are."""
-    from mailpipe.admin.routes import AdminRoutes  # it builds on this module's ApiError
+    `bind_host` only the loopback names are. With `base_path` ("/mail") every route is served
+    under it and nothing outside it. `code_pattern` is the default of the /codes route,
+    `ping_interval` how often an idle event stream says it is alive (seconds)."""
+    # These build on this module's ApiError and helpers.
+    from mailpipe.admin.routes import AdminRoutes
+    from mailpipe.web.inbox import DEFAULT_CODE_PATTERN, PING_INTERVAL, InboxRoutes
 
     guard = BrowserGuard(bind_host, allowed_hosts)
     # Outermost first: the guard runs before auth, so a refused page never sees a challenge.
     middlewares: list[Middleware] = [_errors_as_json, _guard_middleware(guard)]
     if auth is not None:
-        middlewares.append(_auth_middleware(auth))
-    app = web.Application(middlewares=middlewares)
-    app.on_response_prepare.append(_add_nosniff)
+        middlewares.append(_auth_middleware(auth, base_path))
+    app = web.Application()
     _openapi_bytes()  # a missing or broken document should stop startup, not a request
     event_schema_bytes()  # likewise the event schema
     if health is None:
@@ -135,8 +141,15 @@ def create_app(
     )
     if store is not None:
         api = _Api(store)
+        inbox = InboxRoutes(
+            store,
+            code_pattern=code_pattern or DEFAULT_CODE_PATTERN,
+            ping_interval=ping_interval or PING_INTERVAL,
+        )
+        app.on_shutdown.append(inbox.on_shutdown)
         app.router.add_routes(
             [
+                *inbox.routes(),
                 web.get("/api/v1/messages", api.list_messages),
                 web.delete("/api/v1/messages", api.clear_messages),
                 web.get("/api/v1/messages/{uuid}", api.get_message),
@@ -145,7 +158,28 @@ def create_app(
                 web.get("/api/v1/messages/{uuid}/attachments/{index}", api.get_attachment),
             ]
         )
-    return app
+    return _serve_under(base_path, app, middlewares)
+
+
+def _serve_under(
+    base_path: str, app: web.Application, middlewares: list[Middleware]
+) -> web.Application:
+    """`app` with the middlewares, at the root or under `base_path` (then the root serves
+    nothing else but a redirect from the bare prefix to the prefix with its slash, where a
+    page's relative URLs resolve inside the prefix)."""
+    if not base_path:
+        app.middlewares.extend(middlewares)
+        app.on_response_prepare.append(_add_nosniff)
+        return app
+    root = web.Application(middlewares=middlewares)
+    root.on_response_prepare.append(_add_nosniff)  # runs for the sub-app's responses too
+
+    async def to_slash(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPPermanentRedirect(base_path + "/")
+
+    root.router.add_get(base_path, to_slash)
+    root.add_subapp(base_path, app)
+    return root
 
 
 async def start_http(
@@ -208,8 +242,9 @@ class _Api:
         raw = await self.store.raw(uuid)
         if raw is None:
             raise _not_found()
+        # A download, never shown: a browser told "inline" may render what the sender wrote.
         headers = {
-            "Content-Disposition": _disposition("inline", f"{uuid}.eml", extended=False),
+            "Content-Disposition": _disposition("attachment", f"{uuid}.eml", extended=False),
             **UNTRUSTED_HEADERS,
         }
         return web.Response(body=raw, content_type="message/rfc822", headers=headers)
@@ -317,10 +352,12 @@ async def _add_nosniff(request: web.Request, response: web.StreamResponse) -> No
     response.headers.update(NOSNIFF)
 
 
-def _auth_middleware(auth: HttpAuth) -> Middleware:
+def _auth_middleware(auth: HttpAuth, base_path: str = "") -> Middleware:
+    open_paths = frozenset(base_path + path for path in OPEN_PATHS)
+
     @web.middleware
     async def check_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN_PATHS or auth.check(request.headers.get("Authorization")):
+        if request.path in open_paths or auth.check(request.headers.get("Authorization")):
             return await handler(request)
         return json_response(
             {"error": "authentication required"},
