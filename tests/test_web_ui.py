@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import re
 import smtplib
+import struct
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -28,12 +30,22 @@ CHROMIUM_ARGS = [
 ]
 STATIC = ROOT / "src" / "mailpipe" / "web" / "static"
 SCREENSHOTS = ROOT / "docs" / "screenshots"
-# 8x8 red PNG: small, and a real image the browser must decode.
-PNG = bytes.fromhex(
-    "89504e470d0a1a0a0000000d494844520000000800000008080200000045b6d6d7"
-    "000000124944415478da63f8cfc0000a5311430c5a09003e6d3fc1dbb0b31700000000"
-    "49454e44ae426082"
-)
+
+
+def png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    """A real PNG of one colour: an image the browser must decode."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    rows = b"".join(b"\0" + bytes(rgb) * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+PNG = png(8, 8, (37, 99, 235))
 WAIT_MS = 10_000
 
 # ---- fixtures -------------------------------------------------------------------------------
@@ -211,7 +223,7 @@ def test_email_appears_live_and_shows_everything(
     envelope = tab.tab("Envelope").inner_text()
     assert "alice@example.org" in envelope and "bob@example.org" in envelope
     assert "PLAIN" in envelope and "alice" in envelope and "s3cret" in envelope
-    assert "MAIL FROM" in tab.tab("Transcript").inner_text()
+    assert "mail from:<shop@example.com>" in tab.tab("Transcript").inner_text().lower()
     tab.tab("Outcomes").wait_for()
 
     # Attachments: each downloads byte for byte; the image one is previewed.

@@ -19,7 +19,7 @@ const actions = {
   open: (uuid) => openEmail(uuid),
   remove: (uuid) => removeEmail(uuid),
   close: () => closeEmail(),
-  toggleRead: (uuid, unread) => run(() => api.setRead(uuid, unread)).then(refresh),
+  toggleRead: (uuid) => toggleRead(uuid),
 };
 
 // ---- refreshing: at most one list request in flight, one more queued -----------------------
@@ -73,6 +73,26 @@ function render() {
   const unread = state.unread ? `, ${state.unread.toLocaleString()} unread` : "";
   $("counts").textContent = `${state.total.toLocaleString()} email${state.total === 1 ? "" : "s"}${unread}`;
   document.title = state.unread ? `(${state.unread}) mailpipe` : "mailpipe";
+  syncReadButton();
+}
+
+/** The open email's read state as the list last said (an email off this page: read). */
+function isRead(uuid) {
+  return state.rows.find((row) => row.uuid === uuid)?.read !== false;
+}
+
+function syncReadButton() {
+  const button = document.querySelector("#detail .toggle-read");
+  if (button && state.openUuid) button.textContent = isRead(state.openUuid) ? "Mark unread" : "Mark read";
+}
+
+async function toggleRead(uuid) {
+  const read = !isRead(uuid);
+  const row = state.rows.find((r) => r.uuid === uuid);
+  if (row) row.read = read;
+  syncReadButton();
+  await run(() => api.setRead(uuid, read));
+  refresh();
 }
 
 // ---- one email ------------------------------------------------------------------------------
@@ -89,10 +109,13 @@ async function openEmail(uuid) {
   const event = await run(() => api.getMessage(uuid));
   if (!event || token !== openToken) return;
   const summary = state.rows.find((row) => row.uuid === uuid);
-  $("detail").replaceChildren(renderDetail(event, summary, actions));
+  const wasUnread = summary?.read === false;
+  if (summary) summary.read = true; // shown at once; the server's answer comes with the refresh
+  $("detail").replaceChildren(renderDetail(event, actions));
   showDetail(true);
-  if (summary?.read === false) {
-    summary.read = true; // shown at once; the server's answer arrives with the refresh
+  syncReadButton();
+  markRows($("list"), state);
+  if (wasUnread) {
     await run(() => api.setRead(uuid, true));
     refresh();
   }

@@ -8,8 +8,8 @@ import * as api from "./api.js";
 
 const SANDBOX = "allow-popups allow-popups-to-escape-sandbox";
 
-/** The detail pane's content for `event`; `actions` = {close, remove, toggleRead, error}. */
-export function renderDetail(event, summary, actions) {
+/** The detail pane's content for `event`; `actions` = {close, remove, toggleRead}. */
+export function renderDetail(event, actions) {
   const message = event.message || {};
   const tabs = tabList(event);
   const body = h("div", { class: "tab-body" });
@@ -27,7 +27,7 @@ export function renderDetail(event, summary, actions) {
   const article = h(
     "article",
     { class: "email", dataset: { uuid: event.uuid } },
-    heading(event, summary, actions),
+    heading(event, actions),
     attachmentList(event),
     nav,
     body,
@@ -36,21 +36,20 @@ export function renderDetail(event, summary, actions) {
   return article;
 }
 
-function heading(event, summary, actions) {
+function heading(event, actions) {
   const message = event.message || {};
   const envelope = event.envelope || {};
   const from = headerValue(message, "from") || envelope.from || "(no sender)";
   const to = headerValue(message, "to") || (envelope.to || []).join(", ");
-  const unread = summary?.read === false;
   return h(
     "header",
     { class: "email-head" },
     h("div", { class: "email-actions" },
       h("button", { type: "button", class: "back", onclick: actions.close }, "← Back"),
       h("span", { class: "spacer" }),
+      // Its label follows the list's read state (app.js).
       h("button", { type: "button", class: "toggle-read",
-        onclick: () => actions.toggleRead(event.uuid, unread) },
-        unread ? "Mark read" : "Mark unread"),
+        onclick: () => actions.toggleRead(event.uuid) }, "Mark unread"),
       h("a", { class: "button", href: apiPath("messages", event.uuid, "raw"), download: "" },
         "Download .eml"),
       h("button", { type: "button", class: "danger delete",
