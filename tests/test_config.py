@@ -537,3 +537,16 @@ def test_on_init_failure_stops_jobs_consume(tmp_path: Path) -> None:
     assert ("mailpipe: cannot start: server.on_init: sh -c 'echo cannot migrate; exit 5' "
             "exited with status 5: cannot migrate") in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_http_base_path_and_code_pattern(tmp_path: Path) -> None:
+    config, _ = load_config(cwd=tmp_path, overrides={"http": {"base_path": "/mail/"}})
+    assert config.http.base_path == "/mail"
+    assert config.http.code_pattern == r"\b\d{4,8}\b"
+    config, _ = load_config(cwd=tmp_path, overrides={"http": {"base_path": "/"}})
+    assert config.http.base_path == ""
+    for bad in ("mail", "/a b", "/a?x", "/a/../b", "/a//b"):
+        with pytest.raises(ConfigError, match=r"http\.base_path"):
+            load_config(cwd=tmp_path, overrides={"http": {"base_path": bad}})
+    with pytest.raises(ConfigError, match=r"http\.code_pattern.*regular expression"):
+        load_config(cwd=tmp_path, overrides={"http": {"code_pattern": "(\\d+"}})

@@ -247,3 +247,25 @@ async def test_base_path(store: SQLiteStore) -> None:
         assert resp.status == 308 and resp.headers["Location"] == "/mail/"
         resp = await c.patch("/mail/api/v1/messages", json={"read": True}, headers=good)
         assert (await json_of(resp, 200)) == {"updated": 1}
+
+
+async def test_new_responses_match_openapi_schemas(client: TestClient, store: SQLiteStore) -> None:
+    import jsonschema
+
+    doc = await json_of(await client.get("/api/openapi.json"), 200)
+
+    def check(instance: Any, name: str) -> None:
+        schema = {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
+        jsonschema.validate(instance, schema, cls=jsonschema.Draft202012Validator)
+
+    email = make_email("schema 123456", html='<a href="https://x.test">x</a>')
+    await store.add(email)
+    base = f"/api/v1/messages/{email.uuid}"
+    check(await json_of(await client.patch(base, json={"read": True}), 200), "MessageSummary")
+    check(await json_of(await client.patch("/api/v1/messages", json={"read": False}), 200),
+          "Updated")
+    check(await json_of(await client.get(f"{base}/links"), 200), "LinkList")
+    check(await json_of(await client.get(f"{base}/codes"), 200), "CodeList")
+    check(await json_of(await client.get("/api/v1/messages/wait?timeout=0"), 200), "Event")
+    check(await json_of(await client.get("/api/v1/messages/wait?subject=no&timeout=0"), 408),
+          "Error")

@@ -182,10 +182,20 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             if auth_cfg
             else None
         )
+        http = self.config.http
         app = create_app(self.store, self.metrics, health=self.health, auth=auth, admin=self,
-                         bind_host=host, allowed_hosts=self.config.http.allowed_hosts)
+                         bind_host=host, allowed_hosts=http.allowed_hosts,
+                         base_path=http.base_path, code_pattern=http.code_pattern)
         self._http_runner = await start_http(app, host, port)
-        log.info("HTTP API on http://%s:%d", host, port)
+        log.info("HTTP API on http://%s:%d%s/", *self.http_address(), http.base_path)
+
+    def http_address(self) -> tuple[str, int]:
+        """Where the HTTP API listens (the port it bound when asked for port 0)."""
+        runner = self._http_runner
+        if runner is None:
+            raise RuntimeError("the HTTP API is not running")
+        host, port = runner.addresses[0][:2]  # type: ignore[attr-defined]
+        return str(host), int(port)
 
     async def drain(self, hurry: bool) -> None:
         """Stop taking email; let what is in flight finish within shutdown_timeout (the

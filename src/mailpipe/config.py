@@ -432,6 +432,30 @@ class HTTPConfig(Section):
     # Host names served besides the bind address and loopback (DNS rebinding protection,
     # web/guard.py); "*" serves any Host, which lets a rebinding page in: unsafe.
     allowed_hosts: list[str] = Field(default_factory=list)
+    # Served under this path ("/mail") behind a reverse proxy; nothing is served outside it.
+    base_path: str = ""
+    # The default of GET /api/v1/messages/{uuid}/codes: one-time codes in an email's text.
+    code_pattern: str = r"\b\d{4,8}\b"
+
+    @field_validator("base_path")
+    @classmethod
+    def _base_path(cls, value: str) -> str:
+        value = value.rstrip("/")
+        if value and not re.fullmatch(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+", value):
+            raise ValueError(f"{value!r} is not a URL path like /mail (a leading slash, no "
+                             "query, no spaces, no empty or dot segments)")
+        if any(segment in (".", "..") for segment in value.split("/")):
+            raise ValueError(f"{value!r}: no . or .. segments")
+        return value
+
+    @field_validator("code_pattern")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
 
     @field_validator("allowed_hosts")
     @classmethod
