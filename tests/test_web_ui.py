@@ -16,6 +16,11 @@ from typing import Any
 
 import pytest
 
+try:
+    from playwright.sync_api import expect
+except ImportError:  # the browser fixture says so (a skip, or a failure under CI)
+    expect = None
+
 from conftest import ROOT, MailpipeServer, missing
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -45,7 +50,8 @@ def png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
             + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
-PNG = png(8, 8, (37, 99, 235))
+LOGO = png(8, 8, (37, 99, 235))
+PHOTO = png(120, 80, (234, 88, 12))
 WAIT_MS = 10_000
 
 # ---- fixtures -------------------------------------------------------------------------------
@@ -135,6 +141,20 @@ def open_page(browser: Any) -> Iterator[Callable[..., Page]]:
         assert not page.errors, f"script errors in the page: {page.errors}"
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def answers(server: MailpipeServer, path: str) -> bool:
+    try:
+        return server.request("GET", path)[0] == 200
+    except OSError:  # not listening yet
+        return False
+
+
 def send(
     server: MailpipeServer, message: EmailMessage, auth: tuple[str, str] | None = None
 ) -> None:
@@ -169,12 +189,12 @@ def order_email() -> tuple[EmailMessage, dict[str, bytes]]:
             '<img id="logo" src="cid:logo@shop" alt="logo"></body></html>'
         ),
     )
-    message.get_payload()[1].add_related(PNG, "image", "png", cid="<logo@shop>")
+    message.get_payload()[1].add_related(LOGO, "image", "png", cid="<logo@shop>")
     files = {"invoice.pdf": b"%PDF-1.4\n% not a real invoice\n" + bytes(range(256)),
-             "photo.png": PNG}
+             "photo.png": PHOTO}
     message.add_attachment(files["invoice.pdf"], maintype="application", subtype="pdf",
                            filename="invoice.pdf")
-    message.add_attachment(PNG, maintype="image", subtype="png", filename="photo.png")
+    message.add_attachment(PHOTO, maintype="image", subtype="png", filename="photo.png")
     return message, files
 
 
@@ -204,7 +224,9 @@ def test_email_appears_live_and_shows_everything(
     # HTML: rendered in the sandboxed frame, the cid: image resolved to the attachment.
     frame = page.frame_locator(".html-frame")
     assert frame.locator("#greeting").inner_text() == "Order shipped"
-    frame.locator("#logo").wait_for()
+    logo = frame.locator("#logo")
+    assert logo.get_attribute("src") == "attachments/0"  # cid: rewritten by the server
+    assert logo.evaluate("(img) => img.complete && img.naturalWidth") == 8
     sandbox = page.locator(".html-frame").get_attribute("sandbox")
     assert sandbox == "allow-popups allow-popups-to-escape-sandbox"
 
@@ -234,7 +256,7 @@ def test_email_appears_live_and_shows_everything(
         assert download.value.suggested_filename == name
     preview = page.locator(".attachment", has_text="photo.png").locator("img")
     preview.wait_for()
-    decoded = "(img) => img.complete && img.naturalWidth === 8"
+    decoded = "(img) => img.complete && img.naturalWidth === 120"
     page.wait_for_function(decoded, arg=preview.element_handle())
 
 
@@ -375,21 +397,42 @@ def test_unread_count_in_title_and_mark_read(
     assert page.locator("#list .row.unread").count() == 0
 
 
-def test_basic_auth(
-    mailpipe_factory: Callable[..., MailpipeServer], open_page: Callable[..., Page]
+AUTH_CASES = {
+    # Basic: the browser's own prompt (here: the credentials it would have typed in).
+    "basic": ({"type": "basic", "username": "dev", "password": "pa:ss w0rd"},
+              {"http_credentials": {"username": "dev", "password": "pa:ss w0rd"}}),
+    # Bearer: a browser cannot prompt for it; an authenticating proxy or extension adds the
+    # header to every request, which extra_http_headers does here.
+    "bearer": ({"type": "bearer", "token": "t0ken"},
+               {"extra_http_headers": {"Authorization": "Bearer t0ken"}}),
+}
+
+
+@pytest.mark.parametrize("kind", list(AUTH_CASES))
+def test_auth(
+    kind: str, mailpipe_factory: Callable[..., MailpipeServer], open_page: Callable[..., Page]
 ) -> None:
-    auth = {"type": "basic", "username": "dev", "password": "pa:ss w0rd"}
-    server = mailpipe_factory({"http": {"auth": auth}})
+    config, credentials = AUTH_CASES[kind]
+    server = mailpipe_factory({"http": {"auth": config}})
     refused = open_page(server)
     assert refused.context.request.get(refused.base).status == 401
 
-    tab = open_page(server, http_credentials={"username": "dev", "password": "pa:ss w0rd"})
+    tab = open_page(server, **credentials)
     tab.open()  # the page, its scripts and the event stream all authenticated
-    send(server, email("Behind auth"))
-    tab.row("Behind auth").wait_for()
-    tab.open_email("Behind auth")
-    assert "Plain body" in tab.tab("Text").inner_text()
-    tab.wait_title("mailpipe")  # PATCH went through too
+    message, files = order_email()
+    send(server, message)
+    tab.open_email("Your order #1234 has shipped")  # arrived live
+    page = tab.page
+    assert page.frame_locator(".html-frame").locator("#greeting").inner_text() == "Order shipped"
+    preview = page.locator(".attachment", has_text="photo.png").locator("img")
+    expect(preview).to_have_js_property("naturalWidth", 120)
+    if kind == "basic":
+        # (Chromium's download manager refetches without Playwright's extra headers; a
+        # real proxy adds the bearer token to those too.)
+        with page.expect_download() as download:
+            page.locator(".attachment-link", has_text="photo.png").click()
+        assert Path(download.value.path()).read_bytes() == files["photo.png"]
+    tab.wait_title("mailpipe")  # the PATCH went through too
 
 
 def test_phone_width(server: MailpipeServer, open_page: Callable[..., Page]) -> None:
@@ -405,6 +448,51 @@ def test_phone_width(server: MailpipeServer, open_page: Callable[..., Page]) -> 
     assert width <= 390, "the page scrolls sideways on a phone"
     page.click(".back")
     assert page.locator(".list-pane").is_visible()
+
+
+def test_under_a_base_path(
+    mailpipe_factory: Callable[..., MailpipeServer], open_page: Callable[..., Page]
+) -> None:
+    """Behind a proxy at /mail: the page's relative URLs reach the API, stream and files."""
+    server = mailpipe_factory({"http": {"base_path": "/mail"}}, wait=False)
+    wait_until(lambda: answers(server, "/mail/healthz"))
+    tab = open_page(server, base="/mail")  # redirected to /mail/
+    page = tab.open()
+    assert page.url == server.api + "/mail/"
+    message, files = order_email()
+    send(server, message)
+    tab.open_email("Your order #1234 has shipped")
+    frame = page.frame_locator(".html-frame")
+    assert frame.locator("#logo").evaluate("(img) => img.complete && img.naturalWidth") == 8
+    with page.expect_download() as download:
+        page.locator(".attachment-link", has_text="invoice.pdf").click()
+    assert Path(download.value.path()).read_bytes() == files["invoice.pdf"]
+    page.keyboard.press("Delete")
+    tab.wait_rows(0)
+
+
+def test_remote_images_blocked_until_asked(
+    server: MailpipeServer, open_page: Callable[..., Page]
+) -> None:
+    fetched: list[str] = []
+    tab = open_page(server)
+    # The "remote" host answers from the test: the browser never leaves this machine.
+    tab.context.route("http://images.remote.test/**", lambda route: (
+        fetched.append(route.request.url),
+        route.fulfill(status=200, content_type="image/png", body=PHOTO)))
+    page = tab.open()
+    send(server, email("Newsletter", html=(
+        '<p>News</p><img id="remote" src="http://images.remote.test/banner.png" alt="banner">')))
+    tab.open_email("Newsletter")
+    notice = page.locator(".remote-notice")
+    notice.wait_for()
+    assert "1 remote resource blocked" in notice.inner_text()
+    page.frame_locator(".html-frame").locator("text=News").wait_for()
+    assert fetched == []
+    page.click(".show-remote")
+    remote = page.frame_locator(".html-frame").locator("#remote")
+    expect(remote).to_have_js_property("naturalWidth", 120)  # polls across the reload
+    assert fetched == ["http://images.remote.test/banner.png"]
 
 
 def test_screenshots(server: MailpipeServer, open_page: Callable[..., Page]) -> None:
