@@ -50,7 +50,7 @@ def png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
             + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
-LOGO = png(8, 8, (37, 99, 235))
+LOGO = png(40, 40, (37, 99, 235))
 PHOTO = png(120, 80, (234, 88, 12))
 WAIT_MS = 10_000
 
@@ -226,7 +226,7 @@ def test_email_appears_live_and_shows_everything(
     assert frame.locator("#greeting").inner_text() == "Order shipped"
     logo = frame.locator("#logo")
     assert logo.get_attribute("src") == "attachments/0"  # cid: rewritten by the server
-    assert logo.evaluate("(img) => img.complete && img.naturalWidth") == 8
+    assert logo.evaluate("(img) => img.complete && img.naturalWidth") == 40
     sandbox = page.locator(".html-frame").get_attribute("sandbox")
     assert sandbox == "allow-popups allow-popups-to-escape-sandbox"
 
@@ -463,7 +463,7 @@ def test_under_a_base_path(
     send(server, message)
     tab.open_email("Your order #1234 has shipped")
     frame = page.frame_locator(".html-frame")
-    assert frame.locator("#logo").evaluate("(img) => img.complete && img.naturalWidth") == 8
+    assert frame.locator("#logo").evaluate("(img) => img.complete && img.naturalWidth") == 40
     with page.expect_download() as download:
         page.locator(".attachment-link", has_text="invoice.pdf").click()
     assert Path(download.value.path()).read_bytes() == files["invoice.pdf"]

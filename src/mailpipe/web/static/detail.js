@@ -208,8 +208,10 @@ function attachmentItem(uuid, meta, index) {
   const url = apiPath("messages", uuid, "attachments", index);
   const type = String(meta.content_type || "application/octet-stream");
   const name = meta.filename || `attachment-${index}`;
+  // An unnamed part with a Content-ID is an image the HTML shows inline (cid:).
+  const inline = !meta.filename && meta.content_id ? ", inline" : "";
   return h("li", { class: "attachment" },
     type.startsWith("image/") ? h("img", { src: url, alt: name, loading: "lazy" }) : null,
     h("a", { href: url, download: name, class: "attachment-link" }, name),
-    h("span", { class: "muted" }, ` ${type}, ${formatSize(meta.size)}`));
+    h("span", { class: "muted" }, `${type}, ${formatSize(meta.size)}${inline}`));
 }
