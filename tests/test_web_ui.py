@@ -379,6 +379,50 @@ def test_delete_one_all_and_from_elsewhere(
     assert server.get_json("/api/v1/messages")["total"] == 0
 
 
+def test_paging_and_keys_across_pages(
+    server: MailpipeServer, open_page: Callable[..., Page]
+) -> None:
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as smtp:
+        for i in range(53):  # one connection: 53 emails in well under a second
+            smtp.send_message(email(f"bulk {i:02d}"))
+    tab = open_page(server)
+    page = tab.open()
+    tab.wait_rows(50)
+    assert tab.rows().first.locator(".subject").inner_text() == "bulk 52"  # newest first
+    assert page.locator("#page-info").inner_text() == "1\u201350 of 53"
+    page.click("#next")
+    tab.wait_rows(3)
+    assert page.locator("#page-info").inner_text() == "51\u201353 of 53"
+    assert page.locator("#next").is_disabled()
+    # k on the first row of page 2 goes back to the last row of page 1.
+    page.locator("#list").focus()
+    page.keyboard.press("j")
+    page.keyboard.press("k")
+    page.keyboard.press("k")
+    tab.wait_rows(50)
+    expect(page.locator("#list .row.selected .subject")).to_have_text("bulk 03")
+    page.keyboard.press("Enter")
+    expect(page.locator(".email-subject")).to_have_text("bulk 03")
+    page.keyboard.press("j")  # an open email follows the selection, across the page end
+    expect(page.locator(".email-subject")).to_have_text("bulk 02")
+
+
+def test_a_burst_costs_few_list_requests(
+    server: MailpipeServer, open_page: Callable[..., Page]
+) -> None:
+    tab = open_page(server)
+    page = tab.open()
+    lists: list[str] = []
+    page.on("request", lambda r: "/api/v1/messages?" in r.url and lists.append(r.url))
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as smtp:
+        for i in range(300):
+            smtp.send_message(email(f"burst {i:03d}"))
+    expect(page.locator("#page-info")).to_have_text("1\u201350 of 300")
+    tab.wait_title("(300) mailpipe")
+    assert tab.rows().first.locator(".subject").inner_text() == "burst 299"
+    assert len(lists) < 100, f"{len(lists)} list requests for 300 emails"
+
+
 def test_unread_count_in_title_and_mark_read(
     server: MailpipeServer, open_page: Callable[..., Page]
 ) -> None:
