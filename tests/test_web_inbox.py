@@ -245,6 +245,7 @@ async def test_base_path(store: SQLiteStore) -> None:
             assert (await json_of(resp, 404)) == {"error": "not found"}, outside
         resp = await c.get("/mail", headers=good, allow_redirects=False)
         assert resp.status == 308 and resp.headers["Location"] == "/mail/"
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
         resp = await c.patch("/mail/api/v1/messages", json={"read": True}, headers=good)
         assert (await json_of(resp, 200)) == {"updated": 1}
 
