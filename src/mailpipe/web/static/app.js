@@ -27,27 +27,29 @@ const actions = {
 // and what is shown always comes from the server (search and paging included).
 
 let inFlight = null;
-let stale = false;
+let queued = null;
 
+/** Reload the current page; the promise settles after a load that began after this call
+ * (so a caller that changed the offset sees its page, not the one already loading). */
 function refresh() {
-  if (inFlight) {
-    stale = true;
+  if (!inFlight) {
+    inFlight = loadList().finally(() => {
+      inFlight = null;
+    });
     return inFlight;
   }
-  inFlight = loadList().finally(() => {
-    inFlight = null;
-    if (stale) {
-      stale = false;
-      refresh();
-    }
+  queued ??= inFlight.then(() => {
+    queued = null;
+    return refresh();
   });
-  return inFlight;
+  return queued;
 }
 
 async function loadList() {
-  const q = state.q;
-  const page = await run(() => api.listMessages({ q, offset: state.offset, limit: PAGE_SIZE }));
-  if (!page) return;
+  const { q, offset } = state;
+  const page = await run(() => api.listMessages({ q, offset, limit: PAGE_SIZE }));
+  // Asked for another page or search meanwhile: that one's load is queued, drop this one.
+  if (!page || q !== state.q || offset !== state.offset) return;
   if (page.count === 0 && state.offset > 0 && page.total > 0) {
     // The page emptied under us (deletes): step back to the last page that has emails.
     state.offset = Math.max(0, Math.floor((page.total - 1) / PAGE_SIZE) * PAGE_SIZE);
