@@ -539,6 +539,19 @@ def test_remote_images_blocked_until_asked(
     assert fetched == ["http://images.remote.test/banner.png"]
 
 
+def test_a_link_to_an_email_opens_it(
+    server: MailpipeServer, open_page: Callable[..., Page]
+) -> None:
+    send(server, email("Shared link", text="Opened from its address"))
+    (summary,) = server.wait_for_messages(1)
+    tab = open_page(server)
+    page = tab.open(f"#{summary['uuid']}")
+    expect(page.locator(".email-subject")).to_have_text("Shared link")
+    tab.wait_title("mailpipe")  # opened, so read
+    page.keyboard.press("Escape")
+    assert page.locator("#detail").is_hidden() and "#" not in page.url
+
+
 def test_screenshots(server: MailpipeServer, open_page: Callable[..., Page]) -> None:
     """The README's pictures, from a realistic inbox."""
     send(server, email("Welcome to Acme, Alice!", sender="Acme <hello@acme.test>",

@@ -111,13 +111,15 @@ async function openEmail(uuid) {
   const event = await run(() => api.getMessage(uuid));
   if (!event || token !== openToken) return;
   const summary = state.rows.find((row) => row.uuid === uuid);
-  const wasUnread = summary?.read === false;
-  if (summary) summary.read = true; // shown at once; the server's answer comes with the refresh
+  // Unread, or not on this page (a link to #uuid): marked read; shown at once, the
+  // server's answer comes with the refresh.
+  const mark = summary?.read !== true;
+  if (summary) summary.read = true;
   $("detail").replaceChildren(renderDetail(event, actions));
   showDetail(true);
   syncReadButton();
   markRows($("list"), state);
-  if (wasUnread) {
+  if (mark) {
     await run(() => api.setRead(uuid, true));
     refresh();
   }
