@@ -46,8 +46,12 @@ def png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
 
     rows = b"".join(b"\0" + bytes(rgb) * width for _ in range(height))
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 LOGO = png(40, 40, (37, 99, 235))
@@ -164,8 +168,14 @@ def send(
         smtp.send_message(message)
 
 
-def email(subject: str, *, to: str = "alice@example.org", sender: str = "App <app@example.com>",
-          text: str = "Plain body", html: str | None = None) -> EmailMessage:
+def email(
+    subject: str,
+    *,
+    to: str = "alice@example.org",
+    sender: str = "App <app@example.com>",
+    text: str = "Plain body",
+    html: str | None = None,
+) -> EmailMessage:
     message = EmailMessage()
     message["From"] = sender
     message["To"] = to
@@ -190,10 +200,13 @@ def order_email() -> tuple[EmailMessage, dict[str, bytes]]:
         ),
     )
     message.get_payload()[1].add_related(LOGO, "image", "png", cid="<logo@shop>")
-    files = {"invoice.pdf": b"%PDF-1.4\n% not a real invoice\n" + bytes(range(256)),
-             "photo.png": PHOTO}
-    message.add_attachment(files["invoice.pdf"], maintype="application", subtype="pdf",
-                           filename="invoice.pdf")
+    files = {
+        "invoice.pdf": b"%PDF-1.4\n% not a real invoice\n" + bytes(range(256)),
+        "photo.png": PHOTO,
+    }
+    message.add_attachment(
+        files["invoice.pdf"], maintype="application", subtype="pdf", filename="invoice.pdf"
+    )
     message.add_attachment(PHOTO, maintype="image", subtype="png", filename="photo.png")
     return message, files
 
@@ -268,23 +281,27 @@ def test_hostile_html_runs_nothing_and_markup_shows_as_text(
     title = page.title()
     attempts: list[str] = []
     # Any request for "pwned" is a script (or markup) that ran: recorded, then refused.
-    tab.context.route(re.compile(r".*pwned.*"), lambda route: (
-        attempts.append(route.request.url), route.abort()))
+    tab.context.route(
+        re.compile(r".*pwned.*"), lambda route: (attempts.append(route.request.url), route.abort())
+    )
     popups: list[Any] = []
     tab.context.on("page", lambda popup: popups.append(popup))
 
     subject = "<img src=x onerror=\"document.title='pwned'\"><b>bold</b>"
     filename = "<img src=x onerror=alert(1)>.txt"
-    hostile = email(subject, html=(
-        "<p id=marker>hostile body</p>"
-        "<script>window.top.pwned = 1; top.document.title = 'pwned';"
-        " fetch('/pwned?script'); top.location = '/pwned?navigate';</script>"
-        "<img src=x onerror=\"window.top.pwned = 2; new Image().src = '/pwned?onerror'\">"
-        "<a id=js href=\"javascript:window.top.pwned = 3; fetch('/pwned?link')\">click me</a>"
-        "<iframe src=\"javascript:top.pwned = 4\"></iframe>"
-        "<form action=/pwned?form><button id=submit>go</button></form>"
-        "<svg onload=\"top.pwned = 5\"></svg>"
-    ))
+    hostile = email(
+        subject,
+        html=(
+            "<p id=marker>hostile body</p>"
+            "<script>window.top.pwned = 1; top.document.title = 'pwned';"
+            " fetch('/pwned?script'); top.location = '/pwned?navigate';</script>"
+            "<img src=x onerror=\"window.top.pwned = 2; new Image().src = '/pwned?onerror'\">"
+            "<a id=js href=\"javascript:window.top.pwned = 3; fetch('/pwned?link')\">click me</a>"
+            '<iframe src="javascript:top.pwned = 4"></iframe>'
+            "<form action=/pwned?form><button id=submit>go</button></form>"
+            '<svg onload="top.pwned = 5"></svg>'
+        ),
+    )
     hostile.add_attachment(b"plain text", maintype="text", subtype="plain", filename=filename)
     send(server, hostile)
 
@@ -443,12 +460,16 @@ def test_unread_count_in_title_and_mark_read(
 
 AUTH_CASES = {
     # Basic: the browser's own prompt (here: the credentials it would have typed in).
-    "basic": ({"type": "basic", "username": "dev", "password": "pa:ss w0rd"},
-              {"http_credentials": {"username": "dev", "password": "pa:ss w0rd"}}),
+    "basic": (
+        {"type": "basic", "username": "dev", "password": "pa:ss w0rd"},
+        {"http_credentials": {"username": "dev", "password": "pa:ss w0rd"}},
+    ),
     # Bearer: a browser cannot prompt for it; an authenticating proxy or extension adds the
     # header to every request, which extra_http_headers does here.
-    "bearer": ({"type": "bearer", "token": "t0ken"},
-               {"extra_http_headers": {"Authorization": "Bearer t0ken"}}),
+    "bearer": (
+        {"type": "bearer", "token": "t0ken"},
+        {"extra_http_headers": {"Authorization": "Bearer t0ken"}},
+    ),
 }
 
 
@@ -521,12 +542,24 @@ def test_remote_images_blocked_until_asked(
     fetched: list[str] = []
     tab = open_page(server)
     # The "remote" host answers from the test: the browser never leaves this machine.
-    tab.context.route("http://images.remote.test/**", lambda route: (
-        fetched.append(route.request.url),
-        route.fulfill(status=200, content_type="image/png", body=PHOTO)))
+    tab.context.route(
+        "http://images.remote.test/**",
+        lambda route: (
+            fetched.append(route.request.url),
+            route.fulfill(status=200, content_type="image/png", body=PHOTO),
+        ),
+    )
     page = tab.open()
-    send(server, email("Newsletter", html=(
-        '<p>News</p><img id="remote" src="http://images.remote.test/banner.png" alt="banner">')))
+    send(
+        server,
+        email(
+            "Newsletter",
+            html=(
+                "<p>News</p>"
+                '<img id="remote" src="http://images.remote.test/banner.png" alt="banner">'
+            ),
+        ),
+    )
     tab.open_email("Newsletter")
     notice = page.locator(".remote-notice")
     notice.wait_for()
@@ -554,12 +587,33 @@ def test_a_link_to_an_email_opens_it(
 
 def test_screenshots(server: MailpipeServer, open_page: Callable[..., Page]) -> None:
     """The README's pictures, from a realistic inbox."""
-    send(server, email("Welcome to Acme, Alice!", sender="Acme <hello@acme.test>",
-                       text="Thanks for signing up.", html="<h1>Welcome!</h1><p>Thanks.</p>"))
-    send(server, email("Reset your password", sender="Acme <security@acme.test>",
-                       to="bob@example.org", text="Your code: 731942"))
-    send(server, email("Weekly report", sender="Reports <reports@acme.test>",
-                       to="team@example.org, carol@example.org", text="All green this week."))
+    send(
+        server,
+        email(
+            "Welcome to Acme, Alice!",
+            sender="Acme <hello@acme.test>",
+            text="Thanks for signing up.",
+            html="<h1>Welcome!</h1><p>Thanks.</p>",
+        ),
+    )
+    send(
+        server,
+        email(
+            "Reset your password",
+            sender="Acme <security@acme.test>",
+            to="bob@example.org",
+            text="Your code: 731942",
+        ),
+    )
+    send(
+        server,
+        email(
+            "Weekly report",
+            sender="Reports <reports@acme.test>",
+            to="team@example.org, carol@example.org",
+            text="All green this week.",
+        ),
+    )
     message, _ = order_email()
     send(server, message, auth=("shop", "s3cret"))
     tab = open_page(server)
