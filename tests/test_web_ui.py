@@ -437,7 +437,8 @@ def test_a_burst_costs_few_list_requests(
     expect(page.locator("#page-info")).to_have_text("1\u201350 of 300")
     tab.wait_title("(300) mailpipe")
     assert tab.rows().first.locator(".subject").inner_text() == "burst 299"
-    assert len(lists) < 100, f"{len(lists)} list requests for 300 emails"
+    # One at once, then at most one per 100 ms while the burst lasts (about a second).
+    assert len(lists) < 40, f"{len(lists)} list requests for 300 emails"
 
 
 def test_unread_count_in_title_and_mark_read(

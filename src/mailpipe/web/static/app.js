@@ -23,22 +23,30 @@ const actions = {
 };
 
 // ---- refreshing: at most one list request in flight, one more queued -----------------------
-// Live events only mark the list stale: a burst of 1,000 emails costs a few list requests,
-// and what is shown always comes from the server (search and paging included).
+// Live events only mark the list stale: the first one reloads at once, the ones after it
+// wait for that load and then share one more, at most one every QUIET_MS. A burst of 1,000
+// emails costs a handful of list requests, and what is shown always comes from the server
+// (search and paging included).
 
-let inFlight = null;
+const QUIET_MS = 100;
+const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+let busy = null; // a load and the quiet time after it
 let queued = null;
 
 /** Reload the current page; the promise settles after a load that began after this call
  * (so a caller that changed the offset sees its page, not the one already loading). */
 function refresh() {
-  if (!inFlight) {
-    inFlight = loadList().finally(() => {
-      inFlight = null;
-    });
-    return inFlight;
+  if (!busy) {
+    const load = loadList();
+    busy = load
+      .catch(() => {})
+      .then(() => pause(QUIET_MS))
+      .finally(() => {
+        busy = null;
+      });
+    return load;
   }
-  queued ??= inFlight.then(() => {
+  queued ??= busy.then(() => {
     queued = null;
     return refresh();
   });
