@@ -82,6 +82,21 @@ def server(mailpipe_factory: Callable[..., MailpipeServer]) -> MailpipeServer:
     return mailpipe_factory({"smtp": {"transcript": True}})
 
 
+@pytest.fixture
+def full_server(mailpipe_factory: Callable[..., MailpipeServer]) -> MailpipeServer:
+    """One with something in every panel: a transcript, a job sink's outcome, plugin tags."""
+    return mailpipe_factory(
+        {
+            "smtp": {"transcript": True, "jobs": {"pipeline": "emails"}},
+            "jobs": {"pipelines": {"emails": {"driver": "sqlite"}}},
+            "plugins": {
+                "plugins": ["header_stamp"],
+                "plugin_config": {"header_stamp": {"tags": ["signup-flow", "ci"]}},
+            },
+        }
+    )
+
+
 class Page:
     """A browser tab on the inbox, failing the test on any script error of the page."""
 
@@ -215,8 +230,9 @@ def order_email() -> tuple[EmailMessage, dict[str, bytes]]:
 
 
 def test_email_appears_live_and_shows_everything(
-    server: MailpipeServer, open_page: Callable[..., Page]
+    full_server: MailpipeServer, open_page: Callable[..., Page]
 ) -> None:
+    server = full_server
     tab = open_page(server)
     page = tab.open()
     assert tab.rows().count() == 0
@@ -247,7 +263,9 @@ def test_email_appears_live_and_shows_everything(
 
     headers = tab.tab("Headers").locator("tr th").all_inner_texts()
     sent_order = [name for name, _ in message.items()]
-    assert headers[: len(sent_order)] == sent_order
+    stamped = [name for name in headers if name.startswith("X-Mailpipe-")]  # header_stamp's
+    assert len(stamped) == 3
+    assert [name for name in headers if name not in stamped] == sent_order
 
     raw = tab.tab("Raw").locator("pre.raw")
     page.wait_for_function("() => !document.querySelector('pre.raw').textContent.endsWith('…')")
@@ -259,7 +277,9 @@ def test_email_appears_live_and_shows_everything(
     assert "alice@example.org" in envelope and "bob@example.org" in envelope
     assert "PLAIN" in envelope and "alice" in envelope and "s3cret" in envelope
     assert "mail from:<shop@example.com>" in tab.tab("Transcript").inner_text().lower()
-    tab.tab("Outcomes").wait_for()
+    outcomes = tab.tab("Outcomes")
+    assert "job" in outcomes.inner_text() and '"driver": "sqlite"' in outcomes.inner_text()
+    assert page.locator(".email-head .tag").all_inner_texts() == ["signup-flow", "ci"]
 
     # Attachments: each downloads byte for byte; the image one is previewed.
     for name, data in files.items():
@@ -586,8 +606,9 @@ def test_a_link_to_an_email_opens_it(
     assert page.locator("#detail").is_hidden() and "#" not in page.url
 
 
-def test_screenshots(server: MailpipeServer, open_page: Callable[..., Page]) -> None:
+def test_screenshots(full_server: MailpipeServer, open_page: Callable[..., Page]) -> None:
     """The README's pictures, from a realistic inbox."""
+    server = full_server
     send(
         server,
         email(
