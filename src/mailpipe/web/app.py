@@ -26,6 +26,7 @@ from mailpipe.metrics import Metrics
 from mailpipe.schema import event_schema_bytes
 from mailpipe.store.sqlite import SQLiteStore, StoreClosedError
 from mailpipe.web.guard import BrowserGuard
+from mailpipe.web.ui import ui_routes
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def create_app(
             web.get("/api/openapi.json", service.openapi),
             web.get("/api/v1/schema", service.event_schema),
             *AdminRoutes(admin).routes(),
+            *ui_routes(),
         ]
     )
     if store is not None:

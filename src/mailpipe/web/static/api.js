@@ -1,0 +1,73 @@
+// The REST API and its event stream, by relative URL: the page works under any
+// http.base_path, and the browser adds the credentials it was given (basic auth) itself.
+
+import { apiPath } from "./dom.js";
+
+export class ApiError extends Error {}
+
+async function call(method, path, body) {
+  const init = { method, headers: { Accept: "application/json" } };
+  if (body !== undefined) {
+    // The guard refuses state changes with a body that is not JSON.
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, init);
+  if (!response.ok) throw new ApiError(await errorOf(response));
+  return response.status === 204 ? null : response;
+}
+
+async function errorOf(response) {
+  try {
+    const body = await response.json();
+    if (body && typeof body.error === "string") return `${response.status}: ${body.error}`;
+  } catch {
+    // not JSON: say what we know
+  }
+  return `${response.status} ${response.statusText}`;
+}
+
+export async function listMessages({ q, offset, limit }) {
+  const params = new URLSearchParams({ offset: String(offset), limit: String(limit) });
+  if (q) params.set("q", q);
+  return (await call("GET", `${apiPath("messages")}?${params}`)).json();
+}
+
+export async function getMessage(uuid) {
+  return (await call("GET", apiPath("messages", uuid))).json();
+}
+
+export async function getRaw(uuid) {
+  return (await call("GET", apiPath("messages", uuid, "raw"))).text();
+}
+
+/** How many remote resources the safe HTML view blocked (its response header). */
+export async function blockedRemote(uuid) {
+  const response = await call("HEAD", `${apiPath("messages", uuid, "html")}?remote=0`);
+  return Number(response.headers.get("X-Mailpipe-Blocked-Remote")) || 0;
+}
+
+export const deleteMessage = (uuid) => call("DELETE", apiPath("messages", uuid));
+export const deleteAll = () => call("DELETE", apiPath("messages"));
+export const setRead = (uuid, read) => call("PATCH", apiPath("messages", uuid), { read });
+export const markAllRead = () => call("PATCH", apiPath("messages"), { read: true });
+
+/** Server-sent events: `handlers.event(kind, data)` for each, `handlers.state(live)` as
+ * the connection comes and goes (EventSource reconnects by itself). */
+export function subscribe(handlers) {
+  const source = new EventSource(apiPath("events"));
+  for (const kind of ["new", "deleted", "cleared", "read"]) {
+    source.addEventListener(kind, (message) => {
+      let data = {};
+      try {
+        data = JSON.parse(message.data);
+      } catch {
+        return; // a malformed event is dropped, the next refresh corrects the view
+      }
+      handlers.event(kind, data);
+    });
+  }
+  source.addEventListener("open", () => handlers.state(true));
+  source.addEventListener("error", () => handlers.state(false));
+  return source;
+}
