@@ -61,6 +61,12 @@ faults: $(TEST_STAMP)
 	  $(BIN)/pytest -q -p no:cacheprovider tests/test_faults.py $(PYTEST_ARGS); status=$$?; \
 	  $(BIN)/python tests/test_faults.py $(FAULT_REPORT); exit $$status
 
+# The README's screenshots of the web inbox, taken by its browser test.
+.PHONY: screenshots
+screenshots: $(TEST_STAMP) system-packages
+	MAILPIPE_SCREENSHOTS=$(CURDIR)/docs/screenshots $(BIN)/pytest -q -p no:cacheprovider \
+	  tests/test_web_ui.py -k screenshots
+
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks examples)
 	$(BIN)/ruff format --check src tests $(wildcard benchmarks examples)

@@ -1,9 +1,11 @@
 """The web inbox in a real browser: Debian's chromium driven by Playwright, against a real
-`mailpipe serve` fed over real SMTP. Also writes the README's screenshots
-(docs/screenshots/inbox-*.png)."""
+`mailpipe serve` fed over real SMTP. Also takes the README's screenshots: into
+build/screenshots/, or the folder MAILPIPE_SCREENSHOTS names (`make screenshots` renews
+docs/screenshots/inbox-*.png), so a test run leaves the checkout as it was."""
 
 from __future__ import annotations
 
+import os
 import re
 import smtplib
 import struct
@@ -34,7 +36,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 STATIC = ROOT / "src" / "mailpipe" / "web" / "static"
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+SCREENSHOTS = Path(os.environ.get("MAILPIPE_SCREENSHOTS") or ROOT / "build" / "screenshots")
 
 
 def png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
