@@ -510,6 +510,9 @@ def test_basic_auth(
     tab.wait_title("mailpipe")  # the PATCH went through too
 
 
+PAGE_TOKEN = 't0ken-%&"s'
+
+
 @pytest.mark.parametrize("base", ["", "/mail"])
 def test_bearer_auth_signs_in_with_the_token(
     base: str, mailpipe_factory: Callable[..., MailpipeServer], open_page: Callable[..., Page]
@@ -517,7 +520,7 @@ def test_bearer_auth_signs_in_with_the_token(
     """Bearer: a browser cannot prompt for it, so the page asks and trades the token for a
     session cookie, which every request after carries (fetches, the event stream, the
     sandboxed frame's cid: image, the preview, the download)."""
-    config: dict[str, Any] = {"auth": {"type": "bearer", "token": "t0ken-%&\"s"}}
+    config: dict[str, Any] = {"auth": {"type": "bearer", "token": PAGE_TOKEN}}
     if base:
         config["base_path"] = base
     server = mailpipe_factory({"http": config}, wait=False)
@@ -537,7 +540,7 @@ def test_bearer_auth_signs_in_with_the_token(
     expect(page.locator("#signin-error")).to_have_text("Wrong token.")
     assert not page.context.cookies()
 
-    page.fill("#token", "t0ken-%&\"s")
+    page.fill("#token", PAGE_TOKEN)
     page.press("#token", "Enter")
     page.wait_for_selector("#live.on")  # signed in: the list loaded, the stream is live
     assert form.is_hidden()
@@ -571,7 +574,7 @@ def test_bearer_auth_signs_in_with_the_token(
     assert page.context.request.get(f"{server.api}{base}/api/v1/messages").status == 401
     page.reload()
     expect(form).to_be_visible()  # signed out for good
-    page.fill("#token", "t0ken-%&\"s")
+    page.fill("#token", PAGE_TOKEN)
     page.press("#token", "Enter")
     tab.row("Sent before signing in").wait_for()
 
