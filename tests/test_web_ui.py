@@ -9,6 +9,8 @@ import os
 import re
 import smtplib
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -23,7 +25,7 @@ try:
 except ImportError:  # the browser fixture says so (a skip, or a failure under CI)
     expect = None
 
-from conftest import ROOT, MailpipeServer, missing
+from conftest import ROOT, MailpipeServer, missing, wait_until_ready
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Debian's chromium, never one Playwright downloads; nothing that would reach the network.
@@ -577,6 +579,42 @@ def test_bearer_auth_signs_in_with_the_token(
     page.fill("#token", PAGE_TOKEN)
     page.press("#token", "Enter")
     tab.row("Sent before signing in").wait_for()
+
+
+def test_a_restart_signs_the_page_out(
+    mailpipe_factory: Callable[..., MailpipeServer], open_page: Callable[..., Page]
+) -> None:
+    """The cookie is signed with a key drawn at startup: after a restart the open page's
+    event stream is refused, and the page asks for the token again."""
+    server = mailpipe_factory({"http": {"auth": {"type": "bearer", "token": PAGE_TOKEN}}})
+    tab = open_page(server)
+    page = tab.page
+    page.goto(tab.base)
+    page.fill("#token", PAGE_TOKEN)
+    page.press("#token", "Enter")
+    page.wait_for_selector("#live.on")
+    server.stop()
+    # The same config, so the same ports: the page's address still works.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mailpipe", "serve"],
+        cwd=server.workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=open(server.workdir / "restarted.log", "wb"),  # noqa: SIM115
+        env={k: v for k, v in os.environ.items() if not k.startswith("MAILPIPE_")},
+    )
+    restarted = MailpipeServer(
+        server.workdir, server.smtp_port, server.http_port, process,
+        server.workdir / "restarted.log",
+    )
+    try:
+        wait_until_ready(restarted)
+        expect(page.locator("#signin")).to_be_visible(timeout=20_000)
+        assert tab.rows().count() == 0 and page.locator("#sign-out").is_hidden()
+        page.fill("#token", PAGE_TOKEN)
+        page.press("#token", "Enter")
+        page.wait_for_selector("#live.on")
+    finally:
+        restarted.stop()
 
 
 def test_phone_width(server: MailpipeServer, open_page: Callable[..., Page]) -> None:

@@ -376,16 +376,17 @@ async def _add_nosniff(request: web.Request, response: web.StreamResponse) -> No
 def _auth_middleware(auth: HttpAuth, base_path: str = "") -> Middleware:
     # Bearer opens the page's files and the sign-in route too (they hold no data): the page
     # must load to ask for the token. Basic keeps everything behind the browser's prompt.
-    # The page's files by the route they matched, not by a path prefix that "/ui/../" might
-    # satisfy on the way elsewhere.
+    # The page's files are known by the route they matched, not by a path prefix that
+    # "/ui/../" might satisfy on its way elsewhere. Besides the header: the session cookie
+    # (web/session.py), and a keyed cid: image link of the HTML view.
     unguarded = frozenset(base_path + path for path in OPEN_PATHS) | open_paths(auth, base_path)
-    page = auth.kind == "bearer"
+    open_page = auth.kind == "bearer"
 
     @web.middleware
     async def check_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if (
             request.path in unguarded
-            or (page and is_page_route(request))
+            or (open_page and is_page_route(request))
             or auth.check(request.headers.get("Authorization"))
             or cookie_ok(auth, request.cookies.get(COOKIE))
             or link_ok(auth, request)
