@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Callable
@@ -17,12 +18,15 @@ from urllib.parse import unquote
 import aiohttp
 import jsonschema
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from conftest import make_email
 from mailpipe.metrics import Metrics
 from mailpipe.store.sqlite import SQLiteStore
+from mailpipe.web import session as session_module
 from mailpipe.web.app import HttpAuth, create_app, start_http, stop_http
+from mailpipe.web.session import session_value
 
 
 def described(name: str, content_type: str, data: bytes) -> dict[str, Any]:
@@ -330,6 +334,191 @@ async def test_bearer_auth(store: SQLiteStore) -> None:
         # Unknown routes answer 401 too: without credentials nothing about the API leaks.
         assert (await c.get("/api/v1/messages/x")).status == 401
         assert (await c.get("/healthz")).status == 200
+
+
+# ---- signing in with the bearer token: the session cookie -----------------------------------
+
+TOKEN = "s3cret-token"
+
+
+def cookie_header(resp: aiohttp.ClientResponse) -> str:
+    (header,) = resp.headers.getall("Set-Cookie")
+    return header
+
+
+def cid_email() -> Any:
+    """HTML with a cid: image (attachment 0) and a PDF (attachment 1)."""
+    pytest.importorskip("mailpipe.capture.message")
+    logo, pdf = b"\x89PNG\r\n\x1a\n not really", b"%PDF-1.4 x"
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "a@x.test", "b@y.test", "cid"
+    msg.set_content("text")
+    msg.add_alternative('<p>hi</p><img src="cid:logo@x">', subtype="html")
+    msg.get_payload()[1].add_related(logo, "image", "png", cid="<logo@x>")
+    msg.add_attachment(pdf, maintype="application", subtype="pdf", filename="a.pdf")
+    inline = {**described("logo.png", "image/png", logo), "content_id": "<logo@x>"}
+    email = make_email(
+        "cid",
+        html='<p>hi</p><img src="cid:logo@x">',
+        raw=msg.as_bytes(policy=SMTP),
+        attachments=[inline, described("a.pdf", "application/pdf", pdf)],
+    )
+    return email, logo, pdf
+
+
+async def test_session_cookie_opens_what_the_token_opens(store: SQLiteStore) -> None:
+    email, _, pdf = cid_email()
+    await store.add(email)
+    auth = HttpAuth("bearer", token=TOKEN)
+    async with TestClient(TestServer(create_app(store, Metrics(), auth=auth))) as c:
+        base = f"/api/v1/messages/{email.uuid}"
+        routes = ["/api/v1/messages", base, f"{base}/html", f"{base}/raw",
+                  f"{base}/attachments/1", "/metrics", "/api/openapi.json"]
+        for path in routes:
+            assert (await c.get(path)).status == 401, path
+        assert await json_of(await c.get("/api/v1/session"), 200) == {
+            "auth": "bearer", "cookie": False}
+
+        # A wrong token: 401, no cookie.
+        resp = await c.post("/api/v1/session", json={"token": "s3cret"})
+        assert (await json_of(resp, 401))["error"] == "wrong token"
+        assert "Set-Cookie" not in resp.headers
+        for bad in (b"", b"{}", b'{"token": 1}', b'{"token": ""}', b"[]", b"nope"):
+            resp = await c.post("/api/v1/session", data=bad,
+                                headers={"Content-Type": "application/json"})
+            assert resp.status == 400, bad
+        assert not c.session.cookie_jar.filter_cookies(c.make_url("/"))
+
+        resp = await c.post("/api/v1/session", json={"token": TOKEN})
+        assert await json_of(resp, 200) == {"auth": "bearer", "cookie": True}
+        header = cookie_header(resp)
+        name, _, rest = header.partition("=")
+        value, *attributes = [part.strip() for part in rest.split(";")]
+        assert name == "mailpipe_session"
+        assert re.fullmatch(r"[0-9a-f]{64}", value) and TOKEN not in value
+        assert sorted(attributes) == ["HttpOnly", "Path=/", "SameSite=Strict"]  # no Secure: http
+        assert await json_of(await c.get("/api/v1/session"), 200) == {
+            "auth": "bearer", "cookie": True}
+
+        for path in routes:
+            assert (await c.get(path)).status == 200, path
+        assert await (await c.get(f"{base}/attachments/1")).read() == pdf
+        async with c.get("/api/v1/events") as stream:  # the event stream too
+            assert stream.status == 200
+            assert stream.content_type == "text/event-stream"
+
+        # Signing out clears it.
+        resp = await c.delete("/api/v1/session")
+        assert resp.status == 204
+        assert "Max-Age=0" in cookie_header(resp) and "Path=/" in cookie_header(resp)
+        assert (await c.get("/api/v1/messages")).status == 401
+
+        # Forged: the token itself, another key's HMAC, a truncated one.
+        forged = [TOKEN, session_value(os.urandom(32), TOKEN), value[:-1], value.upper()]
+        for cookie in forged:
+            resp = await c.get("/api/v1/messages", headers={"Cookie": f"mailpipe_session={cookie}"})
+            assert resp.status == 401, cookie
+        good = {"Cookie": f"mailpipe_session={value}"}
+        assert (await c.get("/api/v1/messages", headers=good)).status == 200
+
+    # Another process's key (a restart, or another mailpipe with the same token): refused.
+    other = HttpAuth("bearer", token=TOKEN, session_key=os.urandom(32))
+    async with TestClient(TestServer(create_app(store, Metrics(), auth=other))) as c:
+        assert (await c.get("/api/v1/messages", headers=good)).status == 401
+
+
+async def test_the_cookie_is_secure_over_https(store: SQLiteStore) -> None:
+    @web.middleware
+    async def as_https(request: web.Request, handler: Any) -> web.StreamResponse:
+        return await handler(request.clone(scheme="https"))  # as a TLS site would see it
+
+    app = create_app(store, Metrics(), auth=HttpAuth("bearer", token=TOKEN), base_path="/m")
+    app.middlewares.insert(0, as_https)
+    async with TestClient(TestServer(app)) as c:
+        resp = await c.post("/m/api/v1/session", json={"token": TOKEN})
+        attributes = sorted(part.strip() for part in cookie_header(resp).split(";")[1:])
+        assert attributes == ["HttpOnly", "Path=/m/", "SameSite=Strict", "Secure"]
+        resp = await c.delete("/m/api/v1/session")
+        assert "Secure" in cookie_header(resp)
+
+
+async def test_the_html_view_keys_its_cid_images(store: SQLiteStore) -> None:
+    """The sandboxed frame's image requests carry no cookie nor basic credentials: the /html
+    route (behind auth) links each cid: image with a key that opens that attachment only."""
+    email, logo, _ = cid_email()
+    await store.add(email)
+    for auth, header in (
+        (HttpAuth("bearer", token=TOKEN), f"Bearer {TOKEN}"),
+        (HttpAuth("basic", username="dev", password="pw"), basic("dev", "pw")),
+    ):
+        async with TestClient(TestServer(create_app(store, Metrics(), auth=auth))) as c:
+            base = f"/api/v1/messages/{email.uuid}"
+            html = await (await c.get(f"{base}/html", headers={"Authorization": header})).text()
+            (src,) = re.findall(r'src="([^"]+)"', html)
+            path, _, key = src.partition("?key=")
+            assert path == "attachments/0" and re.fullmatch(r"[0-9a-f]{32}", key)
+            resp = await c.get(f"{base}/{src}")  # no credentials
+            assert resp.status == 200 and await resp.read() == logo
+            refused = [
+                f"{base}/attachments/1?key={key}",  # another attachment
+                f"{base}/raw?key={key}",  # another route
+                f"{base}/html?key={key}",
+                f"/api/v1/messages/{uuidlib.uuid4()}/attachments/0?key={key}",
+                f"{base}/attachments/0?key={key[:-1]}{'1' if key[-1] == '0' else '0'}",
+                f"{base}/attachments/0",
+            ]
+            for path in refused:
+                assert (await c.get(path)).status == 401, path
+
+    # No auth: plain links, as before.
+    async with TestClient(TestServer(create_app(store, Metrics()))) as c:
+        html = await (await c.get(f"/api/v1/messages/{email.uuid}/html")).text()
+        assert 'src="attachments/0"' in html
+
+
+async def test_bearer_opens_the_page_and_the_sign_in_only(store: SQLiteStore) -> None:
+    auth = HttpAuth("bearer", token=TOKEN)
+    app = create_app(store, Metrics(), auth=auth, base_path="/mail")
+    async with TestClient(TestServer(app)) as c:
+        for path in ("/mail/", "/mail/ui/app.js", "/mail/api/v1/session", "/mail/healthz"):
+            assert (await c.get(path)).status == 200, path
+        assert (await c.get("/mail", allow_redirects=False)).status == 308
+        for path in ("/mail/api/v1/messages", "/mail/ui/../api/v1/messages",
+                     "/mail/ui/%2e%2e/api/v1/messages", "/mail/api/v1/events", "/mail/metrics"):
+            assert (await c.get(path)).status == 401, path
+        resp = await c.post("/mail/api/v1/session", json={"token": TOKEN})
+        assert "Path=/mail/" in cookie_header(resp)
+        assert (await c.get("/mail/api/v1/messages")).status == 200
+
+
+async def test_basic_keeps_everything_behind_the_prompt(store: SQLiteStore) -> None:
+    auth = HttpAuth("basic", username="dev", password="pw")
+    async with TestClient(TestServer(create_app(store, Metrics(), auth=auth))) as c:
+        for path in ("/", "/ui/app.js", "/api/v1/session"):
+            resp = await c.get(path)
+            assert resp.status == 401 and resp.headers["WWW-Authenticate"].startswith("Basic ")
+        assert (await c.post("/api/v1/session", json={"token": "pw"})).status == 401
+        resp = await c.post("/api/v1/session", json={"token": "pw"},
+                            headers={"Authorization": basic("dev", "pw")})
+        assert resp.status == 404 and "Set-Cookie" not in resp.headers
+        resp = await c.get("/api/v1/session", headers={"Authorization": basic("dev", "pw")})
+        assert await json_of(resp, 200) == {"auth": "basic", "cookie": False}
+
+
+async def test_wrong_tokens_are_rate_limited(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session_module, "FAILURE_DELAY", 0.0)
+    auth = HttpAuth("bearer", token=TOKEN)
+    async with TestClient(TestServer(create_app(store, Metrics(), auth=auth))) as c:
+        for _ in range(session_module.MAX_FAILURES):
+            assert (await c.post("/api/v1/session", json={"token": "guess"})).status == 401
+        for token in ("guess", TOKEN):  # the right one too, until the minute is over
+            resp = await c.post("/api/v1/session", json={"token": token})
+            assert resp.status == 429 and 1 <= int(resp.headers["Retry-After"]) <= 60
+        # The header still works: only guessing through the form is limited.
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        assert (await c.get("/api/v1/messages", headers=headers)).status == 200
 
 
 def test_auth_settings_are_checked() -> None:

@@ -271,6 +271,53 @@ def test_nosniff_with_auth_refusals(mailpipe_factory: Factory) -> None:
     assert answer.headers["X-Content-Type-Options"] == "nosniff"
 
 
+def sign_in(port: int, token: str, headers: dict[str, str] | None = None) -> Answer:
+    body = json.dumps({"token": token}).encode()
+    return call(port, "POST", "/api/v1/session",
+                {"Content-Type": "application/json", **(headers or {})}, body)
+
+
+def session_cookie(answer: Answer) -> str:
+    assert answer.status == 200, answer.body
+    return answer.headers["Set-Cookie"].split(";", 1)[0]
+
+
+def test_the_sign_in_refuses_other_sites(mailpipe_factory: Factory) -> None:
+    """Login CSRF (signing a browser in to the attacker's choice) and cookie-riding: the
+    guard refuses a cross-origin or non-JSON POST/DELETE, and SameSite=Strict keeps the
+    cookie off other sites' requests."""
+    server = mailpipe_factory({"http": {"auth": {"type": "bearer", "token": "t0k"}}})
+    port = server.http_port
+    own = f"http://127.0.0.1:{port}"
+    for headers in ({"Origin": EVIL}, {"Referer": EVIL + "/login"}, {"Origin": "null"}):
+        answer = sign_in(port, "t0k", headers)
+        assert answer.status == 403 and "cross-origin" in answer.error, headers
+        assert "Set-Cookie" not in answer.headers
+    form = call(port, "POST", "/api/v1/session",
+                {"Content-Type": "application/x-www-form-urlencoded"}, b"token=t0k")
+    assert form.status == 415 and "Set-Cookie" not in form.headers
+    cookie = session_cookie(sign_in(port, "t0k", {"Origin": own}))
+    assert call(port, "GET", "/api/v1/messages", {"Cookie": cookie}).status == 200
+    # Signing out from another site: refused too.
+    answer = call(port, "DELETE", "/api/v1/session", {"Origin": EVIL, "Cookie": cookie})
+    assert answer.status == 403 and "Set-Cookie" not in answer.headers
+    answer = call(port, "DELETE", "/api/v1/session", {"Origin": own, "Cookie": cookie})
+    assert answer.status == 204 and "Max-Age=0" in answer.headers["Set-Cookie"]
+
+
+def test_a_session_cookie_works_in_its_own_process_only(mailpipe_factory: Factory) -> None:
+    config = {"http": {"auth": {"type": "bearer", "token": "same-token"}}}
+    first, second = mailpipe_factory(config), mailpipe_factory(config)
+    cookie = session_cookie(sign_in(first.http_port, "same-token"))
+    assert "same-token" not in cookie
+    assert call(first.http_port, "GET", "/api/v1/messages", {"Cookie": cookie}).status == 200
+    # Same token, another process: another key, so the cookie means nothing there.
+    refused = call(second.http_port, "GET", "/api/v1/messages", {"Cookie": cookie})
+    assert refused.status == 401 and refused.headers["WWW-Authenticate"].startswith("Bearer")
+    assert call(second.http_port, "GET", "/api/v1/events", {"Cookie": cookie}).status == 401
+    assert session_cookie(sign_in(second.http_port, "same-token")) != cookie
+
+
 # ---- the guard's rules, one request each ---------------------------------------------------
 
 

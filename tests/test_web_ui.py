@@ -9,6 +9,8 @@ import os
 import re
 import smtplib
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -23,7 +25,7 @@ try:
 except ImportError:  # the browser fixture says so (a skip, or a failure under CI)
     expect = None
 
-from conftest import ROOT, MailpipeServer, missing
+from conftest import ROOT, MailpipeServer, missing, wait_until_ready
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Debian's chromium, never one Playwright downloads; nothing that would reach the network.
@@ -481,46 +483,138 @@ def test_unread_count_in_title_and_mark_read(
     assert page.locator("#list .row.unread").count() == 0
 
 
-AUTH_CASES = {
-    # Basic: the browser's own prompt (here: the credentials it would have typed in).
-    "basic": (
-        {"type": "basic", "username": "dev", "password": "pa:ss w0rd"},
-        {"http_credentials": {"username": "dev", "password": "pa:ss w0rd"}},
-    ),
-    # Bearer: a browser cannot prompt for it; an authenticating proxy or extension adds the
-    # header to every request, which extra_http_headers does here.
-    "bearer": (
-        {"type": "bearer", "token": "t0ken"},
-        {"extra_http_headers": {"Authorization": "Bearer t0ken"}},
-    ),
-}
-
-
-@pytest.mark.parametrize("kind", list(AUTH_CASES))
-def test_auth(
-    kind: str, mailpipe_factory: Callable[..., MailpipeServer], open_page: Callable[..., Page]
+def test_basic_auth(
+    mailpipe_factory: Callable[..., MailpipeServer], open_page: Callable[..., Page]
 ) -> None:
-    config, credentials = AUTH_CASES[kind]
-    server = mailpipe_factory({"http": {"auth": config}})
+    """Basic: everything (the page included) behind the browser's own prompt, here the
+    credentials it would have typed in."""
+    server = mailpipe_factory(
+        {"http": {"auth": {"type": "basic", "username": "dev", "password": "pa:ss w0rd"}}}
+    )
     refused = open_page(server)
     assert refused.context.request.get(refused.base).status == 401
+    assert refused.context.request.get(refused.base + "ui/app.js").status == 401
 
-    tab = open_page(server, **credentials)
-    tab.open()  # the page, its scripts and the event stream all authenticated
+    tab = open_page(server, http_credentials={"username": "dev", "password": "pa:ss w0rd"})
+    page = tab.open()  # the page, its scripts and the event stream all authenticated
+    assert page.locator("#signin").is_hidden() and page.locator("#sign-out").is_hidden()
     message, files = order_email()
     send(server, message)
     tab.open_email("Your order #1234 has shipped")  # arrived live
-    page = tab.page
-    assert page.frame_locator(".html-frame").locator("#greeting").inner_text() == "Order shipped"
+    expect(page.frame_locator(".html-frame").locator("#logo")).to_have_js_property(
+        "naturalWidth", 40
+    )
     preview = page.locator(".attachment", has_text="photo.png").locator("img")
     expect(preview).to_have_js_property("naturalWidth", 120)
-    if kind == "basic":
-        # (Chromium's download manager refetches without Playwright's extra headers; a
-        # real proxy adds the bearer token to those too.)
-        with page.expect_download() as download:
-            page.locator(".attachment-link", has_text="photo.png").click()
-        assert Path(download.value.path()).read_bytes() == files["photo.png"]
+    with page.expect_download() as download:
+        page.locator(".attachment-link", has_text="photo.png").click()
+    assert Path(download.value.path()).read_bytes() == files["photo.png"]
     tab.wait_title("mailpipe")  # the PATCH went through too
+
+
+PAGE_TOKEN = 't0ken-%&"s'
+
+
+@pytest.mark.parametrize("base", ["", "/mail"])
+def test_bearer_auth_signs_in_with_the_token(
+    base: str, mailpipe_factory: Callable[..., MailpipeServer], open_page: Callable[..., Page]
+) -> None:
+    """Bearer: a browser cannot prompt for it, so the page asks and trades the token for a
+    session cookie, which every request after carries (fetches, the event stream, the
+    sandboxed frame's cid: image, the preview, the download)."""
+    config: dict[str, Any] = {"auth": {"type": "bearer", "token": PAGE_TOKEN}}
+    if base:
+        config["base_path"] = base
+    server = mailpipe_factory({"http": config}, wait=False)
+    wait_until(lambda: answers(server, base + "/healthz"))
+    send(server, email("Sent before signing in", text="Waiting"))
+    tab = open_page(server, base=base + "/")
+    page = tab.page
+    page.goto(tab.base)
+    form = page.locator("#signin")
+    expect(form).to_be_visible()  # the page's files load without the token
+    assert page.locator("#token").get_attribute("type") == "password"
+    assert page.locator(".panes").is_hidden() and tab.rows().count() == 0
+    assert page.locator("#error").is_hidden()  # no "401" banner: the form is the answer
+
+    page.fill("#token", "wrong")
+    page.click("#signin-form button[type=submit]")
+    expect(page.locator("#signin-error")).to_have_text("Wrong token.")
+    assert not page.context.cookies()
+
+    page.fill("#token", PAGE_TOKEN)
+    page.press("#token", "Enter")
+    page.wait_for_selector("#live.on")  # signed in: the list loaded, the stream is live
+    assert form.is_hidden()
+    expect(page.locator("#sign-out")).to_be_visible()
+    (cookie,) = page.context.cookies()
+    assert cookie["name"] == "mailpipe_session" and cookie["httpOnly"]
+    assert cookie["sameSite"] == "Strict" and cookie["path"] == base + "/"
+    assert "t0ken" not in cookie["value"]
+    assert page.evaluate("document.cookie") == ""  # HttpOnly: no script of the page sees it
+    tab.row("Sent before signing in").wait_for()
+
+    message, files = order_email()
+    send(server, message)
+    tab.open_email("Your order #1234 has shipped")  # arrived live
+    frame = page.frame_locator(".html-frame")
+    assert frame.locator("#greeting").inner_text() == "Order shipped"
+    logo = frame.locator("#logo")
+    expect(logo).to_have_js_property("naturalWidth", 40)
+    preview = page.locator(".attachment", has_text="photo.png").locator("img")
+    expect(preview).to_have_js_property("naturalWidth", 120)
+    for name, data in files.items():
+        with page.expect_download() as download:
+            page.locator(".attachment-link", has_text=name).click()
+        assert Path(download.value.path()).read_bytes() == data
+    tab.wait_title("(1) mailpipe")  # the PATCH went through too: one unread left
+
+    page.click("#sign-out")
+    expect(form).to_be_visible()
+    assert page.locator("#detail").is_hidden() and tab.rows().count() == 0
+    assert not page.context.cookies()
+    assert page.context.request.get(f"{server.api}{base}/api/v1/messages").status == 401
+    page.reload()
+    expect(form).to_be_visible()  # signed out for good
+    page.fill("#token", PAGE_TOKEN)
+    page.press("#token", "Enter")
+    tab.row("Sent before signing in").wait_for()
+
+
+def test_a_restart_signs_the_page_out(
+    mailpipe_factory: Callable[..., MailpipeServer], open_page: Callable[..., Page]
+) -> None:
+    """The cookie is signed with a key drawn at startup: after a restart the open page's
+    event stream is refused, and the page asks for the token again."""
+    server = mailpipe_factory({"http": {"auth": {"type": "bearer", "token": PAGE_TOKEN}}})
+    tab = open_page(server)
+    page = tab.page
+    page.goto(tab.base)
+    page.fill("#token", PAGE_TOKEN)
+    page.press("#token", "Enter")
+    page.wait_for_selector("#live.on")
+    server.stop()
+    # The same config, so the same ports: the page's address still works.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mailpipe", "serve"],
+        cwd=server.workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=open(server.workdir / "restarted.log", "wb"),  # noqa: SIM115
+        env={k: v for k, v in os.environ.items() if not k.startswith("MAILPIPE_")},
+    )
+    restarted = MailpipeServer(
+        server.workdir, server.smtp_port, server.http_port, process,
+        server.workdir / "restarted.log",
+    )
+    try:
+        wait_until_ready(restarted)
+        expect(page.locator("#signin")).to_be_visible(timeout=20_000)
+        assert tab.rows().count() == 0 and page.locator("#sign-out").is_hidden()
+        page.fill("#token", PAGE_TOKEN)
+        page.press("#token", "Enter")
+        page.wait_for_selector("#live.on")
+    finally:
+        restarted.stop()
 
 
 def test_phone_width(server: MailpipeServer, open_page: Callable[..., Page]) -> None:

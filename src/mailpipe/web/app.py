@@ -10,7 +10,7 @@ import logging
 import mimetypes
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Any, Literal
@@ -26,7 +26,17 @@ from mailpipe.metrics import Metrics
 from mailpipe.schema import event_schema_bytes
 from mailpipe.store.sqlite import SQLiteStore, StoreClosedError
 from mailpipe.web.guard import BrowserGuard
-from mailpipe.web.ui import ui_routes
+from mailpipe.web.session import (
+    ATTACHMENT_ROUTE,
+    COOKIE,
+    PROCESS_KEY,
+    SessionRoutes,
+    cookie_ok,
+    link_key,
+    link_ok,
+    open_paths,
+)
+from mailpipe.web.ui import is_page_route, ui_routes
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +69,9 @@ class HttpAuth:
     username: str | None = None
     password: str | None = None
     token: str | None = None
+    # What the page's sign-in cookie is signed with (web/session.py): the process's own key,
+    # unless a test gives another.
+    session_key: bytes = field(default=PROCESS_KEY, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind == "basic" and (self.username is None or self.password is None):
@@ -136,6 +149,7 @@ def create_app(
             web.get("/api/openapi.json", service.openapi),
             web.get("/api/v1/schema", service.event_schema),
             *AdminRoutes(admin).routes(),
+            *SessionRoutes(auth, base_path).routes(),
             *ui_routes(),
         ]
     )
@@ -145,6 +159,9 @@ def create_app(
             store,
             code_pattern=code_pattern or DEFAULT_CODE_PATTERN,
             ping_interval=ping_interval or PING_INTERVAL,
+            link_key=(lambda uuid, index: link_key(auth.session_key, uuid, index))
+            if auth is not None
+            else None,
         )
         app.on_shutdown.append(inbox.on_shutdown)
         app.router.add_routes(
@@ -155,7 +172,11 @@ def create_app(
                 web.get("/api/v1/messages/{uuid}", api.get_message),
                 web.delete("/api/v1/messages/{uuid}", api.delete_message),
                 web.get("/api/v1/messages/{uuid}/raw", api.get_raw),
-                web.get("/api/v1/messages/{uuid}/attachments/{index}", api.get_attachment),
+                web.get(
+                    "/api/v1/messages/{uuid}/attachments/{index}",
+                    api.get_attachment,
+                    name=ATTACHMENT_ROUTE,
+                ),
             ]
         )
     return _serve_under(base_path, app, middlewares)
@@ -353,11 +374,23 @@ async def _add_nosniff(request: web.Request, response: web.StreamResponse) -> No
 
 
 def _auth_middleware(auth: HttpAuth, base_path: str = "") -> Middleware:
-    open_paths = frozenset(base_path + path for path in OPEN_PATHS)
+    # Bearer opens the page's files and the sign-in route too (they hold no data): the page
+    # must load to ask for the token. Basic keeps everything behind the browser's prompt.
+    # The page's files are known by the route they matched, not by a path prefix that
+    # "/ui/../" might satisfy on its way elsewhere. Besides the header: the session cookie
+    # (web/session.py), and a keyed cid: image link of the HTML view.
+    unguarded = frozenset(base_path + path for path in OPEN_PATHS) | open_paths(auth, base_path)
+    open_page = auth.kind == "bearer"
 
     @web.middleware
     async def check_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in open_paths or auth.check(request.headers.get("Authorization")):
+        if (
+            request.path in unguarded
+            or (open_page and is_page_route(request))
+            or auth.check(request.headers.get("Authorization"))
+            or cookie_ok(auth, request.cookies.get(COOKIE))
+            or link_ok(auth, request)
+        ):
             return await handler(request)
         return json_response(
             {"error": "authentication required"},

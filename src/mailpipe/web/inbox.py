@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,8 +36,12 @@ HTML_CSP = (
 
 class InboxRoutes:
     def __init__(self, store: SQLiteStore, *, code_pattern: str = DEFAULT_CODE_PATTERN,
-                 ping_interval: float = PING_INTERVAL) -> None:
+                 ping_interval: float = PING_INTERVAL,
+                 link_key: Callable[[str, int], str] | None = None) -> None:
+        """With auth on, `link_key(uuid, index)` keys the HTML view's cid: image URLs: the
+        sandboxed frame's requests carry no credentials (web/session.py)."""
         self.store = store
+        self.link_key = link_key
         self.code_pattern = re.compile(code_pattern)
         self.ping_interval = ping_interval
         self.live: set[Subscription] = set()
@@ -138,11 +143,16 @@ class InboxRoutes:
         if not source:
             raise ApiError(404, "message has no HTML body")
         by_cid = _content_ids(event)
+        uuid = request.match_info["uuid"]
 
         def cid_url(content_id: str) -> str | None:
             index = by_cid.get(content_id, by_cid.get(content_id.lower()))
+            if index is None:
+                return None
             # Relative to .../{uuid}/html, so it works under any base path.
-            return None if index is None else f"attachments/{index}"
+            if self.link_key is None:
+                return f"attachments/{index}"
+            return f"attachments/{index}?key={self.link_key(uuid, index)}"
 
         view = await asyncio.to_thread(htmlview.rewrite, source, cid_url, remote=remote)
         csp = HTML_CSP.format(remote=" http: https:" if remote else "")

@@ -77,6 +77,11 @@ async def _static(request: web.Request) -> web.Response:
     return _serve(request, request.match_info["file"])
 
 
+def is_page_route(request: web.Request) -> bool:
+    """Whether the request matched `/` or `/ui/{file}` (which hold no captured data)."""
+    return request.match_info.route.handler in (_index, _static)
+
+
 def ui_routes() -> list[web.RouteDef]:
     """The page's routes; a missing static directory fails here, at startup."""
     if "index.html" not in _files():

@@ -1,9 +1,21 @@
 // The REST API and its event stream, by relative URL: the page works under any
-// http.base_path, and the browser adds the credentials it was given (basic auth) itself.
+// http.base_path, and the browser adds the credentials itself: basic auth's, or the
+// session cookie that signing in with the bearer token set (HttpOnly: never seen here).
 
 import { apiPath } from "./dom.js";
 
-export class ApiError extends Error {}
+export class ApiError extends Error {
+  constructor(message, status = 0, challenge = "") {
+    super(message);
+    this.status = status;
+    this.challenge = challenge;
+  }
+
+  /** A 401 the page can answer by asking for the bearer token. */
+  get wantsToken() {
+    return this.status === 401 && /^bearer\b/i.test(this.challenge);
+  }
+}
 
 async function call(method, path, body) {
   const init = { method, headers: { Accept: "application/json" } };
@@ -13,7 +25,10 @@ async function call(method, path, body) {
     init.body = JSON.stringify(body);
   }
   const response = await fetch(path, init);
-  if (!response.ok) throw new ApiError(await errorOf(response));
+  if (!response.ok) {
+    const challenge = response.headers.get("WWW-Authenticate") || "";
+    throw new ApiError(await errorOf(response), response.status, challenge);
+  }
   return response.status === 204 ? null : response;
 }
 
@@ -51,6 +66,14 @@ export const deleteMessage = (uuid) => call("DELETE", apiPath("messages", uuid))
 export const deleteAll = () => call("DELETE", apiPath("messages"));
 export const setRead = (uuid, read) => call("PATCH", apiPath("messages", uuid), { read });
 export const markAllRead = () => call("PATCH", apiPath("messages"), { read: true });
+
+/** Signing in with the bearer token: the server answers with the session cookie. */
+export const signIn = (token) => call("POST", apiPath("session"), { token });
+export const signOut = () => call("DELETE", apiPath("session"));
+/** {auth: "basic" | "bearer" | null, cookie: signed in by cookie} */
+export async function session() {
+  return (await call("GET", apiPath("session"))).json();
+}
 
 /** Server-sent events: `handlers.event(kind, data)` for each, `handlers.state(live)` as
  * the connection comes and goes (EventSource reconnects by itself). */

@@ -63,6 +63,7 @@ async function loadList() {
     state.offset = Math.max(0, Math.floor((page.total - 1) / PAGE_SIZE) * PAGE_SIZE);
     return loadList();
   }
+  connected();
   const selectedUuid = state.rows[state.selected]?.uuid;
   state.rows = page.messages;
   $("list").dataset.query = q; // which search the rows answer (tests wait on it)
@@ -170,12 +171,14 @@ async function removeEmail(uuid) {
 
 let errorTimer = 0;
 
-/** `fn()`'s result, or undefined after showing its error. */
+/** `fn()`'s result, or undefined after showing its error (or the sign-in form, when the
+ * API wants the bearer token). */
 async function run(fn) {
   try {
     return await fn();
   } catch (error) {
-    showError(error.message || String(error));
+    if (error instanceof api.ApiError && error.wantsToken) showSignIn();
+    else showError(error.message || String(error));
     return undefined;
   }
 }
@@ -200,6 +203,79 @@ function onLive(live) {
   $("live").classList.toggle("on", live);
   // Back after a gap: events may have been missed, so ask for the truth.
   if (live) refresh();
+  // Refused (a 401 after a restart signed everyone out, say): EventSource gives up. The
+  // list's request says why (and shows the sign-in form if that is it); try again later.
+  if (!live && stream?.readyState === EventSource.CLOSED) {
+    stream = null;
+    refresh();
+    setTimeout(() => { if (!signingIn) refresh(); }, 3000);
+  }
+}
+
+// ---- signing in with the bearer token (basic auth is the browser's own prompt) --------------
+// The API answered 401 with a Bearer challenge: the page asks for the token and trades it
+// for a session cookie (HttpOnly, SameSite=Strict) that every request after carries: the
+// fetches, the event stream, the HTML frame, images and downloads.
+
+let stream = null; // the event stream, opened once the API answered
+let signingIn = false;
+
+/** The API answered: open the event stream (once) and learn how we are signed in. */
+function connected() {
+  if (stream || signingIn) return;
+  stream = api.subscribe({ event: onEvent, state: onLive });
+  run(api.session).then((session) => {
+    if (session) $("sign-out").hidden = !session.cookie;
+  });
+}
+
+function showSignIn() {
+  if (signingIn) return;
+  signingIn = true;
+  stream?.close();
+  stream = null;
+  // Nothing captured stays on the page, even hidden.
+  openToken++;
+  state.openUuid = null;
+  Object.assign(state, { rows: [], total: 0, unread: null, selected: -1 });
+  $("detail").replaceChildren();
+  showDetail(false);
+  render();
+  $("live").textContent = "offline";
+  $("live").classList.remove("on");
+  $("error").hidden = true;
+  $("sign-out").hidden = true;
+  document.body.classList.add("signed-out");
+  $("signin").hidden = false;
+  $("token").focus();
+}
+
+async function submitToken(event) {
+  event.preventDefault();
+  const token = $("token").value;
+  if (!token) return;
+  try {
+    await api.signIn(token);
+  } catch (error) {
+    const wrong = error instanceof api.ApiError && error.status === 401;
+    $("signin-error").textContent = wrong ? "Wrong token." : error.message || String(error);
+    $("signin-error").hidden = false;
+    $("token").select();
+    return;
+  }
+  $("token").value = "";
+  $("signin-error").hidden = true;
+  $("signin").hidden = true;
+  document.body.classList.remove("signed-out");
+  signingIn = false;
+  await refresh();
+  const linked = location.hash.slice(1);
+  if (linked && !signingIn) openEmail(linked);
+}
+
+async function signOut() {
+  if ((await run(api.signOut)) === undefined) return;
+  showSignIn();
 }
 
 // ---- keyboard -----------------------------------------------------------------------------
@@ -216,7 +292,7 @@ const KEYS = {
 };
 
 function onKey(event) {
-  if (event.ctrlKey || event.metaKey || event.altKey) return;
+  if (signingIn || event.ctrlKey || event.metaKey || event.altKey) return;
   const inField = event.target instanceof HTMLInputElement;
   if (inField) {
     if (event.key === "Escape" || event.key === "Enter") event.target.blur();
@@ -279,10 +355,12 @@ function wire() {
     refresh();
   });
   document.addEventListener("keydown", onKey);
+  $("signin-form").addEventListener("submit", submitToken);
+  $("sign-out").addEventListener("click", signOut);
 }
 
+// The first list request opens the event stream, or shows the sign-in form.
 wire();
 refresh();
-api.subscribe({ event: onEvent, state: onLive });
 const linked = location.hash.slice(1);
 if (linked) openEmail(linked);
