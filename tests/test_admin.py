@@ -42,9 +42,10 @@ OPENAPI = json.loads((ROOT / "src" / "mailpipe" / "web" / "openapi.json").read_t
 # ---- helpers ----------------------------------------------------------------------------
 
 
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, cwd: Path | None = None,
+        columns: int = 200) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPIPE_")}
-    env["COLUMNS"] = "200"
+    env["COLUMNS"] = str(columns)  # rich wraps cells to the terminal's width
     return subprocess.run(
         [sys.executable, "-m", "mailpipe", *args],
         capture_output=True, text=True, timeout=60, cwd=cwd or ROOT, env=env,

@@ -155,7 +155,8 @@ def test_list_and_status_show_the_plugin_and_its_counts(mailpipe_factory: Factor
     assert one["stats"]["on_mail_from"] == entry["stats"]["on_mail_from"]
 
     assert cli_json(server, "plugins", "list") == server.get_json("/api/v1/plugins")
-    table = ok(cli("plugins", "list", "--api", server.api))
+    # Wide enough for every hook and the source's temporary path on one line each.
+    table = ok(cli("plugins", "list", "--api", server.api, columns=1000))
     for cell in ("Name", "Kind", "Enabled", "Hooks", "Source", NAME, "python", "yes",
                  "on_message_complete", f"{NAME}.py"):
         assert cell in table, cell
