@@ -1112,6 +1112,30 @@ async def test_proceed_and_no_opinion_give_the_default_replies(inproc: InProc) -
     assert len({c.session for c in contexts}) == 1 and len(message.store) == len(SMTP_STAGES)
 
 
+async def test_a_pipelined_batch_awaiting_a_verdict_is_answered_in_one_write(
+    inproc: InProc,
+) -> None:
+    """MAIL's reply waits for RCPT's verdict, so the batch's replies go out together."""
+    app = await inproc()
+    release = asyncio.Event()
+
+    async def later(context: VerdictContext) -> None:
+        await release.wait()
+
+    app.verdicts.register(Stage.RCPT, later)
+    client = await AsyncSMTP.open(port_of(app))
+    await client.command("EHLO client.test")
+    client.writer.write(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RCPT}>\r\nDATA\r\n".encode())
+    with pytest.raises(TimeoutError):  # nothing yet, not even MAIL's 250
+        await asyncio.wait_for(client.reader.read(1), 0.2)
+    release.set()
+    replies = [await client.reply() for _ in range(3)]
+    assert [code for code, _ in replies] == [250, 250, 354]
+    assert (await client.command(BODY))[0] == 250
+    client.close()
+    assert await stored(app) == 1
+
+
 async def test_aiosmtplib_sees_a_refused_recipient_and_the_others_get_through(
     inproc: InProc,
 ) -> None:

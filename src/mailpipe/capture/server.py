@@ -359,6 +359,7 @@ class SMTPSession(asyncio.Protocol):
         self._closing_after_reply = False
         self.spooler = Spooler()
         self._asking: asyncio.Future[None] | None = None
+        self._held: list[bytes] = []  # replies before a verdict being asked (see _handle)
         self._store: dict[str, object] | None = None  # for verdict callables, made on demand
         # The transaction verdict callables see: its uuid (the event's), its envelope once
         # the core made it, what they want changed; and the session's changes before it.
@@ -500,7 +501,10 @@ class SMTPSession(asyncio.Protocol):
 
     def _handle(self, events: list[Event]) -> None:
         """Act on the core's events. The replies of one pass go out in one write (verdicts
-        given at once were given inside the core: see `_judge`)."""
+        given at once were given inside the core: see `_judge`). A pass that ends awaiting a
+        verdict holds its replies for the write of the verdict's pass: the batch's client
+        waits for them all anyway, and a write and a wake-up of the client less is about
+        30 µs of the awaited verdict's cost."""
         out: list[bytes] = []
         for event in events:
             kind = type(event)
@@ -514,9 +518,15 @@ class SMTPSession(asyncio.Protocol):
             else:
                 self._act(event)
         if out:
-            self._write(out)
+            if self._asking is not None:
+                self._held += out
+            else:
+                self._write(out)
 
     def _write(self, out: list[bytes]) -> None:
+        if self._held:
+            out[:0] = self._held
+            self._held.clear()
         if self.transport is not None:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
