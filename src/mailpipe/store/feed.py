@@ -53,14 +53,27 @@ class Subscription:
         self._feed._subscribers.discard(self)
 
     def _deliver(self, change: Change | None) -> None:
-        try:
-            here = asyncio.get_running_loop() is self._loop
-        except RuntimeError:  # a thread without a loop: the store's writer
-            here = False
-        if here:
+        if self._here():
             self._put(change)
         elif not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._put, change)
+
+    def _deliver_many(self, changes: list[Change]) -> None:
+        # One wake-up of the subscriber's loop for the lot (retention prunes in chunks).
+        if self._here():
+            self._put_many(changes)
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._put_many, changes)
+
+    def _here(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:  # a thread without a loop: the store's writer
+            return False
+
+    def _put_many(self, changes: list[Change]) -> None:
+        for change in changes:
+            self._put(change)
 
     def _put(self, change: Change | None) -> None:
         if self.ended:
@@ -92,6 +105,15 @@ class ChangeFeed:
         change = Change(kind, data)
         for subscription in list(self._subscribers):
             subscription._deliver(change)
+
+    def publish_many(self, kind: Kind, datas: list[dict[str, Any]]) -> None:
+        """`publish(kind, data)` for each of `datas`, in order, with one wake-up per
+        subscriber; callable from any thread."""
+        if not datas or not self._subscribers:
+            return
+        changes = [Change(kind, data) for data in datas]
+        for subscription in list(self._subscribers):
+            subscription._deliver_many(changes)
 
     def close(self) -> None:
         """End every subscription (they see None after the changes already queued)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import math
 import queue
 import re
 import sqlite3
@@ -38,6 +39,12 @@ READERS = 4
 SYNCHRONOUS_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 # Without writes, age retention still has to run now and then; never sleep longer than this.
 MAX_PRUNE_INTERVAL = 60.0
+# Retention by count lets the store grow this far past max_messages (1/20: 5%, rounded down)
+# before it deletes back down to max_messages in one range delete: a batch costs nothing
+# until then, instead of finding the cut-off row on every commit.
+PRUNE_SLACK_DIVISOR = 20
+# The age sweep runs with a write at most this often (seconds).
+AGE_PRUNE_INTERVAL = 1.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -151,7 +158,15 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None  # the writer's, used in its thread only
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._running = False
+        # Retention state, kept in memory by the writer thread so that a batch under the
+        # limits runs no query for it: the row count (counted once at start), the smallest id
+        # that may still be stored (a lower bound; exact after a prune by count) and the
+        # oldest received_ts that may still be stored (a lower bound; exact after an age
+        # sweep).
         self._messages = 0
+        self._low_id = 0
+        self._oldest_ts = -math.inf
+        self._prune_above = max_messages + max_messages // PRUNE_SLACK_DIVISOR
         self._pruned: list[str] = []  # uuids retention deleted in the current transaction
         self.changes = ChangeFeed()
 
@@ -347,9 +362,10 @@ class SQLiteStore:
             conn.executescript(SCHEMA)
             _add_missing_columns(conn)
             conn.executescript(INDEXES)
-            self._messages = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+            self._recount(conn)
             self._last_age_prune = -1e9
-            self._transaction(conn, [])  # apply retention to what an earlier run left
+            # Apply retention to what an earlier run left, down to max_messages exactly.
+            self._transaction(conn, [], strict=True)
         except BaseException:
             conn.close()
             raise
@@ -372,6 +388,7 @@ class SQLiteStore:
         if op.kind == "insert":
             conn.execute(INSERT, op.arg)
             self._messages += 1
+            self._oldest_ts = min(self._oldest_ts, op.arg[2])  # received_ts
             return None
         if op.kind == "delete":
             deleted = conn.execute("DELETE FROM messages WHERE uuid = ?", (op.arg,)).rowcount
@@ -392,7 +409,9 @@ class SQLiteStore:
         assert self._conn is not None
         self._transaction(self._conn, [])
 
-    def _transaction(self, conn: sqlite3.Connection, batch: Batch) -> Results:
+    def _transaction(
+        self, conn: sqlite3.Connection, batch: Batch, *, strict: bool = False
+    ) -> Results:
         """Apply the batch and retention in one transaction; one result per op.
 
         A constraint error (a duplicate uuid) only undoes its own statement, so it fails
@@ -409,13 +428,14 @@ class SQLiteStore:
                     if not conn.in_transaction:  # RAISE(ROLLBACK) undid the whole batch
                         raise
                     results.append(exc)
-            self._prune(conn)
+            self._prune(conn, strict=strict)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            # Undone rows were counted as they went in; a rare full recount puts that right.
-            self._messages = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+            # Undone rows were counted as they went in (and undone prunes moved the marks);
+            # a rare full recount puts that right.
+            self._recount(conn)
             raise
         if batch:  # retention-only transactions are not counted
             self.stats["commits"] += 1
@@ -423,23 +443,50 @@ class SQLiteStore:
         self.stats["written"] += sum(1 for op in batch if op.kind == "insert")
         if self.metrics is not None:
             self.metrics.store_messages.set(self._messages)
-        for uuid in self._pruned:  # before the batch's results, so before its "new" changes
-            self.changes.publish("deleted", {"uuid": uuid})
+        if self._pruned:  # before the batch's results, so before its "new" changes
+            self.changes.publish_many("deleted", [{"uuid": uuid} for uuid in self._pruned])
         return results
 
-    def _prune(self, conn: sqlite3.Connection) -> None:
-        # The row count is kept in memory (counted once at start) so that a batch costs no
-        # table scan; the age sweep runs at most once a second, it needs none per batch.
-        now = time.monotonic()
-        if self.max_age is not None and now - self._last_age_prune >= 1.0:
-            self._last_age_prune = now
-            self._delete_pruned(conn, "received_ts < ?", time.time() - self.max_age)
-        if self._messages > self.max_messages:
-            self._delete_pruned(
-                conn,
-                "id <= (SELECT id FROM messages ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                self.max_messages,
-            )
+    def _recount(self, conn: sqlite3.Connection) -> None:
+        """Read the retention state from the table: a full count, and two index lookups."""
+        self._messages = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        self._low_id = conn.execute("SELECT COALESCE(MIN(id), 0) FROM messages").fetchone()[0]
+        self._oldest_ts = -math.inf  # unknown: the next age sweep looks
+
+    def _prune(self, conn: sqlite3.Connection, *, strict: bool = False) -> None:
+        """Retention, amortised: under both limits a batch runs no query for it.
+
+        By count: once the store holds more than max_messages + 5% (`strict`, at start: more
+        than max_messages), the oldest rows down to max_messages go in one range delete by
+        id, from the low-water mark. By age: at most once a second, and only when the oldest
+        received_ts that may be stored is past max_age, one delete through the received_ts
+        index.
+        """
+        if self.max_age is not None:
+            now = time.monotonic()
+            cutoff = time.time() - self.max_age
+            if now - self._last_age_prune >= AGE_PRUNE_INTERVAL and self._oldest_ts < cutoff:
+                self._last_age_prune = now
+                self._delete_pruned(conn, "received_ts < ?", cutoff)
+                (oldest,) = conn.execute("SELECT MIN(received_ts) FROM messages").fetchone()
+                self._oldest_ts = math.inf if oldest is None else oldest
+        if self._messages > (self.max_messages if strict else self._prune_above):
+            self._prune_by_count(conn)
+
+    def _prune_by_count(self, conn: sqlite3.Connection) -> None:
+        excess = self._messages - self.max_messages
+        # The oldest row to keep: `excess` rows on from the low-water mark, read from the
+        # table's own b-tree (the rows about to be deleted, so their pages are read once).
+        row = conn.execute(
+            "SELECT id FROM messages WHERE id >= ? ORDER BY id LIMIT 1 OFFSET ?",
+            (self._low_id, excess),
+        ).fetchone()
+        if row is None:  # the count was off: there are not that many rows
+            self._recount(conn)
+            return
+        keep_from = int(row[0])
+        self._delete_pruned(conn, "id < ?", keep_from)
+        self._low_id = keep_from
 
     def _delete_pruned(self, conn: sqlite3.Connection, where: str, arg: float) -> None:
         # RETURNING: the change feed tells watchers which messages retention removed.
