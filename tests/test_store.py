@@ -219,6 +219,119 @@ async def test_age_retention_applies_at_start_and_while_idle(tmp_path: Path) -> 
         await s.close()
 
 
+async def test_retention_by_count_is_amortised(tmp_path: Path) -> None:
+    # max_messages 40: the store may grow to 42 (5%), then drops back to 40 in one delete.
+    path = tmp_path / "store.db"
+    s = SQLiteStore(path, max_messages=40)
+    await s.start()
+    try:
+        emails = [make_email(f"a{i}") for i in range(130)]
+        counts = []
+        with s.changes.subscribe() as changes:
+            for e in emails:
+                await s.add(e)
+                counts.append(len(external_uuids(path)))
+            await asyncio.sleep(0.05)
+            seen = []
+            while changes._queue.qsize():
+                change = await changes.get()
+                assert change is not None
+                seen.append((change.kind, change.data["uuid"]))
+        assert max(counts) == 42 and min(counts[40:]) == 40
+        assert counts[:45] == [*range(1, 43), 40, 41, 42]
+        # Exactly the oldest went, and the newest are all there.
+        assert external_uuids(path) == {e.uuid for e in emails[-counts[-1]:]}
+        assert await s.count() == counts[-1] == s.health()["messages"]
+        # Each pruned email was announced, oldest first, before the new email that pushed it.
+        deleted = [uuid for kind, uuid in seen if kind == "deleted"]
+        assert deleted == [e.uuid for e in emails[: 130 - counts[-1]]]
+        # (A commit's deletions come before its new emails.)
+        assert seen[42:46] == [("deleted", emails[0].uuid), ("deleted", emails[1].uuid),
+                               ("deleted", emails[2].uuid), ("new", emails[42].uuid)]
+    finally:
+        await s.close()
+
+
+async def test_retention_by_count_with_holes_and_batches(tmp_path: Path) -> None:
+    # Ids deleted by hand leave holes: the prune still keeps exactly the newest max_messages.
+    path = tmp_path / "store.db"
+    s = SQLiteStore(path, max_messages=100)
+    await s.start()
+    try:
+        emails = [make_email(f"h{i}") for i in range(100)]
+        await asyncio.gather(*(s.add(e) for e in emails))
+        order = [e.uuid for e in emails]  # gather queues them in order: ids follow it
+        for uuid in order[3:60:2]:
+            assert await s.delete(uuid)
+        kept = [u for u in order if u not in set(order[3:60:2])]
+        more = [make_email(f"m{i}") for i in range(300)]
+        first = make_email("first")
+        with writer_blocked(path):  # 201 emails in one transaction, far over the limit
+            tasks = [asyncio.create_task(s.add(first))]
+            await asyncio.sleep(0.1)  # the writer has taken `first` and waits for the lock
+            tasks += [asyncio.create_task(s.add(e)) for e in more[:200]]
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*tasks)
+        assert len(external_uuids(path)) == 100  # pruned in that transaction, to the limit
+        for e in more[200:]:
+            await s.add(e)
+            assert 100 <= len(external_uuids(path)) <= 105
+        arrival = [*kept, first.uuid, *(e.uuid for e in more)]
+        stored = external_uuids(path)
+        assert stored == set(arrival[-len(stored):])  # exactly the oldest went
+    finally:
+        await s.close()
+
+
+async def test_restart_with_an_over_full_table_prunes_to_max_messages(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    big = SQLiteStore(path, max_messages=1000)
+    await big.start()
+    emails = [make_email(f"r{i}") for i in range(50)]
+    for e in emails:
+        await big.add(e)
+    await big.close()
+
+    # 50 is within 48's 5% margin (50), yet at start the store prunes down to the limit.
+    s = SQLiteStore(path, max_messages=48)
+    await s.start()
+    try:
+        assert external_uuids(path) == {e.uuid for e in emails[2:]}
+        assert await s.count() == 48
+    finally:
+        await s.close()
+    s = SQLiteStore(path, max_messages=10)
+    await s.start()
+    try:
+        assert external_uuids(path) == {e.uuid for e in emails[-10:]}
+        await s.add(newer := make_email("after restart"))
+        assert external_uuids(path) == {*(e.uuid for e in emails[-9:]), newer.uuid}
+    finally:
+        await s.close()
+
+
+async def test_age_retention_sweeps_a_late_old_email(tmp_path: Path) -> None:
+    # After a sweep found nothing left to do, an email that arrives already old (its
+    # received_at in the past) must still go: the store's oldest-timestamp mark follows it.
+    path = tmp_path / "store.db"
+    s = SQLiteStore(path, max_age=3600, max_messages=1000)
+    await s.start()
+    try:
+        fresh = [make_email(f"fresh {i}") for i in range(30)]
+        for e in fresh:
+            await s.add(e)
+        old = make_email("late old", received_at=datetime.now(UTC) - timedelta(hours=2))
+        await s.add(old)
+        deadline = time.monotonic() + 5
+        while await s.get(old.uuid) is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            await s.add(make_email("nudge"))
+        assert await s.get(old.uuid) is None
+        assert {e.uuid for e in fresh} <= external_uuids(path)
+    finally:
+        await s.close()
+
+
 # ---- queries ----------------------------------------------------------------------------------
 
 
