@@ -18,7 +18,7 @@ import pytest
 from conftest import make_email
 from mailpipe.event import CapturedEmail
 from mailpipe.metrics import Metrics
-from mailpipe.store.sqlite import SQLiteStore, StoreClosedError, StoreSink
+from mailpipe.store.sqlite import PRUNE_CHUNK_MAX, SQLiteStore, StoreClosedError, StoreSink
 
 
 @contextlib.contextmanager
@@ -238,6 +238,10 @@ async def test_retention_by_count_is_amortised(tmp_path: Path) -> None:
                 assert change is not None
                 seen.append((change.kind, change.data["uuid"]))
         assert max(counts) == 42 and min(counts[40:]) == 40
+        # The margin: 5% rounded down (none under 20), at most PRUNE_CHUNK_MAX rows.
+        margins = {n: SQLiteStore(path, max_messages=n)._prune_above - n
+                   for n in (1, 19, 20, 5000, 100_000)}
+        assert margins == {1: 0, 19: 0, 20: 1, 5000: 250, 100_000: PRUNE_CHUNK_MAX}
         assert counts[:45] == [*range(1, 43), 40, 41, 42]
         # Exactly the oldest went, and the newest are all there.
         assert external_uuids(path) == {e.uuid for e in emails[-counts[-1]:]}
