@@ -287,6 +287,23 @@ async def test_retention_by_count_with_holes_and_batches(tmp_path: Path) -> None
         await s.close()
 
 
+async def test_retention_by_count_after_the_store_was_emptied(tmp_path: Path) -> None:
+    # Cleared, SQLite hands out ids from 1 again, below the low-water mark of before.
+    path = tmp_path / "store.db"
+    s = SQLiteStore(path, max_messages=40)
+    await s.start()
+    try:
+        for i in range(130):
+            await s.add(make_email(f"before {i}"))
+        await s.clear()
+        emails = [make_email(f"after {i}") for i in range(43)]
+        for e in emails:
+            await s.add(e)
+        assert external_uuids(path) == {e.uuid for e in emails[3:]}
+    finally:
+        await s.close()
+
+
 async def test_restart_with_an_over_full_table_prunes_to_max_messages(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     big = SQLiteStore(path, max_messages=1000)

@@ -390,8 +390,11 @@ class SQLiteStore:
 
     def _apply(self, conn: sqlite3.Connection, op: _Op) -> Any:
         if op.kind == "insert":
-            conn.execute(INSERT, op.arg)
+            rowid = conn.execute(INSERT, op.arg).lastrowid
             self._messages += 1
+            # An emptied table gives ids from 1 again: the low-water mark must stay below.
+            if rowid is not None and rowid < self._low_id:
+                self._low_id = rowid
             self._oldest_ts = min(self._oldest_ts, op.arg[2])  # received_ts
             return None
         if op.kind == "delete":
