@@ -64,10 +64,20 @@ def require_service(name: str, host: str, port: int) -> None:
         missing(f"{name} is not reachable on {host}:{port}: {exc}")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now and not handed out before in this run: the kernel may give the same
+    ephemeral port to two binds in a row once the first socket is closed, and two listeners
+    of one server (or two servers of one test) must not get the same one."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @pytest.fixture(scope="session")
