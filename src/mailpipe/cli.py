@@ -9,7 +9,9 @@ import functools
 import json
 import logging
 import sys
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,8 +24,6 @@ from mailpipe import __version__
 from mailpipe.config import Config, ConfigError, load_config, split_host_port
 
 if TYPE_CHECKING:
-    import urllib.error
-
     from rich.console import Console
     from rich.table import Table
 
@@ -139,10 +139,6 @@ class AdminClient:
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """The decoded JSON body (None when empty); exits 1 with one clear line on failure.
         `body`, when given, is sent as JSON."""
-        # urllib.request (with http.client) only for the admin commands, not for `serve`.
-        import urllib.error
-        import urllib.request
-
         headers, data = self.headers, None
         if body is not None:
             headers = {**headers, "Content-Type": "application/json"}
