@@ -20,19 +20,35 @@ from pathlib import Path
 # Imported by no part of a default mailpipe, idle or after its first email.
 NOT_IMPORTED = (
     # jobs drivers and the jobs producer
-    "redis", "aio_pika", "aiormq", "nats", "mailpipe.jobs.sink", "mailpipe.jobs.producer",
-    "mailpipe.jobs.runner", "mailpipe.jobs.drivers",
+    "redis",
+    "aio_pika",
+    "aiormq",
+    "nats",
+    "mailpipe.jobs.sink",
+    "mailpipe.jobs.producer",
+    "mailpipe.jobs.runner",
+    "mailpipe.jobs.drivers",
     # the worker pool and on_init
-    "mailpipe.workers.pool", "mailpipe.workers.process", "mailpipe.workers.goridge",
-    "mailpipe.workers.sink", "mailpipe.workers.on_init",
+    "mailpipe.workers.pool",
+    "mailpipe.workers.process",
+    "mailpipe.workers.goridge",
+    "mailpipe.workers.sink",
+    "mailpipe.workers.on_init",
     # the plugin system's heavy parts (external plugins speak gRPC)
-    "pluggy", "grpc", "mailpipe.plugins.builtin", "mailpipe.plugins.external",
+    "pluggy",
+    "grpc",
+    "mailpipe.plugins.builtin",
+    "mailpipe.plugins.external",
     # the SDK, the CLI's tables, the config file's parser
-    "mailpipe.sdk", "rich", "yaml",
+    "mailpipe.sdk",
+    "rich",
+    "yaml",
     # helper processes for big messages
-    "multiprocessing", "concurrent.futures.process",
+    "multiprocessing",
+    "concurrent.futures.process",
     # the inbox's HTML view, until a request asks for it
-    "mailpipe.web.htmlview", "html.parser",
+    "mailpipe.web.htmlview",
+    "html.parser",
 )
 
 SCRIPT = textwrap.dedent("""
@@ -70,11 +86,18 @@ def test_default_serve_imports_only_what_it_uses(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPIPE_")}
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path / "data")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     modules = set(json.loads(done.stdout.splitlines()[-1]))
     assert "mailpipe.app" in modules and "mailpipe.web.app" in modules  # it did start
-    loaded = sorted(name for name in modules
-                    if any(name == heavy or name.startswith(heavy + ".") for heavy in NOT_IMPORTED))
+    loaded = sorted(
+        name
+        for name in modules
+        if any(name == heavy or name.startswith(heavy + ".") for heavy in NOT_IMPORTED)
+    )
     assert loaded == [], f"imported by a default mailpipe, though it does not use them: {loaded}"
