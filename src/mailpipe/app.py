@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,6 @@ from mailpipe.capture.server import CaptureServer, format_addr
 from mailpipe.capture.verdicts import Verdicts
 from mailpipe.config import Config, is_loopback, split_host_port
 from mailpipe.discovery import remove_state, write_state
-from mailpipe.jobs.sink import JobsSink
 from mailpipe.lifecycle import Lifecycle
 from mailpipe.metrics import Metrics
 from mailpipe.plugins.base import PluginError
@@ -28,16 +28,22 @@ from mailpipe.sinks.base import Sink
 from mailpipe.sinks.dispatch import Dispatcher
 from mailpipe.sinks.registry import build_sinks
 from mailpipe.store.sqlite import SQLiteStore, StoreSink
-from mailpipe.workers.on_init import OnInitError, run_on_init
-from mailpipe.workers.pool import PoolError
-from mailpipe.workers.sink import WorkerSink
+from mailpipe.workers import PoolError
 
 if TYPE_CHECKING:
     from mailpipe.jobs.base import Driver
     from mailpipe.jobs.consumer import JobsConsumer
+    from mailpipe.jobs.sink import JobsSink
     from mailpipe.workers.pool import WorkerPool
+    from mailpipe.workers.sink import WorkerSink
 
 log = logging.getLogger("mailpipe")
+
+
+def _loaded_class(module: str, name: str) -> type | None:
+    """`module.name` if that module has been imported, else None (see _make_sinks)."""
+    found = sys.modules.get(module)
+    return getattr(found, name, None) if found is not None else None
 
 
 class StartupError(Exception):
@@ -82,13 +88,18 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
     def _make_sinks(self) -> list[Sink]:
         sinks = build_sinks(self.config, self.metrics)
         # The HTTP and admin APIs reach into three built-ins: the store, the pool, the pipeline.
+        # build_sinks imports a sink's module only when it is configured (the workers and jobs
+        # ones are heavy: idle memory, issue 13), so their classes are looked up among the
+        # modules already imported: one not imported has no instance here.
+        worker_sink = _loaded_class("mailpipe.workers.sink", "WorkerSink")
+        jobs_sink = _loaded_class("mailpipe.jobs.sink", "JobsSink")
         for sink in sinks:
             if isinstance(sink, StoreSink):
                 self.store = sink.store
-            elif isinstance(sink, WorkerSink):
+            elif worker_sink is not None and isinstance(sink, worker_sink):
                 self.pool = sink.pool
                 self.worker_sink = sink
-            elif isinstance(sink, JobsSink):
+            elif jobs_sink is not None and isinstance(sink, jobs_sink):
                 self.jobs_sink = sink
         return sinks
 
@@ -107,10 +118,14 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            await run_on_init(self.config.server)
-        except OnInitError as exc:
-            raise StartupError(str(exc)) from None
+        if self.config.server.on_init is not None:
+            # The workers' process helpers are imported only when there is a command to run.
+            from mailpipe.workers.on_init import OnInitError, run_on_init
+
+            try:
+                await run_on_init(self.config.server)
+            except OnInitError as exc:
+                raise StartupError(str(exc)) from None
         try:
             await self.dispatcher.start()
         except PoolError as exc:

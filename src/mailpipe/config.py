@@ -9,14 +9,12 @@ its http...) and its keys mailpipe has no use for are ignored with a notice, `lo
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -697,6 +695,9 @@ def find_config_file(explicit: str | None, cwd: Path | None = None) -> Path | No
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
+    # PyYAML is imported here, not with mailpipe: without a config file it is never needed.
+    import yaml
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -765,6 +766,8 @@ def prepare_file(data: dict[str, Any], notices: list[str], problems: list[str]) 
         if key in RR_SECTIONS:
             notices.append(f"ignoring RoadRunner section {key!r}")
         else:
+            import difflib  # only to suggest a name for a misspelt section
+
             close = difflib.get_close_matches(key, sorted(known | RR_SECTIONS), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(f"  {key}: unknown section{hint}")

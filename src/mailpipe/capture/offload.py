@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailpipe.capture.message import build_event
 from mailpipe.capture.types import MessageBody
 from mailpipe.event import CapturedEmail
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 log = logging.getLogger("mailpipe.capture")
 
@@ -69,6 +69,11 @@ class EventBuilder:
     def _executor(self) -> ProcessPoolExecutor:
         # Started on first use: a capture server that never sees a big message pays nothing.
         if self._pool is None:
+            # multiprocessing and the process pool are imported with the first big message,
+            # not with mailpipe: most servers never see one (idle memory, issue 13).
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
             context = multiprocessing.get_context("forkserver")
             self._pool = ProcessPoolExecutor(self.workers, mp_context=context,
                                              initializer=_exit_with_parent,
@@ -78,6 +83,8 @@ class EventBuilder:
     async def build(self, body: MessageBody, **kwargs: Any) -> CapturedEmail:
         if body.size <= OFFLOAD_ABOVE:
             return build_event(body.read(), **kwargs)
+        from concurrent.futures.process import BrokenProcessPool  # lazy, as in _executor
+
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor(), _build_from_body, body, kwargs)

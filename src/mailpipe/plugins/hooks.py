@@ -15,14 +15,11 @@ is refused at load with pluggy's own message. Every hook also receives `ctx`
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import pluggy
+from typing import Any
 
 from mailpipe.capture.types import Stage
 
 PROJECT = "mailpipe"
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +122,13 @@ STAGE_HOOKS[Stage.MAIL] = ("on_mail_from", "on_reputation_check", "on_spf_check"
 STAGE_HOOKS[Stage.RCPT] = ("on_rcpt_to", "on_greylist_check")
 
 
-def _spec(hook: Hook) -> object:
+# pluggy and the specifications made with it (`hookspec`, `hookimpl`, `MailpipeSpecs`) are
+# built on first use (module __getattr__): only loading a Python plugin needs them, and a
+# mailpipe without plugins does not import pluggy at all (idle memory, issue 13).
+_PLUGGY_NAMES = ("hookspec", "hookimpl", "MailpipeSpecs")
+
+
+def _spec(hookspec: Any, hook: Hook) -> object:
     # pluggy reads argument names from the function's code, so each spec is real code.
     namespace: dict[str, object] = {}
     exec(f"def {hook.name}({', '.join(('ctx', *hook.args))}):\n    pass", namespace)
@@ -134,10 +137,24 @@ def _spec(hook: Hook) -> object:
     return hookspec(spec)
 
 
-class MailpipeSpecs:
-    """pluggy hook specifications, one per row of HOOKS."""
+def _pluggy_names() -> dict[str, Any]:
+    import pluggy  # here, not at the top: see _PLUGGY_NAMES
+
+    hookspec = pluggy.HookspecMarker(PROJECT)
+
+    class MailpipeSpecs:
+        """pluggy hook specifications, one per row of HOOKS."""
+
+    for hook in HOOKS.values():
+        setattr(MailpipeSpecs, hook.name, staticmethod(_spec(hookspec, hook)))
+    MailpipeSpecs.__module__, MailpipeSpecs.__qualname__ = __name__, "MailpipeSpecs"
+    return {"hookspec": hookspec, "hookimpl": pluggy.HookimplMarker(PROJECT),
+            "MailpipeSpecs": MailpipeSpecs}
 
 
-for _hook in HOOKS.values():
-    setattr(MailpipeSpecs, _hook.name, staticmethod(_spec(_hook)))
-del _hook
+def __getattr__(name: str) -> Any:
+    if name in _PLUGGY_NAMES:
+        values = _pluggy_names()
+        globals().update(values)  # made once: later lookups find them in the module
+        return values[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

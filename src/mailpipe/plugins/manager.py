@@ -35,7 +35,6 @@ from mailpipe.capture.types import (
     Verdict,
 )
 from mailpipe.plugins.base import Plugin, PluginError
-from mailpipe.plugins.builtin import BUILTINS
 from mailpipe.plugins.context import HookContext, SessionView, StageSession
 from mailpipe.plugins.executor import Entry, Executor, Failed, InlineCall
 from mailpipe.plugins.hooks import HOOKS, STAGE_HOOKS
@@ -141,6 +140,9 @@ class PluginManager:
         path = find_file(self.plugin_path, name)
         if path is not None:
             return load_file(name, path)
+        # The built-ins are imported when a plugin is looked up, not with mailpipe (idle memory).
+        from mailpipe.plugins.builtin import BUILTINS
+
         found = load_entry_point(name)
         if found is not None:
             return found

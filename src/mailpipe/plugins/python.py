@@ -18,11 +18,9 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-import pluggy
-
 from mailpipe.plugins.base import Plugin, PluginError
 from mailpipe.plugins.context import HookContext
-from mailpipe.plugins.hooks import HOOKS, PROJECT, MailpipeSpecs
+from mailpipe.plugins.hooks import HOOKS, PROJECT
 from mailpipe.plugins.results import HookResult
 
 ENTRY_POINT_GROUP = "mailpipe.plugins"
@@ -96,6 +94,11 @@ async def _maybe_await(method: Any, *args: Any) -> Any:
 
 def _hook_methods(name: str, obj: Any) -> dict[str, tuple[Any, tuple[str, ...]]]:
     """The object's hook methods and the argument names each takes, checked by pluggy."""
+    # pluggy is imported by the first plugin loaded, not with mailpipe (idle memory).
+    import pluggy
+
+    from mailpipe.plugins.hooks import MailpipeSpecs
+
     manager = pluggy.PluginManager(PROJECT)
     manager.add_hookspecs(MailpipeSpecs)
     manager.parse_hookimpl_opts = lambda plugin, attr: {} if attr in HOOKS else None

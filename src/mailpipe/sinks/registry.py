@@ -32,6 +32,10 @@ BUILTIN = {
     "store": "mailpipe.store.sqlite:StoreSink",
     "jsonl": "mailpipe.sinks.jsonl:JSONLSink",
 }
+# Built-ins that are off unless the configuration turns them on (their `create` answers None
+# otherwise), with the Config method that says so: without their section, build_sinks does not
+# import them at all (the worker pool and the jobs producer cost idle memory; issue 13).
+SWITCHED_ON_BY = {"workers": "delivers_to_workers", "jobs": "delivers_to_jobs"}
 
 
 @functools.cache
@@ -113,6 +117,9 @@ def build_sinks(config: Config, metrics: Metrics) -> list[Sink]:
     sinks = []
     for name in registered():
         settings = sections.get(name)
+        switch = SWITCHED_ON_BY.get(name)
+        if settings is None and switch is not None and not getattr(config, switch)():
+            continue  # off, as its create() would say, and its module not imported
         if settings is None and name in BUILTIN and not sink_class(name).needs_section:
             settings = sink_class(name).Settings()
         if settings is None:

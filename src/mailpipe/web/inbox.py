@@ -12,6 +12,7 @@ import asyncio
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
+from types import ModuleType
 from typing import Any
 
 import orjson
@@ -20,7 +21,6 @@ from aiohttp import web
 from mailpipe.store.feed import Change, Subscription
 from mailpipe.store.search import Term
 from mailpipe.store.sqlite import SQLiteStore
-from mailpipe.web import htmlview
 from mailpipe.web.app import ApiError, int_param, json_response
 
 DEFAULT_CODE_PATTERN = r"\b\d{4,8}\b"
@@ -154,7 +154,7 @@ class InboxRoutes:
                 return f"attachments/{index}"
             return f"attachments/{index}?key={self.link_key(uuid, index)}"
 
-        view = await asyncio.to_thread(htmlview.rewrite, source, cid_url, remote=remote)
+        view = await asyncio.to_thread(_htmlview().rewrite, source, cid_url, remote=remote)
         csp = HTML_CSP.format(remote=" http: https:" if remote else "")
         return web.Response(
             text=view.html,
@@ -170,7 +170,7 @@ class InboxRoutes:
 
     async def links(self, request: web.Request) -> web.Response:
         message = (await self._event(request)).get("message") or {}
-        found = await asyncio.to_thread(htmlview.links, message.get("html"), message.get("text"))
+        found = await asyncio.to_thread(_htmlview().links, message.get("html"), message.get("text"))
         return json_response({"links": found})
 
     async def codes(self, request: web.Request) -> web.Response:
@@ -180,7 +180,7 @@ class InboxRoutes:
         message = (await self._event(request)).get("message") or {}
         # A thread: a costly pattern must not stall every other request.
         found = await asyncio.to_thread(
-            htmlview.codes, pattern, message.get("text"), message.get("html")
+            _htmlview().codes, pattern, message.get("text"), message.get("html")
         )
         return json_response({"codes": found})
 
@@ -269,3 +269,11 @@ def _pattern(text: str) -> re.Pattern[str]:
         return re.compile(text)
     except re.error as exc:
         raise ApiError(400, f"pattern is not a valid regular expression: {exc}") from None
+
+
+def _htmlview() -> ModuleType:
+    # The HTML view (and html.parser) is imported by the first request that needs it, not
+    # with the server: an idle mailpipe whose inbox is never opened does not hold it.
+    from mailpipe.web import htmlview
+
+    return htmlview

@@ -21,6 +21,7 @@ import orjson
 
 from mailpipe.config import PoolConfig, ServerConfig
 from mailpipe.metrics import Metrics
+from mailpipe.workers import PoolError
 from mailpipe.workers.goridge import CODEC_JSON
 from mailpipe.workers.process import (
     Connection,
@@ -37,10 +38,6 @@ from mailpipe.workers.process import (
 log = logging.getLogger("mailpipe.workers")
 
 RESTART_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
-
-
-class PoolError(Exception):
-    """The pool cannot serve: no worker in time, or the worker command cannot start."""
 
 
 class NoFreeWorker(PoolError):
