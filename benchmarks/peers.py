@@ -283,8 +283,10 @@ class Result:
 
 def smtp_source(server: Server, load: Load, timeout: float) -> tuple[float, str]:
     """Run smtp-source; its wall time and, if it failed, why."""
-    argv = [str(SMTP_SOURCE), "-s", str(load.sessions), "-m", str(load.emails),
-            "-l", str(load.size), "-N", "-f", "bench@source.test", "-t", "rcpt@sink.test"]  # fmt: skip
+    argv = [
+        str(SMTP_SOURCE), "-s", str(load.sessions), "-m", str(load.emails), "-l", str(load.size),
+        "-N", "-f", "bench@source.test", "-t", "rcpt@sink.test",
+    ]  # fmt: skip
     argv += ["-d"] if load.reuse else []
     started = time.monotonic()
     try:
@@ -409,17 +411,27 @@ class Tee(io.StringIO):
         return super().write(text)
 
 
+def interrupted(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="4,000 emails a 1 KB load, 100 of 2 MB (default 20,000 and 200)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="4,000 emails a 1 KB load, 100 of 2 MB (default 20,000 and 200)",
+    )
     parser.add_argument("--emails", type=int, help="emails per 1 KB load")
     parser.add_argument("--big-emails", type=int, help="emails of 2 MB")
     parser.add_argument("--peers", default=",".join(p.name for p in PEERS))
     parser.add_argument("--loads", default="new,reuse,2mb,idle")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per load run")
-    parser.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"),
-                        help="where to write the report ('' for nowhere)")
+    parser.add_argument(
+        "--docs",
+        default=str(REPO / "docs" / "benchmarks.md"),
+        help="where to write the report ('' for nowhere)",
+    )
     args = parser.parse_args(argv)  # fmt: skip
     args.emails = args.emails or (4000 if args.quick else 20_000)
     args.big_emails = args.big_emails or (100 if args.quick else 200)
@@ -437,20 +449,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     raise_fd_limit()
     # SIGTERM (a timeout, CI) unwinds like Ctrl-C, so every started peer is stopped.
-    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    signal.signal(signal.SIGTERM, interrupted)
     out = Tee()
     sys.stdout = out
     started = time.monotonic()
     try:
         print(f"command: {command.strip()}")
         print(f"machine: nproc={os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at start")
-        print("load: Postfix's smtp-source (one reply awaited per command, no pipelining); "
-              "one run per peer and load, each peer started fresh; storing peers filled "
-              f"with {STEADY_MAX_MESSAGES:,} emails first. Cells: value (ratio to mailpipe).")
-        print("p50/p99: benchmarks/loadgen.py after the reused-connection load, "
-              f"100 sessions x {args.latency_messages}, pipelined (smtp-source has no latency).")
-        print("CPU and RSS: the peer's process tree; peak RSS is the sum of each process's "
-              "VmHWM.\n\npeers:")
+        print(
+            "load: Postfix's smtp-source (one reply awaited per command, no pipelining); "
+            "one run per peer and load, each peer started fresh; storing peers filled "
+            f"with {STEADY_MAX_MESSAGES:,} emails first. Cells: value (ratio to mailpipe)."
+        )
+        print(
+            "p50/p99: benchmarks/loadgen.py after the reused-connection load, "
+            f"100 sessions x {args.latency_messages}, pipelined (smtp-source has no latency)."
+        )
+        print(
+            "CPU and RSS: the peer's process tree; peak RSS is the sum of each process's "
+            "VmHWM.\n\npeers:"
+        )
         peers = []
         for peer in args.peer_list:
             why = peer.install()
