@@ -314,6 +314,9 @@ def hold_idle(server: Server, count: int) -> tuple[subprocess.Popen[str], int]:
 
 def measure(peer: Peer, load: Load, root: Path, args: argparse.Namespace) -> Result:
     result = Result(peer.name)
+    if load.idle and peer.share < 1:
+        result.notes.append(f"skipped: it opens too few connections a second for {load.idle:,}")
+        return result
     if peer.share != 1.0:
         load = replace(load, emails=max(1, int(load.emails * peer.share)))
         result.notes.append(f"{load.emails} emails only")
