@@ -16,6 +16,7 @@ connections), as benchmarks/ingest.py measures it. The tables are also written t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -369,6 +370,8 @@ def measure(peer: Peer, load: Load, root: Path, args: argparse.Namespace) -> Res
             holder.kill()
             holder.wait()
         server.stop()
+        with contextlib.suppress(OSError):  # what it forked (Haraka's worker), in its session
+            os.killpg(server.pid, signal.SIGKILL)
     return result
 
 
