@@ -10,7 +10,7 @@ SYSTEM_PACKAGES := swaks php-cli php-symfony-mailer libphp-phpmailer msmtp \
   golang-go golang-github-hashicorp-go-plugin-dev golang-goprotobuf-dev protobuf-compiler \
   golang-google-grpc-dev chromium
 
-.PHONY: run test lint bench bench-plugins clean system-packages
+.PHONY: run test lint bench bench-ingest bench-packages bench-plugins clean system-packages
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,8 +71,27 @@ lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks examples)
 	$(BIN)/ruff format --check src tests $(wildcard benchmarks examples)
 
-bench: $(TEST_STAMP)
-	$(BIN)/python benchmarks/ingest.py
+# mailpipe next to smtp-sink, aiosmtpd, maildump, MailDev and Haraka under Postfix's smtp-source;
+# writes docs/benchmarks.md. BENCH_ARGS=--quick for a few thousand emails a load.
+bench: $(TEST_STAMP) bench-packages
+	$(BIN)/python benchmarks/peers.py $(BENCH_ARGS)
+
+bench-ingest: $(TEST_STAMP)
+	$(BIN)/python benchmarks/ingest.py $(BENCH_ARGS)
+
+# Postfix for smtp-source and smtp-sink, installed as system-packages installs (root, apt-get),
+# its mailer type preset to "No configuration"; no Postfix daemon is left running afterwards.
+bench-packages:
+	@if ! dpkg-query -W -f='$${Status}' postfix 2>/dev/null | grep -q "ok installed"; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing system packages: postfix"; \
+	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null)) \
+	     || echo "warning: could not install postfix; make bench needs its smtp-source"; \
+	    if command -v postfix >/dev/null && postfix status >/dev/null 2>&1; then postfix stop; fi; \
+	  else echo "note: missing system package postfix (make bench needs its smtp-source)"; fi; \
+	fi
 
 # No plugins vs 5 in-process no-op plugins vs 1 out-of-process (Go) no-op plugin; about 5 minutes.
 bench-plugins: $(TEST_STAMP)
