@@ -383,17 +383,32 @@ class NATSPipelineOptions(PipelineOptions):
     max_age: Duration = 0.0  # 0 = keep until consumed
 
 
+class RoadRunnerPipelineOptions(PipelineOptions):
+    """Push-only: jobs go to a RoadRunner server's jobs.PushBatch, its consumers take them."""
+
+    addr: str = "tcp://127.0.0.1:6001"  # RoadRunner's rpc.listen
+    pipeline: str | None = None  # RoadRunner's pipeline; default: this pipeline's name
+    timeout: Duration = 10.0  # connecting, and each call
+
+    @field_validator("addr")
+    @classmethod
+    def _addr(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+
 DRIVER_OPTIONS: dict[str, type[PipelineOptions]] = {
     "sqlite": SQLitePipelineOptions,
     "memory": MemoryPipelineOptions,
     "redis": RedisPipelineOptions,
     "amqp": AMQPPipelineOptions,
     "nats": NATSPipelineOptions,
+    "roadrunner": RoadRunnerPipelineOptions,
 }
 
 
 class PipelineConfig(Section):
-    driver: Literal["sqlite", "memory", "redis", "amqp", "nats"] = "sqlite"
+    driver: Literal["sqlite", "memory", "redis", "amqp", "nats", "roadrunner"] = "sqlite"
     config: PipelineOptions = PipelineOptions()
 
     @model_validator(mode="before")
@@ -664,6 +679,9 @@ class Config(BaseSettings):
         for name in self.jobs.consume:
             if name not in pipelines:
                 raise ValueError(f"jobs.consume: {name!r} is not declared in jobs.pipelines")
+            if pipelines[name].driver == "roadrunner":
+                raise ValueError(f"jobs.consume: {name!r} is a roadrunner pipeline: "
+                                 "RoadRunner's own consumers take its jobs")
         if self.jobs.consume and not (self.jobs.pool.command or self.server.command):
             raise ValueError("jobs.consume: consumers need a command: set jobs.pool.command "
                              "or server.command")
