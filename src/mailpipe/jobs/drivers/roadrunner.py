@@ -58,12 +58,12 @@ class RoadRunnerDriver(Driver):
         try:
             result = await call
         except RPCError as exc:  # RoadRunner answered, with a refusal
-            self._last_error = str(exc)
-            raise DriverError(f"RoadRunner at {self.options.addr} refused: {exc}") from None
+            self._last_error = f"RoadRunner at {self.options.addr} refused: {exc}"
+            raise DriverError(self._last_error) from None
         except (OSError, FrameError, TimeoutError, EOFError) as exc:
-            self._last_error = str(exc) or type(exc).__name__
-            raise DriverError(f"RoadRunner at {self.options.addr} is unreachable: "
-                              f"{self._last_error}") from None
+            self._last_error = (f"RoadRunner at {self.options.addr} is unreachable: "
+                                f"{str(exc) or type(exc).__name__}")
+            raise DriverError(self._last_error) from None
         self._last_error = None
         return result
 
