@@ -363,3 +363,36 @@ async def test_bad_calls_are_answered_and_the_connection_carries_on(
         assert sorted(json.loads(answer.payload[13:])) == ["jobs", "smtp"]
     finally:
         writer.close()
+
+
+# ---- where it listens -------------------------------------------------------------------------
+
+
+def test_unix_socket_endpoint(mailpipe_factory: Callable[..., MailpipeServer],
+                              tmp_path: Path) -> None:
+    php = require_tool("php")
+    path = tmp_path / "rr.sock"
+    server = mailpipe_factory({"rpc": {"listen": f"unix://{path}"},
+                               "server": {"command": [php, str(PHP_WORKER)]},
+                               "smtp": {"pool": {"num_workers": 1}}})
+    done = subprocess.run([php, str(PHP_RPC), f"unix://{path}", "smtp.WorkersList", "true"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (answer,) = json.loads(done.stdout)
+    assert [s["pid"] for s in answer["result"]] == [
+        w["pid"] for w in server.get_json("/api/v1/workers")["workers"]]
+
+
+async def test_loopback_only_unless_bound_elsewhere(caplog: pytest.LogCaptureFixture) -> None:
+    from mailpipe.rpc import Registry
+    from mailpipe.rpc.server import RPCServer
+
+    for listen, warned in (("tcp://127.0.0.1:0", False), ("tcp://0.0.0.0:0", True)):
+        caplog.clear()
+        server = RPCServer(listen, Registry(), max_frame_size=1024, read_timeout=1.0)
+        await server.start()
+        try:
+            assert server.bound_address().startswith(listen[:-1])
+            assert ("reachable from other machines" in caplog.text) is warned
+        finally:
+            await server.close()
