@@ -33,7 +33,14 @@ import pytest
 from conftest import ROOT, MailpipeServer, free_port, require_tool
 from mailpipe.rpc import RPCError
 from mailpipe.rpc.client import RPCClient
-from mailpipe.rpc.codec import CODEC_JSON, CODEC_MSGPACK, CODEC_PROTO, Call, encode_call
+from mailpipe.rpc.codec import (
+    CODEC_JSON,
+    CODEC_MSGPACK,
+    CODEC_PROTO,
+    CODEC_RAW,
+    Call,
+    encode_call,
+)
 from mailpipe.rpc.proto import jobs_pb2 as pb
 from mailpipe.workers.goridge import ERROR, Frame, encode_frame, read_frame
 
@@ -351,6 +358,7 @@ async def test_bad_calls_are_answered_and_the_connection_carries_on(
         (call_frame("informer.Workers", b"{not json", seq=3), "does not parse"),
         (call_frame("informer.Workers", b"42", seq=4), "expected a plugin name"),
         (call_frame("smtp.WorkersList", b"\xc1", CODEC_MSGPACK, seq=5), "msgpack body"),
+        (call_frame("informer.Workers", b"smtp", CODEC_RAW, seq=6), "with the JSON codec"),
     ]
     try:
         for data, expected in calls:
