@@ -58,6 +58,8 @@ smtp:
     )
     config, path = load_config(cwd=tmp_path)
     assert path == tmp_path / ".rr.yaml"
+    assert config.rpc.listen == "tcp://127.0.0.1:6001"  # RoadRunner's rpc turns ours on
+    assert config.rr_rpc == "tcp://127.0.0.1:6001"  # and workers get it as RR_RPC
     assert config.smtp.hostname == "buggregator.local"
     assert config.smtp.read_timeout == 60.0
     assert config.smtp.attachment_storage.cleanup_after == 3600.0
@@ -251,8 +253,10 @@ def test_roadrunner_file_loads_other_sections_noted_once_each(tmp_path: Path) ->
     write(tmp_path / ".rr.yaml", RR_FILE)
     config, _ = load_config(cwd=tmp_path)
     notes = config.notices
-    for section in ("rpc", "http", "kv", "metrics", "status", "reload"):
+    for section in ("http", "kv", "metrics", "status", "reload"):
         assert sum(f"ignoring RoadRunner section '{section}'" in n for n in notes) == 1, notes
+    assert not [n for n in notes if "'rpc'" in n]  # read as is: mailpipe's RPC endpoint
+    assert config.rpc.listen == "tcp://127.0.0.1:6001"
     for key in ("smtp.access_logs", "smtp.pool.debug", "smtp.pool.stream_timeout",
                 "jobs.num_pollers", "jobs.pipeline_size", "jobs.pool.debug"):
         assert sum(f"ignoring RoadRunner key '{key}'" in n for n in notes) == 1, notes
@@ -308,8 +312,9 @@ def test_unknown_section_names_the_closest_key(tmp_path: Path) -> None:
 def test_roadrunner_file_through_serve_logs_one_info_line_per_section(
     mailpipe_factory: Callable[..., MailpipeServer],
 ) -> None:
+    rpc = f"tcp://127.0.0.1:{free_port()}"
     server = mailpipe_factory({
-        "version": "3", "rpc": {"listen": "tcp://127.0.0.1:6001"}, "kv": {},
+        "version": "3", "rpc": {"listen": rpc}, "kv": {},
         "logs": {"mode": "production"}, "smtp": {"access_logs": True},
     })
     with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as client:
@@ -318,10 +323,32 @@ def test_roadrunner_file_through_serve_logs_one_info_line_per_section(
     assert server.stop() == 0
     lines = [json.loads(line) for line in server.log().splitlines()]  # production: JSON
     infos = [line["msg"] for line in lines if line["level"] == "info"]
-    for notice in ("ignoring RoadRunner section 'rpc'", "ignoring RoadRunner section 'kv'",
+    for notice in ("ignoring RoadRunner section 'kv'", f"RPC endpoint on {rpc}",
                    "RoadRunner section 'logs' read as log: level=info, format=json"):
         assert infos.count(notice) == 1, infos
     assert sum("'smtp.access_logs'" in msg for msg in infos) == 1
+
+
+def test_rpc_section(tmp_path: Path) -> None:
+    config, _ = load_config(cwd=tmp_path)
+    assert config.rpc.listen is None  # off unless configured
+    assert config.rr_rpc == "http://127.0.0.1:8025"  # workers get the admin API, as before
+    write(tmp_path / "mailpipe.yaml", "rpc: {listen: 'unix:///tmp/rr.sock'}\n")
+    assert load_config(cwd=tmp_path)[0].rpc.listen == "unix:///tmp/rr.sock"
+    write(tmp_path / "mailpipe.yaml", "rpc: {listen: '127.0.0.1:6001'}\n")
+    with pytest.raises(ConfigError, match=r"rpc\.listen: .*expected tcp://host:port"):
+        load_config(cwd=tmp_path)
+
+
+def test_roadrunner_pipelines_are_pushed_to_not_consumed(tmp_path: Path) -> None:
+    write(tmp_path / "mailpipe.yaml", """
+server: {command: "php worker.php"}
+jobs:
+  pipelines: {rr: {driver: roadrunner, config: {addr: "tcp://127.0.0.1:6001", pipeline: emails}}}
+  consume: [rr]
+""")
+    with pytest.raises(ConfigError, match="RoadRunner's own consumers take its jobs"):
+        load_config(cwd=tmp_path)
 
 
 # ---- sources: environment, /dev/null ---------------------------------------------------------

@@ -267,8 +267,13 @@ def consume_error(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
          "jobs consume: no consumer command: set jobs.pool.command (or server.command)"),
         ({"pipelines": {"emails": {}}, "consume": ["other"]}, [],
          "jobs.consume: 'other' is not declared in jobs.pipelines"),
+        ({"pipelines": {"rr": {"driver": "roadrunner"}}, "pool": {"command": CONSUMER}},
+         ["rr"], "jobs consume: 'rr' is a roadrunner pipeline"),
+        ({"pipelines": {"rr": {"driver": "roadrunner"}}, "pool": {"command": CONSUMER}}, [],
+         "jobs consume: no pipeline to consume (roadrunner pipelines are RoadRunner's)"),
     ],
-    ids=["undeclared-argument", "no-pipelines", "no-command", "undeclared-in-config"],
+    ids=["undeclared-argument", "no-pipelines", "no-command", "undeclared-in-config",
+         "roadrunner-argument", "roadrunner-only"],
 )
 def test_consume_config_errors_exit_2(tmp_path: Path, jobs: dict[str, Any], args: list[str],
                                       message: str) -> None:

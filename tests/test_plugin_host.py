@@ -354,14 +354,17 @@ def test_stderr_lines_as_hclog(caplog: pytest.LogCaptureFixture) -> None:
 def test_generated_protos_are_current(tmp_path: Path) -> None:
     if importlib.util.find_spec("grpc_tools") is None:
         missing("grpcio-tools is not installed (the test extra)")
-    subprocess.run([str(ROOT / "scripts" / "gen_protos.sh"), str(tmp_path)], check=True,
-                   env={**os.environ, "PYTHON": sys.executable}, timeout=120)
-    committed = ROOT / "src" / "mailpipe" / "plugins" / "external" / "proto"
-    names = sorted(p.name for p in tmp_path.glob("*_pb2.py"))
-    assert names == sorted(p.name for p in committed.glob("*_pb2.py"))
-    for name in names:
-        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), \
-            f"{name} is stale: run make protos"
+    plugin_out, rpc_out = tmp_path / "plugin", tmp_path / "rpc"
+    subprocess.run([str(ROOT / "scripts" / "gen_protos.sh"), str(plugin_out), str(rpc_out)],
+                   check=True, env={**os.environ, "PYTHON": sys.executable}, timeout=120)
+    src = ROOT / "src" / "mailpipe"
+    for out, committed in ((plugin_out, src / "plugins" / "external" / "proto"),
+                           (rpc_out, src / "rpc" / "proto")):
+        names = sorted(p.name for p in out.glob("*_pb2.py"))
+        assert names == sorted(p.name for p in committed.glob("*_pb2.py"))
+        for name in names:
+            assert (out / name).read_bytes() == (committed / name).read_bytes(), \
+                f"{name} is stale: run make protos"
 
 
 async def _wait_for(condition, timeout: float = 5.0):

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from mailpipe.jobs.base import Driver
     from mailpipe.jobs.consumer import JobsConsumer
     from mailpipe.jobs.sink import JobsSink
+    from mailpipe.rpc.server import RPCServer
     from mailpipe.workers.pool import WorkerPool
     from mailpipe.workers.sink import WorkerSink
 
@@ -61,6 +62,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         self.worker_sink: WorkerSink | None = None
         self.consumer: JobsConsumer | None = None
         self.jobs_drivers: dict[str, Driver] = {}
+        self.declared_at_runtime: set[str] = set()  # pipelines from jobs.Declare
         self.dispatcher = Dispatcher(self._make_sinks(), self.metrics)
         storage = config.smtp.attachment_storage
         self.attachments = AttachmentStorage(
@@ -82,6 +84,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             verdicts=self.verdicts,
         )
         self._http_runner: object | None = None
+        self.rpc_server: RPCServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.lifecycle = Lifecycle()
 
@@ -126,6 +129,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
                 await run_on_init(self.config.server)
             except OnInitError as exc:
                 raise StartupError(str(exc)) from None
+        if self.config.rpc.listen:
+            await self._start_rpc()  # before the workers, which may call it as they start
         try:
             await self.dispatcher.start()
         except PoolError as exc:
@@ -167,11 +172,37 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             watcher = watch_queue_depth(list(drivers.values()), self.metrics)
             self._tasks.append(asyncio.create_task(watcher))
 
+    async def _start_rpc(self) -> None:
+        from mailpipe.admin.rpc import register as admin_methods
+        from mailpipe.jobs.rpc import register as jobs_methods
+        from mailpipe.rpc import Registry
+        from mailpipe.rpc.server import RPCServer
+
+        registry = Registry()
+        admin_methods(registry, self)
+        jobs_methods(registry, self, self.config)
+        rpc = self.config.rpc
+        assert rpc.listen is not None
+        self.rpc_server = RPCServer(rpc.listen, registry, max_frame_size=rpc.max_frame_size,
+                                    read_timeout=rpc.read_timeout)
+        try:
+            await self.rpc_server.start()
+        except OSError as exc:
+            raise StartupError(f"rpc.listen {rpc.listen}: {exc.strerror or exc}") from None
+        self._point_at_rpc(self.pool)
+
+    def _point_at_rpc(self, pool: WorkerPool | None) -> None:
+        """Workers' RR_RPC: the address the endpoint bound (a port 0 in rpc.listen is known
+        only now)."""
+        if pool is not None and self.rpc_server is not None:
+            pool.env["RR_RPC"] = self.rpc_server.bound_address()
+
     async def _start_consumer(self) -> None:
         from mailpipe.jobs.runner import build_consumer
 
         self.consumer = build_consumer(self.config, self.config.jobs.consume, self.metrics,
                                        notify=self.plugins.notify)
+        self._point_at_rpc(self.consumer.pool)
         try:
             await self.consumer.start()
         except PoolError as exc:
@@ -238,6 +269,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             await close_drivers(self.consumer)
         for task in self._tasks:
             task.cancel()
+        if self.rpc_server is not None:
+            await self.rpc_server.close()
         if self._http_runner is not None:
             from mailpipe.web.app import stop_http
 

@@ -431,17 +431,25 @@ def _dead_letter_targets(config: Config) -> set[str]:
 
 def _pipelines_to_consume(config: Config, given: tuple[str, ...]) -> list[str]:
     """The PIPELINE arguments, else jobs.consume, else every declared pipeline but the
-    dead-letter ones; exits 2 for an undeclared name, nothing to consume or no command."""
+    dead-letter and roadrunner ones; exits 2 for an undeclared name, nothing to consume or
+    no command."""
     declared = config.jobs.pipelines
     for name in given:
         if name not in declared:
             _fail(f"jobs consume: pipeline {name!r} is not declared in jobs.pipelines", code=2)
+        if declared[name].driver == "roadrunner":
+            _fail(f"jobs consume: {name!r} is a roadrunner pipeline: RoadRunner's own "
+                  "consumers take its jobs", code=2)
     names = list(dict.fromkeys(given)) or config.jobs.consume
     if not names:
+        # Not the dead-letter ones, nor those RoadRunner's consumers take.
         dead = _dead_letter_targets(config)
-        names = [name for name in declared if name not in dead]
+        names = [name for name, pipeline in declared.items()
+                 if name not in dead and pipeline.driver != "roadrunner"]
     if not names:
-        _fail("jobs consume: no pipeline is declared in jobs.pipelines", code=2)
+        _fail("jobs consume: no pipeline is declared in jobs.pipelines" if not declared else
+              "jobs consume: no pipeline to consume (roadrunner pipelines are RoadRunner's)",
+              code=2)
     if not (config.jobs.pool.command or config.server.command):
         _fail("jobs consume: no consumer command: set jobs.pool.command (or server.command)",
               code=2)

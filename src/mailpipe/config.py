@@ -2,9 +2,10 @@
 
 Sources, strongest first: command-line flags, environment (`MAILPIPE_SMTP__ADDR=...`), the
 config file (`-c FILE`, else `mailpipe.yaml` or `.rr.yaml` in the working directory). A
-RoadRunner `.rr.yaml` is read as is: the sections of RoadRunner's other plugins (rpc, kv,
-its http...) and its keys mailpipe has no use for are ignored with a notice, `logs` maps onto
-`log`; any other unknown section, or a typo inside a known one, is an error naming the key.
+RoadRunner `.rr.yaml` is read as is (its `rpc` section turns on the RPC endpoint): the
+sections of RoadRunner's other plugins (kv, its http...) and its keys mailpipe has no use for
+are ignored with a notice, `logs` maps onto `log`; any other unknown section, or a typo inside
+a known one, is an error naming the key.
 """
 
 from __future__ import annotations
@@ -113,6 +114,18 @@ def _check_addr(value: str) -> str:
 
 
 Address = Annotated[str, BeforeValidator(lambda v: _check_addr(str(v)))]
+
+
+def parse_listen(address: str) -> tuple[str, str | int]:
+    """RoadRunner's `rpc.listen`: `tcp://host:port` as ("host", port), `unix:///path` as
+    ("unix", "/path")."""
+    if address.startswith("unix://") and len(address) > len("unix://"):
+        return "unix", address[len("unix://"):]
+    if address.startswith("tcp://"):
+        host, sep, port = address[len("tcp://"):].rpartition(":")
+        if sep and port.isdigit() and int(port) <= 65535:
+            return host.strip("[]") or "0.0.0.0", int(port)
+    raise ValueError(f"expected tcp://host:port or unix:///path, got {address!r}")
 
 
 class Section(BaseModel):
@@ -370,17 +383,32 @@ class NATSPipelineOptions(PipelineOptions):
     max_age: Duration = 0.0  # 0 = keep until consumed
 
 
+class RoadRunnerPipelineOptions(PipelineOptions):
+    """Push-only: jobs go to a RoadRunner server's jobs.PushBatch, its consumers take them."""
+
+    addr: str = "tcp://127.0.0.1:6001"  # RoadRunner's rpc.listen
+    pipeline: str | None = None  # RoadRunner's pipeline; default: this pipeline's name
+    timeout: Duration = 10.0  # connecting, and each call
+
+    @field_validator("addr")
+    @classmethod
+    def _addr(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+
 DRIVER_OPTIONS: dict[str, type[PipelineOptions]] = {
     "sqlite": SQLitePipelineOptions,
     "memory": MemoryPipelineOptions,
     "redis": RedisPipelineOptions,
     "amqp": AMQPPipelineOptions,
     "nats": NATSPipelineOptions,
+    "roadrunner": RoadRunnerPipelineOptions,
 }
 
 
 class PipelineConfig(Section):
-    driver: Literal["sqlite", "memory", "redis", "amqp", "nats"] = "sqlite"
+    driver: Literal["sqlite", "memory", "redis", "amqp", "nats", "roadrunner"] = "sqlite"
     config: PipelineOptions = PipelineOptions()
 
     @model_validator(mode="before")
@@ -467,6 +495,23 @@ class HTTPConfig(Section):
                 raise ValueError(f"{name!r} is not a host name or IP address (no scheme, "
                                  "no port; \"*\" for any)")
         return names
+
+
+class RPCConfig(Section):
+    """RoadRunner's RPC endpoint (Goridge RPC), off unless `listen` is set."""
+
+    listen: str | None = None  # tcp://127.0.0.1:6001 (RoadRunner's) or unix:///path
+    # Bounds on what one client may send: a bigger frame, or one left half-sent this long,
+    # closes its connection.
+    max_frame_size: Size = 64 * 1024 * 1024
+    read_timeout: Duration = 30.0
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
+        return value
 
 
 class StoreConfig(Section):
@@ -597,6 +642,7 @@ class Config(BaseSettings):
     store: StoreConfig = StoreConfig()
     sinks: SinksConfig = SinksConfig()
     jobs: JobsConfig = JobsConfig()
+    rpc: RPCConfig = RPCConfig()
     plugins: PluginsConfig = PluginsConfig()
     log: LogConfig = LogConfig()
     # What loading the file noted (RoadRunner sections ignored or mapped), logged at start.
@@ -633,6 +679,9 @@ class Config(BaseSettings):
         for name in self.jobs.consume:
             if name not in pipelines:
                 raise ValueError(f"jobs.consume: {name!r} is not declared in jobs.pipelines")
+            if pipelines[name].driver == "roadrunner":
+                raise ValueError(f"jobs.consume: {name!r} is a roadrunner pipeline: "
+                                 "RoadRunner's own consumers take its jobs")
         if self.jobs.consume and not (self.jobs.pool.command or self.server.command):
             raise ValueError("jobs.consume: consumers need a command: set jobs.pool.command "
                              "or server.command")
@@ -659,8 +708,13 @@ class Config(BaseSettings):
 
     @property
     def admin_url(self) -> str | None:
-        """The admin API's address, given to workers as RR_RPC."""
+        """The admin API's address."""
         return f"http://{self.http.addr}" if self.http.enabled else None
+
+    @property
+    def rr_rpc(self) -> str | None:
+        """What workers get as RR_RPC: the RPC endpoint when it is on, else the admin API."""
+        return self.rpc.listen or self.admin_url
 
     @property
     def store_path(self) -> Path:
@@ -714,9 +768,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
 # ---- RoadRunner files ---------------------------------------------------------------------
 
 # The sections of RoadRunner's other plugins: a .rr.yaml holds them, mailpipe has no use for
-# them (`rpc` is for a later version).
+# them (`rpc` is mailpipe's too: it turns the RPC endpoint on).
 RR_SECTIONS = frozenset({
-    "rpc", "http", "logs", "kv", "metrics", "status", "reload", "service", "grpc", "tcp",
+    "http", "logs", "kv", "metrics", "status", "reload", "service", "grpc", "tcp",
     "temporal", "centrifuge", "fileserver", "websockets", "broadcast", "otel", "endure",
     "lock", "redis", "memory", "boltdb", "memcached", "amqp", "beanstalk", "kafka", "nats",
     "sqs", "google_pub_sub", "informer", "resetter", "include", "experimental",

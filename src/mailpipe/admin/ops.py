@@ -13,7 +13,7 @@ from mailpipe.jobs.base import DriverError
 
 if TYPE_CHECKING:
     from mailpipe.capture.server import CaptureServer
-    from mailpipe.jobs.base import Driver
+    from mailpipe.jobs.base import Driver, Job
     from mailpipe.jobs.consumer import JobsConsumer, PipelineConsumer
     from mailpipe.jobs.sink import JobsSink
     from mailpipe.plugins.manager import PluginManager
@@ -39,20 +39,27 @@ class UnknownPlugin(Exception):
 
 
 class AdminOps(Protocol):
-    def workers(self) -> list[dict[str, Any]]:
-        """Each worker: pid, status (ready/working/invalid/...), num_execs, created_at (RFC 3339),
-        rss_bytes, last_error. Raises NoWorkerPool."""
+    """Worker management takes the plugin whose pool is meant: "smtp" (the SMTP workers, the
+    default) or "jobs" (the consumers' pool), as RoadRunner's informer names them."""
+
+    def worker_plugins(self) -> list[str]:
+        """The plugins that have a worker pool in this process."""
         ...
 
-    async def add_worker(self) -> dict[str, Any]:
+    def workers(self, plugin: str = "smtp") -> list[dict[str, Any]]:
+        """Each worker: pid, status (ready/working/invalid/...), num_execs, created_at (RFC 3339),
+        rss_bytes, cpu_percent, command, last_error. Raises NoWorkerPool."""
+        ...
+
+    async def add_worker(self, plugin: str = "smtp") -> dict[str, Any]:
         """Start one more worker; its info once ready. Raises NoWorkerPool."""
         ...
 
-    async def remove_worker(self) -> dict[str, Any] | None:
+    async def remove_worker(self, plugin: str = "smtp") -> dict[str, Any] | None:
         """Stop one worker (an idle one first); its info, or None when none is left."""
         ...
 
-    async def reset_workers(self) -> int:
+    async def reset_workers(self, plugin: str = "smtp") -> int:
         """Replace every worker without failing emails in flight; how many were replaced."""
         ...
 
@@ -67,6 +74,10 @@ class AdminOps(Protocol):
 
     def stop(self) -> None:
         """Begin a graceful shutdown, as SIGTERM does."""
+        ...
+
+    def pipeline_names(self) -> list[str]:
+        """The declared jobs pipelines (the config's and those declared at run time)."""
         ...
 
     async def pipelines(self) -> list[dict[str, Any]]:
@@ -90,6 +101,21 @@ class AdminOps(Protocol):
         """Delete the pipeline's waiting jobs; how many. Raises UnknownPipeline."""
         ...
 
+    async def push_jobs(self, jobs: list[Job]) -> None:
+        """Store the jobs on their pipelines (job.pipeline), each pipeline's in one confirmed
+        batch; a priority of 0 takes the pipeline's. Raises UnknownPipeline, DriverError."""
+        ...
+
+    def declare_pipeline(self, name: str, pipeline: dict[str, Any]) -> None:
+        """Declare a pipeline at run time ({"driver": ..., "config": {...}}), as the config's
+        jobs.pipelines does. Raises ValueError (bad or taken)."""
+        ...
+
+    async def destroy_pipeline(self, name: str) -> None:
+        """Forget a pipeline declared at run time. Raises UnknownPipeline, ValueError (one of
+        the config's)."""
+        ...
+
     def plugin_list(self) -> dict[str, Any]:
         """{"plugins": each loaded plugin's status (PluginManager.status), "reloads": n}."""
         ...
@@ -107,28 +133,44 @@ class AdminOps(Protocol):
 # ---- the implementation, over a running Mailpipe's parts --------------------------------
 
 
+WORKER_PLUGINS = ("smtp", "jobs")
+
+
 class AdminMixin:
     """`AdminOps` (see admin.py) over a running Mailpipe."""
 
     pool: WorkerPool | None
+    consumer: JobsConsumer | None
     capture: CaptureServer
 
-    def _pool(self) -> WorkerPool:
-        if self.pool is None:
-            raise NoWorkerPool("no worker pool configured (set server.command)")
-        return self.pool
+    def _pool(self, plugin: str = "smtp") -> WorkerPool:
+        if plugin not in WORKER_PLUGINS:
+            raise NoWorkerPool(f"no plugin {plugin!r} has workers (mailpipe's are smtp "
+                               "and jobs)")
+        pool = self.pool if plugin == "smtp" else (self.consumer.pool if self.consumer
+                                                   else None)
+        if pool is None:
+            raise NoWorkerPool("no worker pool configured (set server.command)"
+                               if plugin == "smtp" else
+                               "no jobs worker pool (no pipeline in jobs.consume)")
+        return pool
 
-    def workers(self) -> list[dict[str, Any]]:
-        return self._pool().info()
+    def worker_plugins(self) -> list[str]:
+        return [name for name, pool in (("smtp", self.pool),
+                                        ("jobs", self.consumer.pool if self.consumer else None))
+                if pool is not None]
 
-    async def add_worker(self) -> dict[str, Any]:
-        return await self._pool().add_worker()
+    def workers(self, plugin: str = "smtp") -> list[dict[str, Any]]:
+        return self._pool(plugin).info()
 
-    async def remove_worker(self) -> dict[str, Any] | None:
-        return await self._pool().remove_worker()
+    async def add_worker(self, plugin: str = "smtp") -> dict[str, Any]:
+        return await self._pool(plugin).add_worker()
 
-    async def reset_workers(self) -> int:
-        return await self._pool().reset()
+    async def remove_worker(self, plugin: str = "smtp") -> dict[str, Any] | None:
+        return await self._pool(plugin).remove_worker()
+
+    async def reset_workers(self, plugin: str = "smtp") -> int:
+        return await self._pool(plugin).reset()
 
     def connections(self) -> list[dict[str, Any]]:
         return [session.info() for session in self.capture.sessions()]
@@ -150,6 +192,7 @@ class JobsAdminMixin:
     consumer: JobsConsumer | None
     jobs_sink: JobsSink | None
     jobs_drivers: dict[str, Driver]
+    declared_at_runtime: set[str]
 
     def _declared(self, name: str) -> None:
         if name not in self.config.jobs.pipelines:
@@ -185,9 +228,12 @@ class JobsAdminMixin:
                      paused=consumer.paused if consumer else False)
         return stats
 
+    def pipeline_names(self) -> list[str]:
+        return list(self.config.jobs.pipelines)
+
     async def pipelines(self) -> list[dict[str, Any]]:
         out = []
-        for name in self.config.jobs.pipelines:
+        for name in self.pipeline_names():
             try:
                 out.append(await self.pipeline_stats(name))
             except DriverError as exc:
@@ -204,6 +250,41 @@ class JobsAdminMixin:
         driver = self._driver(name)
         await driver.connect()
         return await driver.purge()
+
+    async def push_jobs(self, jobs: list[Job]) -> None:
+        by_pipeline: dict[str, list[Job]] = {}
+        for job in jobs:
+            self._declared(job.pipeline)
+            by_pipeline.setdefault(job.pipeline, []).append(job)
+        for name, batch in by_pipeline.items():
+            default = self.config.jobs.pipelines[name].config.priority
+            for job in batch:
+                job.priority = job.priority or default  # RoadRunner's rule for 0
+            driver = self._driver(name)
+            await driver.connect()
+            await driver.push_batch(batch)
+
+    def declare_pipeline(self, name: str, pipeline: dict[str, Any]) -> None:
+        from mailpipe.config import PipelineConfig
+
+        if name in self.config.jobs.pipelines:
+            raise ValueError(f"pipeline {name!r} is already declared")
+        self.config.jobs.pipelines[name] = PipelineConfig.model_validate(pipeline)
+        self.declared_at_runtime.add(name)
+        log.info("pipeline declared over RPC", extra={"pipeline": name,
+                                                      "driver": pipeline.get("driver")})
+
+    async def destroy_pipeline(self, name: str) -> None:
+        self._declared(name)
+        if name not in self.declared_at_runtime:
+            raise ValueError(f"pipeline {name!r} is declared in the config file; only "
+                             "pipelines declared at run time (jobs.Declare) can be destroyed")
+        driver = self.jobs_drivers.pop(name, None)
+        if driver is not None:
+            with contextlib.suppress(Exception):
+                await driver.close()
+        del self.config.jobs.pipelines[name]
+        self.declared_at_runtime.discard(name)
 
     async def close_jobs_drivers(self) -> None:
         for driver in self.jobs_drivers.values():

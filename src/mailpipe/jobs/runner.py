@@ -49,7 +49,7 @@ def build_consumer(config: Config, names: list[str], metrics: Metrics,
     """Consumers for `names` sharing one pool of jobs workers (RR_MODE=jobs); `notify` fires
     the plugins' on_dequeue and on_queue_retry."""
     pool = WorkerPool(config.jobs.pool, config.server, metrics=metrics, mode="jobs",
-                      rpc_address=config.admin_url)
+                      rpc_address=config.rr_rpc)
     consumers = {}
     workers = asyncio.Semaphore(max(1, pool.target))
     for name in names:

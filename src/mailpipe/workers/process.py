@@ -338,6 +338,22 @@ class WorkerProcess:
             pass
         return 0
 
+    def cpu_percent(self) -> float:
+        """CPU time used over the process's life, in percent of one CPU (what RoadRunner's
+        process.State reports, through gopsutil)."""
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as fh:
+                fields = fh.read().rpartition(b")")[2].split()
+            with open("/proc/uptime", "rb") as fh:
+                uptime = float(fh.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        ticks = os.sysconf("SC_CLK_TCK")
+        # After the ")" that ends the command name: utime is field 14, stime 15, starttime 22.
+        used = (int(fields[11]) + int(fields[12])) / ticks
+        alive = uptime - int(fields[19]) / ticks
+        return round(100.0 * used / alive, 2) if alive > 0 else 0.0
+
     def info(self) -> dict[str, object]:
         return {
             "pid": self.pid,
@@ -345,5 +361,7 @@ class WorkerProcess:
             "num_execs": self.num_execs,
             "created_at": self.created_at.isoformat().replace("+00:00", "Z"),
             "rss_bytes": self.rss_bytes(),
+            "cpu_percent": self.cpu_percent(),
+            "command": shlex.join(self.command),
             "last_error": self.last_error,
         }

@@ -57,7 +57,7 @@ class WorkerSink(Sink):
         if not config.delivers_to_workers():
             return None
         pool = WorkerPool(config.smtp.pool or PoolConfig(), config.server,
-                          metrics=context.metrics, mode="smtp", rpc_address=config.admin_url)
+                          metrics=context.metrics, mode="smtp", rpc_address=config.rr_rpc)
         return cls(pool, context.metrics, include_raw=config.smtp.include_raw)
 
     def __init__(self, pool: WorkerPool, metrics: Metrics, *, include_raw: bool) -> None:

@@ -14,6 +14,7 @@ DRIVERS = {
     "redis": "mailpipe.jobs.drivers.redis:RedisDriver",
     "amqp": "mailpipe.jobs.drivers.amqp:AMQPDriver",
     "nats": "mailpipe.jobs.drivers.nats:NATSDriver",
+    "roadrunner": "mailpipe.jobs.drivers.roadrunner:RoadRunnerDriver",
 }
 
 
