@@ -450,9 +450,10 @@ class SMTPSession(asyncio.Protocol):
             self._uncount_ip()
             self.listener.metrics.active.dec()
             log.info("connection closed", extra={"session": self.id, "emails": self.emails})
-            self._observe("disconnect", None, None, {
-                "emails": self.emails,
-                "seconds": round((datetime.now(UTC) - self.since).total_seconds(), 3)})
+            if "disconnect" in self.server.verdicts.observed:  # its clock read only if so
+                self._observe("disconnect", None, None, {
+                    "emails": self.emails,
+                    "seconds": round((datetime.now(UTC) - self.since).total_seconds(), 3)})
 
     def pause_writing(self) -> None:
         # The client is not reading our replies: stop reading its commands (or replies would
