@@ -490,8 +490,9 @@ class SMTPSession(asyncio.Protocol):
                 del per_ip[ip]  # or every address ever seen would stay
 
     def _update_reading(self) -> None:
-        """After a verdict is asked or given: while one is awaited the client's clocks stop
-        (that delay is ours); then whether to read (_set_reading)."""
+        """A verdict asked or given, or the client stopped or resumed reading our replies:
+        while a verdict is awaited the client's clocks stop (that delay is ours); then
+        whether to read (_set_reading)."""
         now = self._loop.time()
         if self.conn.awaiting_reply:
             self._deadlines.pause(now)
