@@ -621,6 +621,26 @@ def test_whole_session_in_one_write(mailpipe_factory: Factory) -> None:
     by_subject(server, "burst 1")
 
 
+def test_client_closing_its_side_after_the_body_still_gets_the_reply(
+    mailpipe_factory: Factory,
+) -> None:
+    """A client that shuts its sending side right after the "." (the EOF may arrive while the
+    message awaits its verdict) still gets the message's reply, then the server closes."""
+    server = mailpipe_factory()
+    client = RawSMTP(server.smtp_port)
+    client.expect("EHLO eof.test", 250)
+    client.expect(f"MAIL FROM:<{SENDER}>", 250)
+    client.expect(f"RCPT TO:<{RCPT}>", 250)
+    client.expect("DATA", 354)
+    client.send(message("closed after the dot") + b".\r\n")
+    client.sock.shutdown(socket.SHUT_WR)
+    code, text = client.reply()
+    assert code == 250, text
+    assert client.wait_closed()
+    client.close()
+    by_subject(server, "closed after the dot")
+
+
 # ---- graceful shutdown ------------------------------------------------------------------
 
 

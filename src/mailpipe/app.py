@@ -8,6 +8,7 @@ exits 0; a second signal skips the waiting but still flushes and closes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
     from mailpipe.workers.sink import WorkerSink
 
 log = logging.getLogger("mailpipe")
+# The cyclic collector's first threshold for a running server (Python's default is 700): see
+# tune_gc().
+GC_YOUNG_THRESHOLD = 10_000
 
 
 def _loaded_class(module: str, name: str) -> type | None:
@@ -293,7 +297,11 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         self.lifecycle.stop()
 
     async def run(self) -> None:
-        await self.lifecycle.run(self.start, self.drain, self.close)
+        await self.lifecycle.run(self._start_serving, self.drain, self.close)
+
+    async def _start_serving(self) -> None:
+        await self.start()
+        tune_gc()
 
 
 def _warn_host_check(host: str, allowed_hosts: list[str]) -> None:
@@ -309,6 +317,18 @@ def _warn_host_check(host: str, allowed_hosts: list[str]) -> None:
             "the bind address, localhost or (bound to all interfaces) an IP address; a name "
             "other machines use to reach it, and that a rebinding page could use, is refused "
             "until listed in http.allowed_hosts", host)
+
+
+def tune_gc() -> None:
+    """Once started, for `serve` (not for servers started in a test process). Under smtp-source
+    load the collector took about 5% of the loop thread, 20-25 us per email: full collections
+    walked everything start-up made (modules, config, the app), which lives as long as the
+    process, so it is frozen out of their sight; and the young generation was collected every
+    700 net allocations, a few times per email, where each email's objects are freed by
+    reference counting anyway. 10,000 leaves cycles waiting a little longer (a few MB at most)."""
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def install_uvloop() -> bool:

@@ -356,6 +356,8 @@ class SMTPSession(asyncio.Protocol):
         self._early_tls: bytearray | None = None
         self._closing = False
         self._write_blocked = False
+        self._reading_paused = False  # what was last asked of the transport
+        self._eof = False  # the client's EOF came while a verdict was awaited: close after it
         self._closing_after_reply = False
         self.spooler = Spooler()
         self._asking: asyncio.Future[None] | None = None
@@ -424,10 +426,17 @@ class SMTPSession(asyncio.Protocol):
             deadlines.command_read(now, bool(events), conn.buffered > 0)
         self._track_body(now)
         self._handle(events)
+        if conn.awaiting_reply and not self._reading_paused:
+            self._set_reading()  # input behind an awaited verdict: hold back what follows
         if self._closing:
             self.request_close()
 
     def eof_received(self) -> bool | None:
+        if self.conn.awaiting_reply and not self.conn.tls_active:
+            # Reading goes on while a verdict is awaited (_set_reading): answer first, then
+            # close, as if reading had been paused and the EOF read after the reply.
+            self._eof = True
+            return True
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -441,9 +450,10 @@ class SMTPSession(asyncio.Protocol):
             self._uncount_ip()
             self.listener.metrics.active.dec()
             log.info("connection closed", extra={"session": self.id, "emails": self.emails})
-            self._observe("disconnect", None, None, {
-                "emails": self.emails,
-                "seconds": round((datetime.now(UTC) - self.since).total_seconds(), 3)})
+            if "disconnect" in self.server.verdicts.observed:  # its clock read only if so
+                self._observe("disconnect", None, None, {
+                    "emails": self.emails,
+                    "seconds": round((datetime.now(UTC) - self.since).total_seconds(), 3)})
 
     def pause_writing(self) -> None:
         # The client is not reading our replies: stop reading its commands (or replies would
@@ -480,8 +490,9 @@ class SMTPSession(asyncio.Protocol):
                 del per_ip[ip]  # or every address ever seen would stay
 
     def _update_reading(self) -> None:
-        """Read only while no email awaits its verdict and the client reads our replies.
-        While a verdict is awaited the client's clocks stop: that delay is ours."""
+        """A verdict asked or given, or the client stopped or resumed reading our replies:
+        while a verdict is awaited the client's clocks stop (that delay is ours); then
+        whether to read (_set_reading)."""
         now = self._loop.time()
         if self.conn.awaiting_reply:
             self._deadlines.pause(now)
@@ -489,13 +500,28 @@ class SMTPSession(asyncio.Protocol):
             if self._deadlines.resume(now, self.conn.buffered > 0):
                 self._arm_deadline_timer()  # the paused timer only looks now and then
             self._track_body(now)
-        transport = self.transport
+        self._set_reading()
+
+    def _set_reading(self) -> None:
+        """Read unless the client does not read our replies, or input came while a verdict
+        is awaited (the core keeps it for after the verdict; more would pile up in memory).
+        A client that waits for its reply, as most do, is not paused and resumed around every
+        message: two calls into the loop, and a syscall, per email. Under TLS reading pauses
+        for every verdict, as an EOF cannot wait for the reply there (eof_received)."""
+        transport, conn = self.transport, self.conn
         if transport is None or transport.is_closing():
             return
-        if self._write_blocked or self.conn.awaiting_reply:
-            transport.pause_reading()
-        else:
-            transport.resume_reading()
+        awaiting = conn.awaiting_reply
+        if self._eof and not awaiting:
+            transport.close()
+            return
+        paused = self._write_blocked or (awaiting and (conn.buffered > 0 or conn.tls_active))
+        if paused != self._reading_paused:
+            self._reading_paused = paused
+            if paused:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     # ---- events from the protocol core --------------------------------------------
 
@@ -542,7 +568,7 @@ class SMTPSession(asyncio.Protocol):
                 self._handle(self.conn.verdict(SPOOL_FAILED))
                 self._update_reading()
                 return
-            self._delivering = asyncio.ensure_future(self._deliver(event))  # type: ignore[arg-type]
+            self._delivering = self._loop.create_task(self._deliver(event))  # type: ignore[arg-type]
         elif kind is Close:
             if transport is not None:
                 transport.close()
@@ -804,12 +830,20 @@ class SMTPSession(asyncio.Protocol):
     # ---- timers and shutdown ------------------------------------------------------
 
     def _arm_deadline_timer(self) -> None:
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-            self._deadline_timer = None
-        delay = self._deadlines.next_check(self._loop.time(), self.conn.in_data)
-        if delay is not None:
-            self._deadline_timer = self._loop.call_later(delay, self._check_deadlines)
+        """Have a timer fire by the next deadline. One due no later is kept: it fires early,
+        finds the deadline moved on and arms again, so a session costs a timer per
+        read_timeout or so, not a cancel and a new timer at each message's start and end."""
+        now = self._loop.time()
+        delay = self._deadlines.next_check(now, self.conn.in_data)
+        if delay is None:
+            return  # no limit now; a timer left armed finds nothing when it fires
+        at = now + delay
+        timer = self._deadline_timer
+        if timer is not None:
+            if timer.when() <= at:
+                return
+            timer.cancel()
+        self._deadline_timer = self._loop.call_at(at, self._check_deadlines)
 
     def _check_deadlines(self) -> None:
         self._deadline_timer = None

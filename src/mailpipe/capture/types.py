@@ -76,7 +76,9 @@ class Reply:
     text: str
 
     def encode(self) -> bytes:
-        lines = self.text.split("\n") or [""]
+        if "\n" not in self.text:  # one line, as the reply to every email is
+            return f"{self.code} {self.text}\r\n".encode("utf-8", "surrogateescape")
+        lines = self.text.split("\n")
         out = [f"{self.code}-{line}\r\n" for line in lines[:-1]]
         out.append(f"{self.code} {lines[-1]}\r\n")
         return "".join(out).encode("utf-8", "surrogateescape")

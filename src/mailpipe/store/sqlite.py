@@ -220,7 +220,8 @@ class SQLiteStore:
         """Return once the email is committed; raise if its batch failed."""
         row = _row(email)
         await self._submit("insert", row)
-        self.changes.publish("new", _summary_of_insert(row))
+        if self.changes.subscribers:  # a summary nobody watches is not worth making
+            self.changes.publish("new", _summary_of_insert(row))
 
     async def delete(self, uuid: str) -> bool:
         deleted = bool(await self._submit("delete", uuid))

@@ -78,10 +78,13 @@ class GroupCommitWriter(Generic[OpT]):
         self._idle_timeout = idle_timeout
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # Cleared by the thread as it ends: `alive` is asked on every submit, and
+        # Thread.is_alive() takes a lock.
+        self._alive = False
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._alive
 
     @property
     def pending(self) -> int:
@@ -94,6 +97,7 @@ class GroupCommitWriter(Generic[OpT]):
         self._thread = threading.Thread(
             target=self._main, args=(self._queue, ready), name=self.name, daemon=True
         )
+        self._alive = True
         self._thread.start()
         await asyncio.wrap_future(ready)
 
@@ -113,6 +117,12 @@ class GroupCommitWriter(Generic[OpT]):
     # ---- the thread ----------------------------------------------------------------------
 
     def _main(self, ops: queue.SimpleQueue[Any], ready: concurrent.futures.Future[None]) -> None:
+        try:
+            self._serve(ops, ready)
+        finally:
+            self._alive = False
+
+    def _serve(self, ops: queue.SimpleQueue[Any], ready: concurrent.futures.Future[None]) -> None:
         try:
             self._setup()
         except BaseException as exc:

@@ -338,12 +338,15 @@ class SMTPConnection:
                 self._log_line("S", line, line)
 
     def _flush(self) -> None:
-        if self._out:
-            self._events.append(Send(b"".join(self._out)))
-            self._out.clear()
+        out = self._out
+        if out:
+            # Usually one reply: sent as it is, without a join's copy.
+            self._events.append(Send(out[0] if len(out) == 1 else b"".join(out)))
+            out.clear()
 
     def _take_events(self) -> list[Event]:
-        self._flush()
+        if self._out:
+            self._flush()
         events = self._events
         self._events = []
         return events
@@ -400,6 +403,8 @@ class SMTPConnection:
     def _read_lines(self) -> bool:
         buf, lines = self._buf, self._lines
         while self._mode <= _AUTH:
+            if not buf:  # the usual end of a read: all its lines taken
+                return False
             line = lines.take(buf, self._mode == _AUTH)
             if lines.bare_lf:
                 lines.bare_lf = False

@@ -67,6 +67,7 @@ V_PRE_TLS_DATA = "input sent before the TLS handshake discarded"
 V_OVERLONG_LINE = "<over-long line discarded>"
 
 
+@lru_cache(maxsize=64)
 def greeting(hostname: str) -> bytes:
     return f"220 {hostname} ESMTP mailpipe\r\n".encode()
 
