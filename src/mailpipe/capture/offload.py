@@ -218,9 +218,9 @@ class EventBuilder:
         for helper in self._helpers:
             if helper.ready and helper.outstanding <= BUSY_ABOVE:
                 return helper
-        if len(self._helpers) < self.workers:
-            self._start()
         ready = [helper for helper in self._helpers if helper.ready]
+        if len(ready) == len(self._helpers) < self.workers:  # none starting: start one
+            self._start()
         return min(ready, key=lambda helper: helper.outstanding) if ready else None
 
     def _start(self) -> None:
