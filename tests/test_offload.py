@@ -333,6 +333,13 @@ def test_a_server_stores_the_same_events_as_building_in_place(
     assert sum(cpu_ticks(pid) for pid in helpers) > before, "the helper built none of them"
 
 
+def every_message(server: MailpipeServer) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    while page := server.messages(limit=1000, offset=len(found)):
+        found += page
+    return found
+
+
 def test_a_helper_killed_under_load_loses_no_email(
     mailpipe_factory: Callable[..., MailpipeServer],
 ) -> None:
@@ -370,7 +377,7 @@ def test_a_helper_killed_under_load_loses_no_email(
         thread.join(BOUND)
 
     assert accepted
-    stored = {m["subject"]: m for m in server.messages(limit=len(accepted) + 100)}
+    stored = {m["subject"]: m for m in every_message(server)}
     assert set(accepted) <= set(stored)
     for subject in accepted[-20:]:
         event = server.event(stored[subject]["uuid"])
