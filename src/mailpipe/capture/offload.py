@@ -85,7 +85,10 @@ class _Helper(asyncio.SubprocessProtocol):
                 self.pid, self.ready = reply[1], True
                 continue
             request_id, event_json, index = reply
-            future, size = self.pending.pop(request_id)
+            entry = self.pending.pop(request_id, None)
+            if entry is None:  # given up on (hung), and built in place meanwhile
+                continue
+            future, size = entry
             self.outstanding -= size
             if not future.done():  # the session may have gone meanwhile
                 future.set_result((event_json, index))
