@@ -90,12 +90,12 @@ async def ready(builder: EventBuilder, count: int = 1) -> list[int]:
     return pids
 
 
-def assert_exited(pids: list[int]) -> None:
+async def assert_exited(pids: list[int]) -> None:
     """Gone, and reaped: no zombie either."""
     deadline = time.monotonic() + BOUND
     while [pid for pid in pids if Path(f"/proc/{pid}").exists()]:
         assert time.monotonic() < deadline, f"helpers still there: {pids}"
-        time.sleep(0.02)
+        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -183,7 +183,7 @@ async def test_close_stops_the_helpers(padded_corpus: list[tuple[str, bytes]]) -
 
     builder.close()
 
-    assert_exited(started)
+    await assert_exited(started)
     assert builder.helper_pids() == []
     builder.close()  # twice is harmless
     # A builder closed while the server stops is not used again, but if it is, it still works.
@@ -192,7 +192,7 @@ async def test_close_stops_the_helpers(padded_corpus: list[tuple[str, bytes]]) -
     again = await asyncio.wait_for(builder.build(in_memory(raw), **build_kwargs()), BOUND)
     assert again.json() == inline_json(raw), name
     builder.close()
-    assert_exited(restarted)
+    await assert_exited(restarted)
 
 
 async def test_a_helper_killed_mid_parse_is_reported_and_the_email_still_built(
@@ -209,7 +209,7 @@ async def test_a_helper_killed_mid_parse_is_reported_and_the_email_still_built(
         email = await asyncio.wait_for(task, BOUND)
 
     assert email.json() == inline_json(big), name
-    assert_exited(victims)
+    await assert_exited(victims)
     assert any("event helper process" in r.getMessage() and r.levelno == logging.WARNING
                for r in caplog.records), [r.getMessage() for r in caplog.records]
     # The next messages get a fresh helper.
@@ -230,7 +230,23 @@ async def test_a_hung_helper_is_given_up_and_its_emails_built_in_place(
         for (name, raw), email in zip(padded_corpus, built, strict=False):
             assert email.json() == inline_json(raw), name
         assert any("answered nothing" in r.getMessage() for r in caplog.records)
-        assert_exited([victim])  # killed, stopped as it was
+        await assert_exited([victim])  # killed, stopped as it was
+    finally:
+        builder.close()
+
+
+async def test_an_idle_helper_is_stopped_and_started_again_when_needed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    builder = EventBuilder(workers=1, hang_after=0.4, idle_after=0.5)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mailpipe.capture"):
+            first = await ready(builder)
+            await assert_exited(first)  # no message for idle_after
+            assert builder.helper_pids() == []
+            again = await ready(builder)
+        assert set(again).isdisjoint(first)
+        assert not caplog.records, [r.getMessage() for r in caplog.records]
     finally:
         builder.close()
 

@@ -44,6 +44,9 @@ HANG_AFTER = 10.0
 HANG_PER_MB = 1.0
 # A helper that died before it was ready is not started again sooner than this.
 RESTART_AFTER = 1.0
+# A helper with nothing to do for this long is stopped (its ~26 MB freed); the next message
+# starts another, built in place while it starts.
+IDLE_AFTER = 300.0
 HELPER_MODULE = "mailpipe.capture.indexer"
 
 
@@ -83,6 +86,7 @@ class _Helper(asyncio.SubprocessProtocol):
         for reply in unframe(self._in):
             if reply[0] == READY:
                 self.pid, self.ready = reply[1], True
+                self._watch = self._loop.call_later(self._builder.hang_after / 4, self._check)
                 continue
             request_id, event_json, index = reply
             entry = self.pending.pop(request_id, None)
@@ -109,8 +113,6 @@ class _Helper(asyncio.SubprocessProtocol):
         future = self._loop.create_future()
         if not self.pending:
             self._progress = self._loop.time()  # idle time is not a hang
-            if self._watch is None:
-                self._watch = self._loop.call_later(self._builder.hang_after / 4, self._check)
         self.pending[self._last_id] = (future, body.size)
         self.outstanding += body.size
         self._send(request)
@@ -137,13 +139,19 @@ class _Helper(asyncio.SubprocessProtocol):
             self._stdin.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _check(self) -> None:
+        """Every hang_after/4 while it runs: hung (work, no answer) or idle (no work)?"""
         self._watch = None
-        if self.gone or not self.pending:
+        if self.gone:
             return
         quiet = self._loop.time() - self._progress
-        bound = self._builder.hang_after + HANG_PER_MB * self.outstanding / 1e6
-        if quiet > bound:
-            self.fail(f"answered nothing for {quiet:.1f}s")
+        if self.pending:
+            if quiet > self._builder.hang_after + HANG_PER_MB * self.outstanding / 1e6:
+                self.fail(f"answered nothing for {quiet:.1f}s")
+                return
+        elif quiet > self._builder.idle_after:
+            log.debug("event helper process %s idle for %.0fs; stopped", self.pid, quiet)
+            self._builder.lost(self)
+            self.close()
             return
         self._watch = self._loop.call_later(self._builder.hang_after / 4, self._check)
 
@@ -185,9 +193,11 @@ class _Helper(asyncio.SubprocessProtocol):
 class EventBuilder:
     """Builds the event for each received message, in a helper process or in place."""
 
-    def __init__(self, workers: int | None = None, *, hang_after: float = HANG_AFTER) -> None:
+    def __init__(self, workers: int | None = None, *, hang_after: float = HANG_AFTER,
+                 idle_after: float = IDLE_AFTER) -> None:
         self.workers = workers or max(1, min(2, os.cpu_count() or 1))
         self.hang_after = hang_after
+        self.idle_after = idle_after
         self._helpers: list[_Helper] = []  # started or starting
         self._spawning: set[asyncio.Task[None]] = set()
         self._start_after = 0.0
