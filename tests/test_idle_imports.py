@@ -1,9 +1,9 @@
 """Idle memory (issue 13): `mailpipe serve` with the default configuration imports only what
 that configuration uses.
 
-The jobs drivers, the worker pool, the plugin system's pluggy and built-ins, the big-message
-helper processes, PyYAML (no config file) and the web inbox's HTML view are each imported on
-first use. A fresh interpreter runs the startup path of
+The jobs drivers, the worker pool, the plugin system's pluggy and built-ins, PyYAML (no config
+file) and the web inbox's HTML view are each imported on first use; multiprocessing never (the
+event helpers are plain subprocesses). A fresh interpreter runs the startup path of
 `serve` (the CLI module, the default config, Mailpipe built and started on free ports), takes
 one email, and lists what it imported. No RSS or timing here: benchmarks/README.md has them.
 """
@@ -43,7 +43,7 @@ NOT_IMPORTED = (
     "mailpipe.sdk",
     "rich",
     "yaml",
-    # helper processes for big messages
+    # the process pool (event helpers are plain subprocesses, spoken to over pipes)
     "multiprocessing",
     "concurrent.futures.process",
     # the inbox's HTML view, until a request asks for it

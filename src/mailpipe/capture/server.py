@@ -694,7 +694,7 @@ class SMTPSession(asyncio.Protocol):
             delivery = await self.server.dispatcher.deliver(email)
             reply = Reply(delivery.code, f"{delivery.enhanced} {delivery.text}")
             if delivery.accepted:
-                self._count_accepted(email)
+                self._count_accepted(email, envelope)
                 if delivery.close:
                     self._closing_after_reply = True
                 self._observe("delivery_success", envelope, email, {})
@@ -739,16 +739,17 @@ class SMTPSession(asyncio.Protocol):
             email._json = None
         return email, envelope
 
-    def _count_accepted(self, email: CapturedEmail) -> None:
+    def _count_accepted(self, email: CapturedEmail, envelope: Envelope) -> None:
         self.emails += 1
         metrics = self.listener.metrics
         metrics.accepted.inc()
         metrics.bytes.inc(len(email.raw))
         if log.isEnabledFor(logging.INFO):
-            envelope = email.event["envelope"]
+            # The envelope, not the event's copy of it: reading email.event would decode an
+            # event built in a helper process just for this line.
             log.info("email accepted", extra={
-                "uuid": email.uuid, "session": self.id, "from": envelope["from"],
-                "to": ",".join(envelope["to"]), "size": len(email.raw)})
+                "uuid": email.uuid, "session": self.id, "from": envelope.mail_from,
+                "to": ",".join(envelope.rcpt_to), "size": len(email.raw)})
 
     async def _capture(self, received: MessageReceived, body: MessageBody | None = None,
                        envelope: Envelope | None = None,

@@ -10,15 +10,12 @@ writer commits.
 from __future__ import annotations
 
 import asyncio
-import html
 import math
 import queue
-import re
 import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -29,12 +26,12 @@ from mailpipe.metrics import Metrics
 from mailpipe.sinks.base import STORE, Sink, SinkContext, SinkSettings
 from mailpipe.sinks.results import ACCEPTED, Accepted
 from mailpipe.store.feed import ChangeFeed
+from mailpipe.store.index import RCPT_SEP, index_columns
 from mailpipe.store.search import LOWER, Term, compile_terms, parse
 from mailpipe.store.writer import GroupCommitWriter
 
 T = TypeVar("T")
 
-SNIPPET_CHARS = 120
 READERS = 4
 SYNCHRONOUS_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 # Without writes, age retention still has to run now and then; never sleep longer than this.
@@ -88,9 +85,6 @@ SUMMARY_COLUMNS = (
     "uuid, subject, mail_from, rcpt, header_from, received_at, size, attachment_count, snippet,"
     " read"
 )
-
-# Addresses never contain a newline, so it is a safe separator for the recipient list.
-RCPT_SEP = "\n"
 
 
 class StoreClosedError(RuntimeError):
@@ -548,44 +542,12 @@ class StoreSink(Sink):
 
 
 def _row(email: CapturedEmail) -> tuple[Any, ...]:
-    event = email.event
-    message = event.get("message") or {}
-    envelope = event.get("envelope") or {}
-    headers = message.get("headers") or {}
-    rcpt = list(envelope.get("to") or [])
-    header_from = _header(headers, "From")
-    subject = message.get("subject")
-    body = _body_text(message)
-    search = RCPT_SEP.join(
-        s
-        for s in (
-            subject,
-            envelope.get("from"),
-            *rcpt,
-            header_from,
-            _header(headers, "To"),
-            _header(headers, "Cc"),
-            body,
-        )
-        if s
-    ).lower()
+    # json() first: re-encoding an event changed since it was built drops the index columns
+    # computed with it, so they are computed afresh from the event.
+    event_json = email.json()
+    index = email.index or index_columns(email.event, len(email.raw))
     outcomes = orjson.dumps(email.outcomes, default=str) if email.outcomes else None
-    return (
-        event["uuid"],
-        event.get("received_at", ""),
-        _timestamp(event.get("received_at")),
-        envelope.get("from") or "",
-        RCPT_SEP.join(rcpt),
-        header_from,
-        subject,
-        " ".join(body[: SNIPPET_CHARS * 4].split())[:SNIPPET_CHARS],
-        size if isinstance(size := message.get("size"), int) else len(email.raw),
-        len(event.get("attachments") or ()),
-        search,
-        email.json(),
-        outcomes,
-        email.raw,
-    )
+    return (*index, event_json, outcomes, email.raw)
 
 
 def _search_page(
@@ -644,31 +606,4 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
 def _lower(value: str | None) -> str | None:
     return None if value is None else value.lower()
 
-
-def _header(headers: dict[str, str], name: str) -> str | None:
-    # Header names keep the sender's spelling ("FROM", "from"), so match case-insensitively.
-    wanted = name.lower()
-    return next((v for k, v in headers.items() if k.lower() == wanted), None)
-
-
-_HIDDEN = re.compile(r"<(script|style|head)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
-_TAG = re.compile(r"<[^>]*>")
-
-
-def _body_text(message: dict[str, Any]) -> str:
-    """Readable body text: the text part, else the HTML part with its markup removed."""
-    if message.get("text"):
-        return str(message["text"])
-    body = str(message.get("body") or "")
-    if message.get("html") and body == message["html"]:
-        # Whitespace in HTML is not significant; collapsing it lets phrases match.
-        body = " ".join(html.unescape(_TAG.sub(" ", _HIDDEN.sub(" ", body))).split())
-    return body
-
-
-def _timestamp(received_at: object) -> float:
-    try:
-        return datetime.fromisoformat(str(received_at).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return time.time()
 
