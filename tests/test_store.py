@@ -18,6 +18,7 @@ import pytest
 from conftest import make_email
 from mailpipe.event import CapturedEmail
 from mailpipe.metrics import Metrics
+from mailpipe.store.index import SEARCH_BODY_CHARS
 from mailpipe.store.sqlite import PRUNE_CHUNK_MAX, SQLiteStore, StoreClosedError, StoreSink
 
 
@@ -425,6 +426,18 @@ async def test_search(store: SQLiteStore) -> None:
     assert await found("no such thing") == set()
     (summary,), _ = await store.list(q="newsletter")
     assert summary["snippet"] == "Café opening"
+
+
+async def test_search_reads_the_first_64k_characters_of_a_body(store: SQLiteStore) -> None:
+    # A body is searched up to SEARCH_BODY_CHARS: a 20 MB one is not written twice.
+    filler = "lorem ipsum " * (SEARCH_BODY_CHARS // 12)
+    big = make_email("big", text=f"early-word {filler[: SEARCH_BODY_CHARS - 40]} near-end {filler}"
+                     " late-word")
+    await store.add(big)
+    for q, expected in (("early-word", {big.uuid}), ("near-end", {big.uuid}), ("late-word", set())):
+        summaries, _ = await store.list(q=q)
+        assert {m["uuid"] for m in summaries} == expected, q
+    assert await store.raw(big.uuid) is not None  # the whole message is still kept
 
 
 async def test_get_raw_and_outcomes(store: SQLiteStore) -> None:
