@@ -59,7 +59,7 @@ class _MemoisedHeaderFactory:
 
 
 _POLICY = policy.default.clone(header_factory=_MemoisedHeaderFactory())
-_PARSER = BytesParser(policy=_POLICY)
+_STDLIB_PARSER = BytesParser(policy=_POLICY)
 # Regenerates encapsulated messages as close to the received bytes as the stdlib allows:
 # headers are written as received (no refolding) and 8-bit bodies are kept as they are.
 _GENERATOR_POLICY = _POLICY.clone(refold_source="none", cte_type="8bit", utf8=True, linesep="\r\n")
@@ -97,6 +97,126 @@ _KNOWN_CTES = frozenset(
     | {"uuencode", "x-uuencode", "uue", "x-uue"}
 )
 _ASCII_CHARSETS = frozenset(("us-ascii", "ascii", "ansi_x3.4-1968", "646", "us"))
+
+
+# ---- parsing: the stdlib's tree, without its line-by-line walk where that is safe -------
+
+# A header block the feed parser splits exactly as `_plain_message` does: fields whose name
+# is what its headerRE takes for one (so no "From " line, no line without a colon), folded
+# lines starting with a blank, all lines ending alike.
+_CRLF_FIELDS = re.compile(r"(?:[\041-\071\073-\176]+:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*+\r\n)++")
+_LF_FIELDS = re.compile(r"(?:[\041-\071\073-\176]+:[^\r\n]*(?:\n[ \t][^\r\n]*)*+\n)++")
+# Below this size the line-by-line walk costs less than looking for base64 runs.
+_SKELETON_MIN = 32 * 1024
+# 32 or more lines of base64 alphabet, each ended by CRLF or LF. The feed parser treats every
+# such line alike (not a header, a blank, a boundary or a continuation), so a run of them can
+# stand in for another line of that kind while it walks the message.
+_BASE64_RUN = re.compile(rb"(?m)^(?:[A-Za-z0-9+/=]++\r?\n){32,}+")
+_RUN_MARK = "\x00mailpipe-run:"
+_RUN_TOKEN = re.compile(r"\x00mailpipe-run:(\d+)\x00")
+
+
+class _FastParser:
+    """`BytesParser(policy=_POLICY)`: the same tree, with less of its line-by-line walk.
+
+    A message with a plain header block and no MIME structure is split at its blank line
+    here; a big one is walked with each long base64 run stood in for by one line, then the
+    runs are put back. Anything else goes to the stdlib unchanged.
+    """
+
+    def parsebytes(self, raw: bytes) -> EmailMessage:
+        msg = _plain_message(raw)
+        if msg is not None:
+            return msg
+        if len(raw) >= _SKELETON_MIN and _RUN_MARK.encode() not in raw:
+            return _parse_skeleton(raw)
+        return _STDLIB_PARSER.parsebytes(raw)
+
+
+def _plain_message(raw: bytes) -> EmailMessage | None:
+    """The feed parser's tree for a single-part message with plain headers, else None."""
+    first = raw.find(b"\n")
+    eol = "\r\n" if first > 0 and raw[first - 1] == 0x0D else "\n"
+    end = raw.find(eol.encode() * 2)
+    if end <= 0:
+        return None
+    head = raw[: end + len(eol)]
+    fields = _CRLF_FIELDS if eol == "\r\n" else _LF_FIELDS
+    if not head.isascii() or not fields.fullmatch(text := head.decode("ascii")):
+        return None
+    msg = EmailMessage(policy=_POLICY)
+    for name, value in _fields(text[: -len(eol)].split(eol), eol):
+        msg.set_raw(name, value)
+    try:
+        if msg.get_content_maintype() in ("multipart", "message"):
+            return None
+    except Exception:
+        return None  # the stdlib decides what an unreadable Content-Type makes of it
+    msg.set_payload(raw[end + 2 * len(eol) :].decode("ascii", "surrogateescape"))
+    return msg
+
+
+def _fields(lines: list[str], eol: str) -> Iterable[tuple[str, str]]:
+    """(name, value) as the policy's header_source_parse makes them from these lines.
+
+    Folded lines keep their line break in the value, as the feed parser keeps it.
+    """
+    name, parts = "", []
+    for line in lines:
+        if line[0] in " \t":
+            parts.append(line)
+            continue
+        if name:
+            yield name, eol.join(parts).lstrip(" \t")
+        name, _, value = line.partition(":")
+        parts = [value]
+    if name:
+        yield name, eol.join(parts).lstrip(" \t")
+
+
+def _parse_skeleton(raw: bytes) -> EmailMessage:
+    """The stdlib's tree of a message whose long base64 runs it walked as one line each."""
+    pieces: list[bytes] = []
+    runs: list[str] = []
+    pos = 0
+    for match in _BASE64_RUN.finditer(raw):
+        start, end = match.span()
+        eol = 2 if raw[end - 2] == 0x0D else 1
+        # The stand-in keeps the run's last line break: the parser strips that one at times.
+        token = f"{_RUN_MARK}{len(runs)}\x00".encode()
+        pieces += (raw[pos:start], token, raw[end - eol : end])
+        runs.append(raw[start : end - eol].decode("ascii"))
+        pos = end
+    if not runs:
+        return _STDLIB_PARSER.parsebytes(raw)
+    pieces.append(raw[pos:])
+    msg = _STDLIB_PARSER.parsebytes(b"".join(pieces))
+    _put_back(msg, runs)
+    return msg
+
+
+def _put_back(msg: Message, runs: list[str]) -> None:
+    """Replace each stand-in with its run, wherever the parser put body text."""
+
+    def restore(text: str) -> str:
+        return _RUN_TOKEN.sub(lambda found: runs[int(found[1])], text)
+
+    stack = [msg]
+    while stack:  # iterative: hostile nesting must not overflow the stack
+        part = stack.pop()
+        # The payload as the parser stored it; get_payload() would decode 8-bit text.
+        payload = part._payload
+        if isinstance(payload, list):
+            stack.extend(payload)
+        elif isinstance(payload, str) and _RUN_MARK in payload:
+            part._payload = restore(payload)
+        for attr in ("preamble", "epilogue"):
+            value = getattr(part, attr)
+            if value and _RUN_MARK in value:
+                setattr(part, attr, restore(value))
+
+
+_PARSER = _FastParser()
 
 
 @dataclass(frozen=True)
