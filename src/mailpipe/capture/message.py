@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import errors, policy
+from email._encoded_words import decode_b  # get_payload's own base64 decoder
 from email.generator import BytesGenerator
 from email.header import decode_header, make_header
 from email.headerregistry import HeaderRegistry, UnstructuredHeader
@@ -111,7 +112,10 @@ _SKELETON_MIN = 32 * 1024
 # 32 or more lines of base64 alphabet, each ended by CRLF or LF. The feed parser treats every
 # such line alike (not a header, a blank, a boundary or a continuation), so a run of them can
 # stand in for another line of that kind while it walks the message.
-_BASE64_RUN = re.compile(rb"(?m)^(?:[A-Za-z0-9+/=]++\r?\n){32,}+")
+_BASE64_RUN = re.compile(rb"(?m)^(?:[A-Za-z0-9+/=]++\r?\n){32}")
+_BASE64_LINES = re.compile(rb"(?:[A-Za-z0-9+/=]++\r?\n)*+")
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+_RUN_CHUNK = 64 * 1024
 _RUN_MARK = "\x00mailpipe-run:"
 _RUN_TOKEN = re.compile(r"\x00mailpipe-run:(\d+)\x00")
 
@@ -179,8 +183,7 @@ def _parse_skeleton(raw: bytes) -> EmailMessage:
     pieces: list[bytes] = []
     runs: list[str] = []
     pos = 0
-    for match in _BASE64_RUN.finditer(raw):
-        start, end = match.span()
+    for start, end in _base64_runs(raw):
         eol = 2 if raw[end - 2] == 0x0D else 1
         # The stand-in keeps the run's last line break: the parser strips that one at times.
         token = f"{_RUN_MARK}{len(runs)}\x00".encode()
@@ -193,6 +196,35 @@ def _parse_skeleton(raw: bytes) -> EmailMessage:
     msg = _STDLIB_PARSER.parsebytes(b"".join(pieces))
     _put_back(msg, runs)
     return msg
+
+
+def _base64_runs(raw: bytes) -> Iterable[tuple[int, int]]:
+    pos = 0
+    while (found := _BASE64_RUN.search(raw, pos)) is not None:
+        pos = _run_end(raw, found.start(), found.end())
+        yield found.start(), pos
+
+
+def _run_end(raw: bytes, start: int, end: int) -> int:
+    """Where the run of base64 lines from `start` (checked up to `end`) stops.
+
+    The regex takes 5 ns a byte. Encoders write lines of one width, so whole chunks of
+    such lines are checked with bytes methods at a tenth of that, and only the rest of
+    the run goes through the regex.
+    """
+    width = raw.index(b"\n", start) + 1 - start
+    eol = b"\r\n" if raw[start + width - 2] == 0x0D else b"\n"
+    lines = _RUN_CHUNK // width
+    while len(chunk := raw[end : end + lines * width]) == lines * width:
+        # Only the alphabet but for the line breaks, and those where lines of `width` end.
+        if (
+            chunk.translate(None, _BASE64_ALPHABET) != eol * lines
+            or chunk[width - 1 :: width] != b"\n" * lines
+            or (eol == b"\r\n" and chunk[width - 2 :: width] != b"\r" * lines)
+        ):
+            break
+        end += len(chunk)
+    return _BASE64_LINES.match(raw, end).end()
 
 
 def _put_back(msg: Message, runs: list[str]) -> None:
@@ -672,12 +704,31 @@ def _leaf_bytes(part: Message, defects: _Defects, where: str) -> bytes:
         cte = _transfer_encoding(part)
         if cte not in _KNOWN_CTES:
             defects.add(f"{where}: unknown Content-Transfer-Encoding {cte!r}; body taken as is")
-        data = part.get_payload(decode=True)
+        data = _decoded_payload(part, cte)
     except Exception as exc:
         defects.add(f"{where}: cannot decode the body ({_exc_text(exc)}); kept undecoded")
         payload = part.get_payload()
         data = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else b""
     return data if isinstance(data, bytes) else b""
+
+
+def _decoded_payload(part: Message, cte: str) -> Any:
+    """get_payload(decode=True), with a base64 body's line breaks dropped in one pass.
+
+    The stdlib splits the body into a list of lines to join them again: 6 of a 2 MB
+    attachment's 40 ms. The rest is what it does: the same decoder, the same defects.
+    """
+    payload = part._payload  # as parsed: what get_payload encodes back to bytes
+    if cte != "base64" or not isinstance(payload, str):
+        return part.get_payload(decode=True)
+    try:
+        data = payload.encode("ascii", "surrogateescape")
+    except UnicodeEncodeError:  # not from the parser; the stdlib has its own way with it
+        return part.get_payload(decode=True)
+    decoded, found = decode_b(data.translate(None, b"\r\n"))
+    for defect in found:
+        part.policy.handle_defect(part, defect)
+    return decoded
 
 
 def _transfer_encoding(part: Message) -> str:
