@@ -91,6 +91,8 @@ _STRUCTURED = frozenset(
     for name, cls in HeaderRegistry().registry.items()
     if not issubclass(cls, UnstructuredHeader)
 )
+_DESCRIBED_HEADERS = frozenset(("content-type", "content-disposition", "content-id"))
+_NAMING_HEADERS = frozenset(("content-type", "content-disposition"))  # carry a file name
 _MIME_TYPE = re.compile(r"[a-z0-9!#$%&'*+.^_`{|}~-]+/[a-z0-9!#$%&'*+.^_`{|}~-]+")
 # What get_payload(decode=True) knows; anything else is passed through undecoded.
 _KNOWN_CTES = frozenset(
@@ -356,15 +358,16 @@ class UnparseableMessageDefect(errors.MessageDefect):
 class _Defects:
     """Defect descriptions, capped so a hostile message cannot bloat the event."""
 
-    __slots__ = ("_dropped", "_items", "_structural")
+    __slots__ = ("_dropped", "_items", "_limit", "_structural")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = _MAX_DEFECTS) -> None:
         self._structural: list[str] = []  # the parser's, listed first
         self._items: list[str] = []  # header defects and our fallbacks
         self._dropped = 0
+        self._limit = limit
 
     def add(self, text: str, *, structural: bool = False) -> None:
-        if len(self._structural) + len(self._items) >= _MAX_DEFECTS:
+        if self._limit is not None and len(self._structural) + len(self._items) >= self._limit:
             self._dropped += 1
             return
         (self._structural if structural else self._items).append(_clean(text))
@@ -390,6 +393,7 @@ class _Leaf:
     disposition: str | None
     filename: str | None
     content_id: str | None
+    has_type: bool  # a Content-Type header (else its parameters need no lookup)
 
 
 @dataclass(slots=True)
@@ -408,7 +412,7 @@ def _analyse(
     msg = parse_message(raw)
     if not raw or raw.isspace():
         defects.add("empty message: no headers, no body")
-    headers, header_list = _headers(msg, defects)
+    headers, header_list, first = _headers(msg, defects)
     layout = _walk(msg, defects)
     text = _text(layout.text, defects) if layout.text else None
     html = _text(layout.html, defects) if layout.html else None
@@ -419,8 +423,8 @@ def _analyse(
         "headers": headers,
         "header_list": header_list,
         # Trimmed as mail clients show them; headers/header_list keep the exact values.
-        "subject": _strip(_first(header_list, "subject")),
-        "message_id": _strip(_first(header_list, "message-id")),
+        "subject": _strip(first.get("subject")),
+        "message_id": _strip(first.get("message-id")),
         "text": text,
         "html": html,
         "body": text if text is not None else html if html is not None else "",
@@ -440,29 +444,49 @@ def _strip(value: str | None) -> str | None:
     return value.strip() if value is not None else None
 
 
-def _headers(msg: Message, defects: _Defects) -> tuple[dict[str, str], list[list[str]]]:
+def _headers(
+    msg: Message, defects: _Defects
+) -> tuple[dict[str, str], list[list[str]], dict[str, str]]:
+    """headers (first of each name), header_list (all), and the first by lowercase name."""
     header_list: list[list[str]] = []
     headers: dict[str, str] = {}
-    seen: set[str] = set()
+    first: dict[str, str] = {}
     for name, raw_value in msg.raw_items():
         value = _header_value(name, raw_value, defects, "header")
         header_list.append([name, value])
         key = name.lower()
-        if key not in seen:
-            seen.add(key)
+        if key not in first:
+            first[key] = value
             headers[name] = value
-    return headers, header_list
-
-
-def _first(header_list: list[list[str]], lname: str) -> str | None:
-    for name, value in header_list:
-        if name.lower() == lname:
-            return value
-    return None
+    return headers, header_list, first
 
 
 def _header_value(name: str, raw_value: str, defects: _Defects, where: str) -> str:
     """The decoded value policy.default gives, with fallbacks instead of exceptions."""
+    if len(raw_value) > _MAX_CACHED_HEADER:
+        value, notes = _decoded_header(name, raw_value, where)
+    else:
+        value, notes = _cached_header(name, raw_value, where)
+    for note in notes:
+        defects.add(note)
+    return value
+
+
+def _decoded_header(name: str, raw_value: str, where: str) -> tuple[str, tuple[str, ...]]:
+    """The value and the defect texts of one header: depends on nothing else, so memoised.
+
+    Values such as `MIME-Version: 1.0`, a sender's From or a Date of this second repeat
+    across messages, and each is decoded once.
+    """
+    notes = _Defects(limit=None)
+    value = _decode_header(name, raw_value, notes, where)
+    return value, tuple(notes.result())
+
+
+_cached_header = lru_cache(maxsize=1024)(_decoded_header)
+
+
+def _decode_header(name: str, raw_value: str, defects: _Defects, where: str) -> str:
     value = raw_value.replace("\r", "").replace("\n", "")  # unfold, as policy.default does
     lname = name.lower()
     if "=?" not in value and _PLAIN_TEXT.fullmatch(value):
@@ -571,9 +595,11 @@ def _place(layout: _Layout, leaf: _Leaf) -> None:
 def _describe(part: Message, where: str, defects: _Defects, *, is_root: bool) -> _Leaf:
     # The root's headers were already parsed (and their defects listed) by _headers.
     notes = _Defects() if is_root else defects
+    has = _mime_headers(part)
     try:
-        content_type = part.get_content_type()
-        _note_header_defects(part, "Content-Type", where, notes)
+        # Without the header get_content_type() gives the default type: no lookup needed.
+        content_type = part.get_content_type() if "content-type" in has else part.get_default_type()
+        _note_header_defects(part, "Content-Type", has, where, notes)
     except Exception as exc:
         defects.add(f"{where}: bad Content-Type ({_exc_text(exc)}); taken as octet-stream")
         content_type = "application/octet-stream"
@@ -582,8 +608,8 @@ def _describe(part: Message, where: str, defects: _Defects, *, is_root: bool) ->
         defects.add(f"{where}: invalid content type {content_type!r}; taken as octet-stream")
         content_type = "application/octet-stream"
     try:
-        disposition = part.get_content_disposition()
-        _note_header_defects(part, "Content-Disposition", where, notes)
+        disposition = part.get_content_disposition() if "content-disposition" in has else None
+        _note_header_defects(part, "Content-Disposition", has, where, notes)
     except Exception as exc:
         defects.add(f"{where}: bad Content-Disposition ({_exc_text(exc)}); taken as attachment")
         disposition = "attachment"
@@ -592,13 +618,24 @@ def _describe(part: Message, where: str, defects: _Defects, *, is_root: bool) ->
         where=where,
         content_type=content_type,
         disposition=disposition,
-        filename=_filename(part, where, defects),
-        content_id=_content_id(part, where, defects),
+        filename=_filename(part, where, defects) if has & _NAMING_HEADERS else None,
+        content_id=_content_id(part, where, defects) if "content-id" in has else None,
+        has_type="content-type" in has,
     )
 
 
-def _note_header_defects(part: Message, name: str, where: str, defects: _Defects) -> None:
-    header = part.get(name)
+def _mime_headers(part: Message) -> frozenset[str]:
+    """Which of the headers `_describe` reads the part has, lowercased.
+
+    Each lookup scans all of a part's headers, and most parts lack most of these.
+    """
+    return frozenset(name.lower() for name in part) & _DESCRIBED_HEADERS
+
+
+def _note_header_defects(
+    part: Message, name: str, has: frozenset[str], where: str, defects: _Defects
+) -> None:
+    header = part.get(name) if name.lower() in has else None
     if header is not None:
         defects.add_all(f"{where} header {name}", _header_defects(header))
 
@@ -657,7 +694,7 @@ def _content_id(part: Message, where: str, defects: _Defects) -> str | None:
 def _text(leaf: _Leaf, defects: _Defects) -> str:
     data = _leaf_bytes(leaf.part, defects, leaf.where)
     try:
-        charset = leaf.part.get_content_charset() or "utf-8"
+        charset = (leaf.has_type and leaf.part.get_content_charset()) or "utf-8"
     except Exception:
         charset = "utf-8"
     if charset in _ASCII_CHARSETS:
