@@ -53,6 +53,10 @@ def mixed(*parts: bytes, boundary: bytes = b"b1") -> bytes:
     return head + inner + b"--" + boundary + b"--\r\n"
 
 
+def mp(body: bytes, head: bytes = b"") -> bytes:
+    return b"Content-Type: multipart/mixed; boundary=b\r\n" + head + b"\r\n" + body
+
+
 ATTACHED = b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
 RUN = b64_lines(60_000)
 
@@ -100,6 +104,54 @@ SYNTHETIC: dict[str, bytes] = {
     b"Content-Disposition: inline; filename*=utf-8''b%C3%A9.png\r\n\r\nx",
     "repeated headers": b"Content-Type: text/html\r\nContent-Type: text/plain\r\n"
     b"Subject: 1\r\nsubject: 2\r\n\r\n<p>x</p>",
+    # one level of multipart, split here when its boundaries are well-formed
+    "alternative": mixed(
+        b"Content-Type: text/plain\r\n\r\nhi\r\n", b"Content-Type: text/html\r\n\r\n<p>hi</p>\r\n"
+    ),
+    "preamble and epilogue": mp(b"pre\r\namble\r\n--b\r\nX: 1\r\n\r\none\r\n--b--\r\nepi\r\n"),
+    "blank preamble": mp(b"\r\n--b\r\nX: 1\r\n\r\none\r\n\r\n--b--"),
+    "boundary trailing blanks": mp(b"--b \t\r\nX: 1\r\n\r\none\r\n--b-- \r\n"),
+    "boundary look-alikes": mixed(b"X: 1\r\n\r\n--b1x\r\n--b1 x\r\n-b1\r\n--b1---\r\n"),
+    "quoted boundary with specials": mixed(b"X: 1\r\n\r\na\r\n", boundary=b'"a.b+c?(d)"'),
+    "boundary of regex specials": b'Content-Type: multipart/mixed; boundary="a.b+c?"\r\n\r\n'
+    b"--a.b+c?\r\nX: 1\r\n\r\nx\r\n--aXb+c?\r\n--a.b+c?--\r\n",
+    "empty boundary": b'Content-Type: multipart/mixed; boundary=""\r\n\r\n'
+    b"--\r\nX: 1\r\n\r\nx\r\n----\r\n",
+    "no boundary": b"Content-Type: multipart/mixed\r\n\r\n--b\r\nX: 1\r\n\r\nx\r\n--b--\r\n",
+    "no start boundary": mp(b"just text\r\n"),
+    "no close boundary": mp(b"--b\r\nX: 1\r\n\r\nx\r\n"),
+    "repeated boundary": mixed(b"X: 1\r\n\r\nx\r\n--b1\r\n"),
+    "close right after boundary": mp(b"--b\r\n--b--\r\n"),
+    "part without headers": mixed(b"\r\njust a body\r\n"),
+    "part without blank line": mixed(b"X: 1\r\n"),
+    "part with empty body": mixed(b"X: 1\r\n\r\n"),
+    "part with 8-bit header": mixed(
+        "Content-Disposition: attachment; filename=é.txt\r\n\r\nx\r\n".encode()
+    ),
+    "part with unix from": mixed(b"From x Tue\r\n\r\nx\r\n"),
+    "nested multipart": mixed(
+        b"Content-Type: multipart/alternative; boundary=in\r\n\r\n--in\r\n"
+        b"X: 1\r\n\r\nx\r\n--in--\r\n"
+    ),
+    "digest": b"Content-Type: multipart/digest; boundary=b\r\n\r\n"
+    b"--b\r\n\r\nSubject: in\r\n\r\nx\r\n--b--\r\n",
+    "encoded multipart": mp(
+        b"--b\r\nX: 1\r\n\r\nx\r\n--b--\r\n", b"Content-Transfer-Encoding: base64\r\n"
+    ),
+    "7bit multipart": mp(
+        b"--b\r\nX: 1\r\n\r\nx\r\n--b--\r\n", b"Content-Transfer-Encoding: 7BIT\r\n"
+    ),
+    "lf multipart": b"Content-Type: multipart/mixed; boundary=b\n\n"
+    b"pre\n--b\nX: 1\n\nx\n\n--b--\nepi",
+    "bare cr before boundary": mixed(b"X: 1\r\n\r\nx\r--b1\r\nY: 2\r\n\r\ny\r\n"),
+    "bare lf before boundary": mixed(b"X: 1\r\n\r\nx\n--b1\r\nY: 2\r\n\r\ny\r\n"),
+    "8-bit part bodies": mixed(
+        "Content-Type: text/plain; charset=utf-8\r\n\r\nünï\r\n".encode(),
+        b"Content-Type: text/plain; charset=latin-1\r\n\r\n\xe9t\xe9\r\n",
+    ),
+    "nul in part": mixed(b"X: \x00\r\n\r\na\x00b\r\n"),
+    "close without eol": mixed(b"X: 1\r\n\r\nx\r\n")[:-2],
+    "boundary line last without close": mp(b"--b\r\nX: 1\r\n\r\nx\r\n--b"),
     # big: base64 runs stood in for while the stdlib walks the message
     "base64 single part crlf": b"Subject: hi\r\nContent-Transfer-Encoding: base64\r\n\r\n" + RUN,
     "base64 single part lf": b"Subject: hi\nContent-Transfer-Encoding: base64\n\n"

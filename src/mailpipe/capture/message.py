@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import logging
 import quopri
 import re
@@ -104,7 +105,7 @@ _ASCII_CHARSETS = frozenset(("us-ascii", "ascii", "ansi_x3.4-1968", "646", "us")
 
 # ---- parsing: the stdlib's tree, without its line-by-line walk where that is safe -------
 
-# A header block the feed parser splits exactly as `_plain_message` does: fields whose name
+# A header block the feed parser splits exactly as `_split_part` does: fields whose name
 # is what its headerRE takes for one (so no "From " line, no line without a colon), folded
 # lines starting with a blank, all lines ending alike.
 _CRLF_FIELDS = re.compile(r"(?:[\041-\071\073-\176]+:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*+\r\n)++")
@@ -119,47 +120,114 @@ _BASE64_LINES = re.compile(rb"(?:[A-Za-z0-9+/=]++\r?\n)*+")
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 _RUN_CHUNK = 64 * 1024
 _RUN_MARK = "\x00mailpipe-run:"
+# Multipart transfer encodings the feed parser takes without a defect (RFC 2045 6.4).
+_MULTIPART_CTES = frozenset(("7bit", "8bit", "binary"))
 _RUN_TOKEN = re.compile(r"\x00mailpipe-run:(\d+)\x00")
 
 
 class _FastParser:
     """`BytesParser(policy=_POLICY)`: the same tree, with less of its line-by-line walk.
 
-    A message with a plain header block and no MIME structure is split at its blank line
-    here; a big one is walked with each long base64 run stood in for by one line, then the
-    runs are put back. Anything else goes to the stdlib unchanged.
+    A message with plain header blocks, either single-part or one level of multipart with
+    well-formed boundaries, is split here; a big one is first cut down to a skeleton whose
+    long base64 runs stand as one line each, and the runs are put back into the tree.
+    Anything else goes to the stdlib, which then walks it line by line as usual.
     """
 
     def parsebytes(self, raw: bytes) -> EmailMessage:
-        msg = _plain_message(raw)
-        if msg is not None:
-            return msg
         if len(raw) >= _SKELETON_MIN and _RUN_MARK.encode() not in raw:
             return _parse_skeleton(raw)
-        return _STDLIB_PARSER.parsebytes(raw)
+        return _parse_tree(raw)
 
 
-def _plain_message(raw: bytes) -> EmailMessage | None:
-    """The feed parser's tree for a single-part message with plain headers, else None."""
-    first = raw.find(b"\n")
-    eol = "\r\n" if first > 0 and raw[first - 1] == 0x0D else "\n"
-    end = raw.find(eol.encode() * 2)
+def _parse_tree(raw: bytes) -> EmailMessage:
+    text = raw.decode("ascii", "surrogateescape")  # as BytesParser hands it to the feed parser
+    first = text.find("\n")
+    eol = "\r\n" if first > 0 and text[first - 1] == "\r" else "\n"
+    try:
+        msg = _split_message(text, eol)
+    except Exception:
+        msg = None  # e.g. a Content-Type the header parser trips over: the stdlib's call
+    return msg if msg is not None else _STDLIB_PARSER.parsebytes(raw)
+
+
+def _split_message(text: str, eol: str) -> EmailMessage | None:
+    """The feed parser's tree of a plain message, or None to leave it to the feed parser."""
+    split = _split_part(text, eol)
+    if split is None:
+        return None
+    msg, body = split
+    maintype = msg.get_content_maintype()
+    if maintype == "message":
+        return None
+    if maintype == "multipart":
+        return _split_multipart(msg, body, eol)
+    msg.set_payload(body)
+    return msg
+
+
+def _split_part(text: str, eol: str) -> tuple[EmailMessage, str] | None:
+    """A part's headers (a plain block of them) and the text after its blank line."""
+    end = text.find(eol * 2)
     if end <= 0:
         return None
-    head = raw[: end + len(eol)]
+    head = text[: end + len(eol)]
     fields = _CRLF_FIELDS if eol == "\r\n" else _LF_FIELDS
-    if not head.isascii() or not fields.fullmatch(text := head.decode("ascii")):
+    if not head.isascii() or not fields.fullmatch(head):
         return None
     msg = EmailMessage(policy=_POLICY)
-    for name, value in _fields(text[: -len(eol)].split(eol), eol):
+    for name, value in _fields(head[: -len(eol)].split(eol), eol):
         msg.set_raw(name, value)
-    try:
-        if msg.get_content_maintype() in ("multipart", "message"):
+    return msg, text[end + 2 * len(eol) :]
+
+
+def _split_multipart(msg: EmailMessage, body: str, eol: str) -> EmailMessage | None:
+    """One level of single-part parts between boundaries, as the feed parser splits them.
+
+    Left to the stdlib: whatever it flags as a defect (no boundary, no start or close
+    boundary, an encoded multipart), repeated boundary lines (it skips them), nested
+    multiparts, message/* parts, digests (their parts default to message/rfc822), and
+    line breaks other than the message's own (the feed parser breaks lines at any of
+    CR, LF and CRLF, so a boundary could hide behind one).
+    """
+    boundary = msg.get_boundary()
+    if boundary is None or msg.get_content_type() == "multipart/digest":
+        return None
+    if str(msg.get("content-transfer-encoding", "8bit")).lower() not in _MULTIPART_CTES:
+        return None
+    if eol == "\r\n" and not body.count("\r") == body.count("\n") == body.count("\r\n"):
+        return None
+    if eol == "\n" and "\r" in body:
+        return None
+    lines = body.split(eol)
+    marks = _boundary_lines(lines, "--" + boundary)
+    if marks is None:
+        return None
+    if marks[0] > 0:  # the last line break belongs to the boundary (RFC 2046)
+        msg.preamble = eol.join(lines[: marks[0]])
+    for start, stop in itertools.pairwise(marks):
+        part = _split_part(eol.join(lines[start + 1 : stop]) + eol, eol)
+        if part is None or part[0].get_content_maintype() in ("multipart", "message"):
             return None
-    except Exception:
-        return None  # the stdlib decides what an unreadable Content-Type makes of it
-    msg.set_payload(raw[end + 2 * len(eol) :].decode("ascii", "surrogateescape"))
+        child, payload = part
+        child.set_payload(payload[: -len(eol)])  # that of its last line too
+        msg.attach(child)
+    msg.epilogue = eol.join(lines[marks[-1] + 1 :])
     return msg
+
+
+def _boundary_lines(lines: list[str], separator: str) -> list[int] | None:
+    """Indices of the boundary lines up to the close one, when none is next to another."""
+    delimiter = re.compile(re.escape(separator) + r"(--)?[ \t]*")  # the feed parser's boundaryre
+    marks: list[int] = []
+    for i, line in enumerate(lines):
+        if line.startswith(separator) and (found := delimiter.fullmatch(line)) is not None:
+            if marks and marks[-1] == i - 1:
+                return None
+            marks.append(i)
+            if found[1]:
+                return marks if len(marks) > 1 else None
+    return None
 
 
 def _fields(lines: list[str], eol: str) -> Iterable[tuple[str, str]]:
@@ -193,9 +261,9 @@ def _parse_skeleton(raw: bytes) -> EmailMessage:
         runs.append(raw[start : end - eol].decode("ascii"))
         pos = end
     if not runs:
-        return _STDLIB_PARSER.parsebytes(raw)
+        return _parse_tree(raw)
     pieces.append(raw[pos:])
-    msg = _STDLIB_PARSER.parsebytes(b"".join(pieces))
+    msg = _parse_tree(b"".join(pieces))
     _put_back(msg, runs)
     return msg
 
