@@ -92,8 +92,6 @@ _STRUCTURED = frozenset(
     for name, cls in HeaderRegistry().registry.items()
     if not issubclass(cls, UnstructuredHeader)
 )
-_DESCRIBED_HEADERS = frozenset(("content-type", "content-disposition", "content-id"))
-_NAMING_HEADERS = frozenset(("content-type", "content-disposition"))  # carry a file name
 _MIME_TYPE = re.compile(r"[a-z0-9!#$%&'*+.^_`{|}~-]+/[a-z0-9!#$%&'*+.^_`{|}~-]+")
 # What get_payload(decode=True) knows; anything else is passed through undecoded.
 _KNOWN_CTES = frozenset(
@@ -461,7 +459,7 @@ class _Leaf:
     disposition: str | None
     filename: str | None
     content_id: str | None
-    has_type: bool  # a Content-Type header (else its parameters need no lookup)
+    charset: str | None  # from Content-Type, as get_content_charset() reads it
 
 
 @dataclass(slots=True)
@@ -661,13 +659,109 @@ def _place(layout: _Layout, leaf: _Leaf) -> None:
 
 
 def _describe(part: Message, where: str, defects: _Defects, *, is_root: bool) -> _Leaf:
-    # The root's headers were already parsed (and their defects listed) by _headers.
-    notes = _Defects() if is_root else defects
-    has = _mime_headers(part)
+    ctype, disposition, has_id = _mime_fields(part)
+    info = _mime_headers(part.get_default_type(), ctype, disposition)
+    for text, header_defect in info.notes:
+        # The root's headers were already parsed (and their defects listed) by _headers.
+        if not (is_root and header_defect):
+            defects.add(where + text)
+    return _Leaf(
+        part=part,
+        where=where,
+        content_type=info.content_type,
+        disposition=info.disposition,
+        filename=info.filename,
+        content_id=_content_id(part, where, defects) if has_id else None,
+        charset=info.charset,
+    )
+
+
+Field = tuple[str, str]  # (name, value) as the parser stored the header
+
+
+def _mime_fields(part: Message) -> tuple[Field | None, Field | None, bool]:
+    """The first Content-Type and Content-Disposition, and whether a Content-ID is there."""
+    ctype = disposition = None
+    has_id = False
+    for name, value in part.raw_items():
+        lname = name.lower()
+        if lname == "content-type":
+            ctype = ctype or (name, value)
+        elif lname == "content-disposition":
+            disposition = disposition or (name, value)
+        elif lname == "content-id":
+            has_id = True
+    return ctype, disposition, has_id
+
+
+@dataclass(frozen=True, slots=True)
+class _MimeHeaders:
+    """What a part's Content-Type and Content-Disposition make of it."""
+
+    content_type: str
+    disposition: str | None
+    filename: str | None
+    charset: str | None
+    # Defect texts, each to follow the part's name; True marks the headers' own defects.
+    notes: tuple[tuple[str, bool], ...]
+
+
+def _mime_headers(
+    default_type: str, ctype: Field | None, disposition: Field | None
+) -> _MimeHeaders:
+    if any(h and len(h[1]) > _MAX_CACHED_HEADER for h in (ctype, disposition)):
+        return _read_mime_headers(default_type, ctype, disposition)
+    return _cached_mime_headers(default_type, ctype, disposition)
+
+
+def _read_mime_headers(
+    default_type: str, ctype: Field | None, disposition: Field | None
+) -> _MimeHeaders:
+    """Read off a part holding only these two headers, so the result can be memoised.
+
+    The stdlib methods used read the first of each header only (and the default type),
+    and parts repeat the same few values, e.g. `text/plain; charset=utf-8`.
+    """
+    probe = EmailMessage(policy=_POLICY)
+    probe.set_default_type(default_type)
+    for header in (ctype, disposition):
+        if header is not None:
+            probe.set_raw(*header)
+    log: list[tuple[str, bool]] = []
+    defects, notes = _Recording(log, header_defect=False), _Recording(log, header_defect=True)
+    content_type, disposition_type = _content_headers(probe, "", defects, notes)
+    filename = _filename(probe, "", defects)
     try:
-        # Without the header get_content_type() gives the default type: no lookup needed.
-        content_type = part.get_content_type() if "content-type" in has else part.get_default_type()
-        _note_header_defects(part, "Content-Type", has, where, notes)
+        charset = probe.get_content_charset()
+    except Exception:
+        charset = None
+    return _MimeHeaders(content_type, disposition_type, filename, charset, tuple(log))
+
+
+_cached_mime_headers = lru_cache(maxsize=256)(_read_mime_headers)
+
+
+class _Recording(_Defects):
+    """Keeps defect texts in order, marked, for `_describe` to list under a part's name."""
+
+    __slots__ = ("_header_defect", "_log")
+
+    def __init__(self, log: list[tuple[str, bool]], *, header_defect: bool) -> None:
+        super().__init__(limit=None)
+        self._log = log
+        self._header_defect = header_defect
+
+    def add(self, text: str, *, structural: bool = False) -> None:
+        self._log.append((_clean(text), self._header_defect))
+
+
+def _content_headers(
+    part: Message, where: str, defects: _Defects, notes: _Defects
+) -> tuple[str, str | None]:
+    """Content type and disposition, with fallbacks; header defects go to `notes`."""
+    try:
+        content_type = part.get_content_type()
+        _note_header_defects(part, "Content-Type", where, notes)
     except Exception as exc:
         defects.add(f"{where}: bad Content-Type ({_exc_text(exc)}); taken as octet-stream")
         content_type = "application/octet-stream"
@@ -676,34 +770,16 @@ def _describe(part: Message, where: str, defects: _Defects, *, is_root: bool) ->
         defects.add(f"{where}: invalid content type {content_type!r}; taken as octet-stream")
         content_type = "application/octet-stream"
     try:
-        disposition = part.get_content_disposition() if "content-disposition" in has else None
-        _note_header_defects(part, "Content-Disposition", has, where, notes)
+        disposition = part.get_content_disposition()
+        _note_header_defects(part, "Content-Disposition", where, notes)
     except Exception as exc:
         defects.add(f"{where}: bad Content-Disposition ({_exc_text(exc)}); taken as attachment")
         disposition = "attachment"
-    return _Leaf(
-        part=part,
-        where=where,
-        content_type=content_type,
-        disposition=disposition,
-        filename=_filename(part, where, defects) if has & _NAMING_HEADERS else None,
-        content_id=_content_id(part, where, defects) if "content-id" in has else None,
-        has_type="content-type" in has,
-    )
+    return content_type, disposition
 
 
-def _mime_headers(part: Message) -> frozenset[str]:
-    """Which of the headers `_describe` reads the part has, lowercased.
-
-    Each lookup scans all of a part's headers, and most parts lack most of these.
-    """
-    return frozenset(name.lower() for name in part) & _DESCRIBED_HEADERS
-
-
-def _note_header_defects(
-    part: Message, name: str, has: frozenset[str], where: str, defects: _Defects
-) -> None:
-    header = part.get(name) if name.lower() in has else None
+def _note_header_defects(part: Message, name: str, where: str, defects: _Defects) -> None:
+    header = part.get(name)
     if header is not None:
         defects.add_all(f"{where} header {name}", _header_defects(header))
 
@@ -761,10 +837,7 @@ def _content_id(part: Message, where: str, defects: _Defects) -> str | None:
 
 def _text(leaf: _Leaf, defects: _Defects) -> str:
     data = _leaf_bytes(leaf.part, defects, leaf.where)
-    try:
-        charset = (leaf.has_type and leaf.part.get_content_charset()) or "utf-8"
-    except Exception:
-        charset = "utf-8"
+    charset = leaf.charset or "utf-8"
     if charset in _ASCII_CHARSETS:
         # UTF-8 is a superset, and mislabelled UTF-8 is common; pure ASCII is unchanged.
         charset = "utf-8"
