@@ -117,6 +117,9 @@ SYNTHETIC: dict[str, bytes] = {
     b"--a.b+c?\r\nX: 1\r\n\r\nx\r\n--aXb+c?\r\n--a.b+c?--\r\n",
     "empty boundary": b'Content-Type: multipart/mixed; boundary=""\r\n\r\n'
     b"--\r\nX: 1\r\n\r\nx\r\n----\r\n",
+    "look-alike first": mp(b"--bx\r\n--b\r\nX: 1\r\n\r\nx\r\n--b--\r\n"),
+    "close first": mp(b"--b--\r\n--b\r\nX: 1\r\n\r\nx\r\n--b--\r\n"),
+    "close with text after": mp(b"--b\r\nX: 1\r\n\r\nx\r\n--b-- x\r\n--b--\t\r\nepi"),
     "no boundary": b"Content-Type: multipart/mixed\r\n\r\n--b\r\nX: 1\r\n\r\nx\r\n--b--\r\n",
     "no start boundary": mp(b"just text\r\n"),
     "no close boundary": mp(b"--b\r\nX: 1\r\n\r\nx\r\n"),

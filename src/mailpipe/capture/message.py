@@ -15,7 +15,7 @@ import itertools
 import logging
 import quopri
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import errors, policy
@@ -155,11 +155,11 @@ def _split_message(text: str, eol: str) -> EmailMessage | None:
     if split is None:
         return None
     msg, body = split
-    maintype = msg.get_content_maintype()
-    if maintype == "message":
+    content_type = msg.get_content_type()
+    if content_type.startswith("message/"):
         return None
-    if maintype == "multipart":
-        return _split_multipart(msg, body, eol)
+    if content_type.startswith("multipart/"):
+        return _split_multipart(msg, content_type, body, eol)
     msg.set_payload(body)
     return msg
 
@@ -179,7 +179,9 @@ def _split_part(text: str, eol: str) -> tuple[EmailMessage, str] | None:
     return msg, text[end + 2 * len(eol) :]
 
 
-def _split_multipart(msg: EmailMessage, body: str, eol: str) -> EmailMessage | None:
+def _split_multipart(
+    msg: EmailMessage, content_type: str, body: str, eol: str
+) -> EmailMessage | None:
     """One level of single-part parts between boundaries, as the feed parser splits them.
 
     Left to the stdlib: whatever it flags as a defect (no boundary, no start or close
@@ -189,7 +191,7 @@ def _split_multipart(msg: EmailMessage, body: str, eol: str) -> EmailMessage | N
     CR, LF and CRLF, so a boundary could hide behind one).
     """
     boundary = msg.get_boundary()
-    if boundary is None or msg.get_content_type() == "multipart/digest":
+    if boundary is None or content_type == "multipart/digest":
         return None
     if str(msg.get("content-transfer-encoding", "8bit")).lower() not in _MULTIPART_CTES:
         return None
@@ -197,35 +199,50 @@ def _split_multipart(msg: EmailMessage, body: str, eol: str) -> EmailMessage | N
         return None
     if eol == "\n" and "\r" in body:
         return None
-    lines = body.split(eol)
-    marks = _boundary_lines(lines, "--" + boundary)
-    if marks is None:
+    lines = _boundary_lines(body, "--" + boundary, eol)
+    if lines is None:
         return None
-    if marks[0] > 0:  # the last line break belongs to the boundary (RFC 2046)
-        msg.preamble = eol.join(lines[: marks[0]])
-    for start, stop in itertools.pairwise(marks):
-        part = _split_part(eol.join(lines[start + 1 : stop]) + eol, eol)
+    if lines[0][0] > 0:  # the last line break belongs to the boundary (RFC 2046)
+        msg.preamble = body[: lines[0][0] - len(eol)]
+    for (_, start), (stop, _) in itertools.pairwise(lines):
+        part = _split_part(body[start:stop], eol)
         if part is None or part[0].get_content_maintype() in ("multipart", "message"):
             return None
         child, payload = part
         child.set_payload(payload[: -len(eol)])  # that of its last line too
         msg.attach(child)
-    msg.epilogue = eol.join(lines[marks[-1] + 1 :])
+    msg.epilogue = body[lines[-1][1] :]
     return msg
 
 
-def _boundary_lines(lines: list[str], separator: str) -> list[int] | None:
-    """Indices of the boundary lines up to the close one, when none is next to another."""
-    delimiter = re.compile(re.escape(separator) + r"(--)?[ \t]*")  # the feed parser's boundaryre
-    marks: list[int] = []
-    for i, line in enumerate(lines):
-        if line.startswith(separator) and (found := delimiter.fullmatch(line)) is not None:
-            if marks and marks[-1] == i - 1:
-                return None
-            marks.append(i)
-            if found[1]:
-                return marks if len(marks) > 1 else None
+def _boundary_lines(body: str, separator: str, eol: str) -> list[tuple[int, int]] | None:
+    """Where each boundary line starts and where the line after it starts, up to the
+    close boundary; None without one, or when one boundary line follows another."""
+    lines: list[tuple[int, int]] = []
+    for start in _line_starts(body, separator):
+        end = body.find(eol, start)
+        end = len(body) if end < 0 else end
+        # The feed parser's boundaryre: the separator, "--" if it closes, then blanks.
+        rest = body[start + len(separator) : end]
+        close = rest.startswith("--")
+        if (rest[2:] if close else rest).strip(" \t"):
+            continue
+        if lines and lines[-1][1] == start:
+            return None
+        lines.append((start, min(end + len(eol), len(body))))
+        if close:
+            return lines if len(lines) > 1 else None
     return None
+
+
+def _line_starts(text: str, prefix: str) -> Iterator[int]:
+    """Where the lines that start with `prefix` start."""
+    if text.startswith(prefix):
+        yield 0
+    at = text.find("\n" + prefix)
+    while at >= 0:
+        yield at + 1
+        at = text.find("\n" + prefix, at + 1)
 
 
 def _fields(lines: list[str], eol: str) -> Iterable[tuple[str, str]]:
