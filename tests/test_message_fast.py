@@ -136,6 +136,31 @@ SYNTHETIC: dict[str, bytes] = {
         b"Content-Type: multipart/alternative; boundary=in\r\n\r\n--in\r\n"
         b"X: 1\r\n\r\nx\r\n--in--\r\n"
     ),
+    "nested with preamble and epilogues": mixed(
+        b"Content-Type: multipart/alternative; boundary=in\r\n\r\npre\r\n--in\r\n"
+        b"X: 1\r\n\r\nx\r\n--in\r\nX: 2\r\n\r\ny\r\n--in--\r\ninner epi\r\n\r\n",
+        b"X: 3\r\n\r\nz\r\n",
+    ),
+    "nested, one-line inner epilogue": mixed(
+        b"Content-Type: multipart/alternative; boundary=in\r\n\r\n--in\r\n"
+        b"X: 1\r\n\r\nx\r\n--in--\r\n\r\n"
+    ),
+    "nested, inner not closed": mixed(
+        b"Content-Type: multipart/alternative; boundary=in\r\n\r\n--in\r\nX: 1\r\n\r\nx\r\n",
+        b"X: 2\r\n\r\ny\r\n",
+    ),
+    "nested, outer boundary a prefix": mixed(
+        b"Content-Type: multipart/alternative; boundary=b1-in\r\n\r\n--b1-in\r\n"
+        b"X: 1\r\n\r\nx\r\n--b1-in--\r\n"
+    ),
+    "nested, same boundary": mixed(
+        b"Content-Type: multipart/alternative; boundary=b1\r\n\r\n--b1\r\nX: 1\r\n\r\nx\r\n"
+    ),
+    "nested ten deep": b"".join(
+        b"Content-Type: multipart/mixed; boundary=n%d\r\n\r\n--n%d\r\n" % (i, i) for i in range(10)
+    )
+    + b"X: 1\r\n\r\nx\r\n"
+    + b"".join(b"--n%d--\r\n" % i for i in reversed(range(10))),
     "digest": b"Content-Type: multipart/digest; boundary=b\r\n\r\n"
     b"--b\r\n\r\nSubject: in\r\n\r\nx\r\n--b--\r\n",
     "encoded multipart": mp(

@@ -118,6 +118,8 @@ _BASE64_LINES = re.compile(rb"(?:[A-Za-z0-9+/=]++\r?\n)*+")
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 _RUN_CHUNK = 64 * 1024
 _RUN_MARK = "\x00mailpipe-run:"
+# Deeper multiparts are left to the stdlib (this splitter recurses).
+_MAX_SPLIT_DEPTH = 8
 # Multipart transfer encodings the feed parser takes without a defect (RFC 2045 6.4).
 _MULTIPART_CTES = frozenset(("7bit", "8bit", "binary"))
 _RUN_TOKEN = re.compile(r"\x00mailpipe-run:(\d+)\x00")
@@ -180,18 +182,19 @@ def _split_part(text: str, eol: str) -> tuple[EmailMessage, str] | None:
 
 
 def _split_multipart(
-    msg: EmailMessage, content_type: str, body: str, eol: str
+    msg: EmailMessage, content_type: str, body: str, eol: str, depth: int = 0
 ) -> EmailMessage | None:
-    """One level of single-part parts between boundaries, as the feed parser splits them.
+    """Parts between boundaries, nested a few levels deep, as the feed parser splits them.
 
     Left to the stdlib: whatever it flags as a defect (no boundary, no start or close
-    boundary, an encoded multipart), repeated boundary lines (it skips them), nested
-    multiparts, message/* parts, digests (their parts default to message/rfc822), and
-    line breaks other than the message's own (the feed parser breaks lines at any of
-    CR, LF and CRLF, so a boundary could hide behind one).
+    boundary, an encoded multipart), repeated boundary lines (it skips them), message/*
+    parts, digests (their parts default to message/rfc822), deep nesting, and line breaks
+    other than the message's own (the feed parser breaks lines at any of CR, LF and CRLF,
+    so a boundary could hide behind one). A line that would end an enclosing multipart
+    ends it here too: the enclosing one is split first.
     """
     boundary = msg.get_boundary()
-    if boundary is None or content_type == "multipart/digest":
+    if boundary is None or content_type == "multipart/digest" or depth > _MAX_SPLIT_DEPTH:
         return None
     if str(msg.get("content-transfer-encoding", "8bit")).lower() not in _MULTIPART_CTES:
         return None
@@ -205,14 +208,30 @@ def _split_multipart(
     if lines[0][0] > 0:  # the last line break belongs to the boundary (RFC 2046)
         msg.preamble = body[: lines[0][0] - len(eol)]
     for (_, start), (stop, _) in itertools.pairwise(lines):
-        part = _split_part(body[start:stop], eol)
-        if part is None or part[0].get_content_maintype() in ("multipart", "message"):
+        child = _split_child(body[start:stop], eol, depth + 1)
+        if child is None:
             return None
-        child, payload = part
-        child.set_payload(payload[: -len(eol)])  # that of its last line too
         msg.attach(child)
     msg.epilogue = body[lines[-1][1] :]
     return msg
+
+
+def _split_child(text: str, eol: str, depth: int) -> EmailMessage | None:
+    """One part of a multipart; the line break before the next boundary is the boundary's."""
+    split = _split_part(text, eol)
+    if split is None:
+        return None
+    child, body = split
+    content_type = child.get_content_type()
+    if content_type.startswith("message/"):
+        return None
+    if not content_type.startswith("multipart/"):
+        child.set_payload(body[: -len(eol)])
+        return child
+    if _split_multipart(child, content_type, body, eol, depth) is None:
+        return None
+    child.epilogue = child.epilogue[: -len(eol)] if child.epilogue else None
+    return child
 
 
 def _boundary_lines(body: str, separator: str, eol: str) -> list[tuple[int, int]] | None:
