@@ -3,7 +3,11 @@
 Robustness first: whatever bytes arrive, `build_event` returns a valid event; what the
 parser disliked is listed in `message.defects` instead of raised. Speed second: the
 stdlib header parser is thorough but slow (and quadratic on long values), so plain
-values that it would return unchanged skip it, and parsed headers are memoised.
+values that it would return unchanged skip it, and decoded headers are memoised. The
+message tree is the one `BytesParser(policy=policy.default)` builds, but plain messages
+are split here instead of by its line-by-line feed parser, and big ones are walked with
+their base64 runs stood in for (`_FastParser`; tests/test_message_fast.py holds it to the
+stdlib's tree and to the events built before it).
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ _MAX_DEFECTS = 200
 # quadratically (a 200 KiB Subject of encoded words takes seconds).
 _MAX_PARSED_HEADER = 8192
 _MAX_CACHED_HEADER = 1024
+# What the decoded-header and MIME-header memos keep: values that repeat are short, and
+# at 512 entries of at most this size the memos stay well under a megabyte.
+_MAX_MEMO_VALUE = 256
 
 
 class _MemoisedHeaderFactory:
@@ -567,7 +574,7 @@ def _headers(
 
 def _header_value(name: str, raw_value: str, defects: _Defects, where: str) -> str:
     """The decoded value policy.default gives, with fallbacks instead of exceptions."""
-    if len(raw_value) > _MAX_CACHED_HEADER:
+    if len(raw_value) > _MAX_MEMO_VALUE:
         value, notes = _decoded_header(name, raw_value, where)
     else:
         value, notes = _cached_header(name, raw_value, where)
@@ -587,7 +594,7 @@ def _decoded_header(name: str, raw_value: str, where: str) -> tuple[str, tuple[s
     return value, tuple(notes.result())
 
 
-_cached_header = lru_cache(maxsize=1024)(_decoded_header)
+_cached_header = lru_cache(maxsize=512)(_decoded_header)
 
 
 def _decode_header(name: str, raw_value: str, defects: _Defects, where: str) -> str:
@@ -747,7 +754,7 @@ class _MimeHeaders:
 def _mime_headers(
     default_type: str, ctype: Field | None, disposition: Field | None
 ) -> _MimeHeaders:
-    if any(h and len(h[1]) > _MAX_CACHED_HEADER for h in (ctype, disposition)):
+    if any(h and len(h[1]) > _MAX_MEMO_VALUE for h in (ctype, disposition)):
         return _read_mime_headers(default_type, ctype, disposition)
     return _cached_mime_headers(default_type, ctype, disposition)
 
