@@ -126,20 +126,20 @@ _BASE64_RUN = re.compile(rb"(?m)^(?:[A-Za-z0-9+/=]++\r?\n){32}")
 _BASE64_LINES = re.compile(rb"(?:[A-Za-z0-9+/=]++\r?\n)*+")
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 _RUN_CHUNK = 64 * 1024
-_RUN_MARK = "\x00mailpipe-run:"
+_RUN_MARK = "\x00mailpipe-run:"  # a stand-in: the mark, the run's index, NUL
+_RUN_TOKEN = re.compile(r"\x00mailpipe-run:(\d+)\x00")
 # Deeper multiparts are left to the stdlib (this splitter recurses).
 _MAX_SPLIT_DEPTH = 8
 # Multipart transfer encodings the feed parser takes without a defect (RFC 2045 6.4).
 _MULTIPART_CTES = frozenset(("7bit", "8bit", "binary"))
-_RUN_TOKEN = re.compile(r"\x00mailpipe-run:(\d+)\x00")
 
 
 class _FastParser:
     """`BytesParser(policy=_POLICY)`: the same tree, with less of its line-by-line walk.
 
-    A message with plain header blocks, either single-part or one level of multipart with
-    well-formed boundaries, is split here; a big one is first cut down to a skeleton whose
-    long base64 runs stand as one line each, and the runs are put back into the tree.
+    A message with plain header blocks, single-part or multipart with well-formed
+    boundaries, is split here; a big one is first cut down to a skeleton whose long base64
+    runs stand as one line each, and the runs are put back into the tree.
     Anything else goes to the stdlib, which then walks it line by line as usual.
     """
 
@@ -469,16 +469,15 @@ class UnparseableMessageDefect(errors.MessageDefect):
 class _Defects:
     """Defect descriptions, capped so a hostile message cannot bloat the event."""
 
-    __slots__ = ("_dropped", "_items", "_limit", "_structural")
+    __slots__ = ("_dropped", "_items", "_structural")
 
-    def __init__(self, limit: int | None = _MAX_DEFECTS) -> None:
+    def __init__(self) -> None:
         self._structural: list[str] = []  # the parser's, listed first
         self._items: list[str] = []  # header defects and our fallbacks
         self._dropped = 0
-        self._limit = limit
 
     def add(self, text: str, *, structural: bool = False) -> None:
-        if self._limit is not None and len(self._structural) + len(self._items) >= self._limit:
+        if len(self._structural) + len(self._items) >= _MAX_DEFECTS:
             self._dropped += 1
             return
         (self._structural if structural else self._items).append(_clean(text))
@@ -494,6 +493,20 @@ class _Defects:
         if self._dropped:
             out.append(f"{self._dropped} more defects not listed")
         return out
+
+
+class _Recording(_Defects):
+    """Keeps defect texts in order and marked, uncapped, for memoised results to replay."""
+
+    __slots__ = ("_header_defect", "_log")
+
+    def __init__(self, log: list[tuple[str, bool]], *, header_defect: bool) -> None:
+        super().__init__()
+        self._log = log
+        self._header_defect = header_defect
+
+    def add(self, text: str, *, structural: bool = False) -> None:
+        self._log.append((_clean(text), self._header_defect))
 
 
 @dataclass(slots=True)
@@ -589,9 +602,9 @@ def _decoded_header(name: str, raw_value: str, where: str) -> tuple[str, tuple[s
     Values such as `MIME-Version: 1.0`, a sender's From or a Date of this second repeat
     across messages, and each is decoded once.
     """
-    notes = _Defects(limit=None)
-    value = _decode_header(name, raw_value, notes, where)
-    return value, tuple(notes.result())
+    log: list[tuple[str, bool]] = []
+    value = _decode_header(name, raw_value, _Recording(log, header_defect=True), where)
+    return value, tuple(text for text, _ in log)
 
 
 _cached_header = lru_cache(maxsize=512)(_decoded_header)
@@ -784,20 +797,6 @@ def _read_mime_headers(
 
 
 _cached_mime_headers = lru_cache(maxsize=256)(_read_mime_headers)
-
-
-class _Recording(_Defects):
-    """Keeps defect texts in order, marked, for `_describe` to list under a part's name."""
-
-    __slots__ = ("_header_defect", "_log")
-
-    def __init__(self, log: list[tuple[str, bool]], *, header_defect: bool) -> None:
-        super().__init__(limit=None)
-        self._log = log
-        self._header_defect = header_defect
-
-    def add(self, text: str, *, structural: bool = False) -> None:
-        self._log.append((_clean(text), self._header_defect))
 
 
 def _content_headers(
