@@ -87,6 +87,7 @@ SYNTHETIC: dict[str, bytes] = {
     "lf head, crlf blank": b"Subject: hi\n\r\nbody\n\nx",
     "nul bytes": b"Subject: a\x00b\r\nX-N\x00: v\r\n\r\nbo\x00dy\r\n",
     "control chars": b"Subject: a\x0bb\x0cc\x1cd\x85\r\n\r\nx\x0by\x1cz\r\n",
+    "ascii controls": b"Subject: a\x0bb\x0cc\x1cd\x1e\r\nX-Y: \x7f\x01\r\n\r\nx\x0by\x1cz\x1d\r\n",
     "huge header line": b"Subject: " + b"word " * 40_000 + b"\r\n\r\nx",
     "huge body line": b"Subject: hi\r\n\r\n" + b"x" * 300_000,
     "8-bit body": b"Subject: hi\r\nContent-Type: text/plain; charset=latin-1\r\n\r\n"
