@@ -101,3 +101,24 @@ def test_default_serve_imports_only_what_it_uses(tmp_path: Path) -> None:
         if any(name == heavy or name.startswith(heavy + ".") for heavy in NOT_IMPORTED)
     )
     assert loaded == [], f"imported by a default mailpipe, though it does not use them: {loaded}"
+
+
+# The event-building helper process (capture/indexer.py) runs beside mailpipe while it takes
+# mail: it imports what building an event needs, and none of the server's stacks.
+HELPER_NOT_IMPORTED = ("asyncio", "ssl", "uvloop", "pydantic", "aiohttp", "prometheus_client",
+                       "click", "sqlite3", "mailpipe.config", "mailpipe.capture.server")
+
+
+def test_the_event_helper_imports_none_of_the_servers_stacks(tmp_path: Path) -> None:
+    script = "import json, sys, mailpipe.capture.indexer; print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    modules = set(json.loads(done.stdout))
+    assert "mailpipe.capture.message" in modules  # it can build events
+    loaded = sorted(
+        name
+        for name in modules
+        if any(name == heavy or name.startswith(heavy + ".") for heavy in HELPER_NOT_IMPORTED)
+    )
+    assert loaded == [], f"imported by the event helper, though it does not use them: {loaded}"
