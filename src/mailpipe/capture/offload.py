@@ -44,8 +44,8 @@ HANG_AFTER = 10.0
 HANG_PER_MB = 1.0
 # A helper that died before it was ready is not started again sooner than this.
 RESTART_AFTER = 1.0
-# A helper with nothing to do for this long is stopped (its ~22 MB freed: a capture server is idle most of the time); the next message
-# starts another, built in place while it starts.
+# A helper with nothing to do for this long is stopped (its ~22 MB freed: a capture server is
+# idle most of the time); the next message starts another, built in place while it starts.
 IDLE_AFTER = 30.0
 HELPER_MODULE = "mailpipe.capture.indexer"
 
