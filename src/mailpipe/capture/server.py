@@ -346,7 +346,8 @@ class SMTPSession(asyncio.Protocol):
         config = listener.config
         self._deadlines = ReadDeadlines(config.read_timeout, config.data_timeout,
                                         config.min_data_rate, self._loop.time())
-        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_timer: asyncio.Handle | None = None
+        self._deadline_at = 0.0  # the loop time _deadline_timer fires at
         self._client_ip: str | None = None  # counted in listener.per_ip while open
         self._in_body = False  # a message body is coming in (a verdict mid-body included)
         self._write_timer: asyncio.TimerHandle | None = None
@@ -841,9 +842,12 @@ class SMTPSession(asyncio.Protocol):
         at = now + delay
         timer = self._deadline_timer
         if timer is not None:
-            if timer.when() <= at:
+            if self._deadline_at <= at:
                 return
             timer.cancel()
+        # When it is due is kept here: uvloop's call_at gives a due-now timer as a plain Handle,
+        # which has no when().
+        self._deadline_at = at
         self._deadline_timer = self._loop.call_at(at, self._check_deadlines)
 
     def _check_deadlines(self) -> None:
