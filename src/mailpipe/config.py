@@ -514,6 +514,20 @@ class RPCConfig(Section):
         return value
 
 
+class CompatAPIConfig(Section):
+    """One other mail catcher's API (compat/): under /compat/NAME/ of the main listener while
+    `enabled`, and also at the root of its own listener when `addr` is set, where that
+    catcher's clients work unchanged."""
+
+    enabled: bool = True
+    addr: Address | None = None
+
+
+class CompatConfig(Section):
+    mailpit: CompatAPIConfig = CompatAPIConfig()
+    mailhog: CompatAPIConfig = CompatAPIConfig()
+
+
 class StoreConfig(Section):
     enabled: bool = True
     path: str | None = None
@@ -643,6 +657,7 @@ class Config(BaseSettings):
     sinks: SinksConfig = SinksConfig()
     jobs: JobsConfig = JobsConfig()
     rpc: RPCConfig = RPCConfig()
+    compat: CompatConfig = CompatConfig()
     plugins: PluginsConfig = PluginsConfig()
     log: LogConfig = LogConfig()
     # What loading the file noted (RoadRunner sections ignored or mapped), logged at start.
