@@ -523,8 +523,52 @@ class CompatAPIConfig(Section):
     addr: Address | None = None
 
 
+class RelayAuthConfig(Section):
+    username: str
+    password: str
+
+
+class RelayConfig(Section):
+    """A downstream SMTP server that messages are handed to once (router/deliver.py):
+    `tls` none (plain), starttls (required) or tls (implicit, e.g. port 465)."""
+
+    host: str
+    port: int = Field(default=25, ge=1, le=65535)
+    tls: Literal["none", "starttls", "tls"] = "none"
+    allow_insecure: bool = False  # accept a certificate that does not verify
+    auth: RelayAuthConfig | None = None
+    timeout: Duration = 30.0
+    # Mailpit's smtp-relay settings: recipients must match allowed_recipients (a regex) and
+    # must not match blocked_recipients; return_path becomes the envelope sender.
+    allowed_recipients: str | None = None
+    blocked_recipients: str | None = None
+    return_path: str | None = None
+    override_from: str | None = None
+    preserve_message_ids: bool = False
+
+    @field_validator("allowed_recipients", "blocked_recipients")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+
+class MailpitCompatConfig(CompatAPIConfig):
+    """Mailpit's API also releases messages to `relay`, and changes its Chaos triggers at run
+    time when `chaos` is on (`chaos_triggers` as Mailpit's --chaos-triggers)."""
+
+    label: str = ""
+    relay: RelayConfig | None = None
+    chaos: bool = False
+    chaos_triggers: str | None = None
+
+
 class CompatConfig(Section):
-    mailpit: CompatAPIConfig = CompatAPIConfig()
+    mailpit: MailpitCompatConfig = MailpitCompatConfig()
     mailhog: CompatAPIConfig = CompatAPIConfig()
 
 

@@ -45,6 +45,8 @@ PRUNE_SLACK_DIVISOR = 20
 PRUNE_CHUNK_MAX = 256
 # The age sweep runs with a write at most this often (seconds).
 AGE_PRUNE_INTERVAL = 1.0
+# uuids per query of get_many(), well under SQLite's limit on bound parameters.
+GET_MANY_CHUNK = 500
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -315,6 +317,28 @@ class SQLiteStore:
         if row[1] is not None:
             event["mailpipe"] = {"outcomes": orjson.loads(row[1])}
         return event
+
+    async def get_many(self, uuids: list[str]) -> dict[str, dict[str, Any]]:
+        """The stored events of those of `uuids` that exist, by uuid, in one read (as `get`
+        gives them): a page of summaries that needs more than the summary columns."""
+
+        def query(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            rows: list[tuple[Any, ...]] = []
+            for start in range(0, len(uuids), GET_MANY_CHUNK):
+                chunk = uuids[start : start + GET_MANY_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows += conn.execute(
+                    f"SELECT uuid, event, outcomes FROM messages WHERE uuid IN ({marks})", chunk
+                ).fetchall()
+            return rows
+
+        events: dict[str, dict[str, Any]] = {}
+        for uuid, event_json, outcomes in await self._read(query):
+            event = orjson.loads(event_json)
+            if outcomes is not None:
+                event["mailpipe"] = {"outcomes": orjson.loads(outcomes)}
+            events[uuid] = event
+        return events
 
     async def raw(self, uuid: str) -> bytes | None:
         row = await self._read(

@@ -1,0 +1,1 @@
+"""Handing captured messages on to real SMTP servers (deliver.py: one message, once)."""
