@@ -526,20 +526,21 @@ class CompatAPIConfig(Section):
 class RelayAuthConfig(Section):
     username: str
     password: str
+    mechanism: Literal["PLAIN", "LOGIN", "CRAM-MD5"] | None = None  # None: the server's best
 
 
 class RelayConfig(Section):
-    """A downstream SMTP server that messages are handed to once (router/deliver.py):
-    `tls` none (plain), starttls (required) or tls (implicit, e.g. port 465)."""
+    """A downstream SMTP server that messages are handed to once (router/deliver.py), as
+    Mailpit's smtp-relay settings describe it. `starttls`: true insists on it, false never
+    asks for it."""
 
     host: str
     port: int = Field(default=25, ge=1, le=65535)
-    tls: Literal["none", "starttls", "tls"] = "none"
-    allow_insecure: bool = False  # accept a certificate that does not verify
+    starttls: bool = False
     auth: RelayAuthConfig | None = None
     timeout: Duration = 30.0
-    # Mailpit's smtp-relay settings: recipients must match allowed_recipients (a regex) and
-    # must not match blocked_recipients; return_path becomes the envelope sender.
+    # Recipients must match allowed_recipients (a regex) and must not match
+    # blocked_recipients; return_path becomes the envelope sender.
     allowed_recipients: str | None = None
     blocked_recipients: str | None = None
     return_path: str | None = None
@@ -565,6 +566,15 @@ class MailpitCompatConfig(CompatAPIConfig):
     relay: RelayConfig | None = None
     chaos: bool = False
     chaos_triggers: str | None = None
+
+    @field_validator("chaos_triggers")
+    @classmethod
+    def _triggers(cls, value: str | None) -> str | None:
+        if value is not None:
+            from mailpipe.compat.mailpit_chaos import parse_triggers
+
+            parse_triggers(value)  # its ChaosError is a ValueError: reported as a config error
+        return value
 
 
 class CompatConfig(Section):

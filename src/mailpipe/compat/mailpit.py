@@ -282,7 +282,7 @@ class MailpitAPI:
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     async def release(self, request: web.Request) -> web.Response:
-        from mailpipe.router.deliver import DeliveryError, deliver
+        from mailpipe.router.deliver import DeliveryError, Relay, deliver
 
         relay = self.settings.relay
         if relay is None:
@@ -293,7 +293,11 @@ class MailpitAPI:
         try:
             recipients = check_recipients(relay, data.get("To"))
             sender, message = prepare(relay, raw, datetime.now(UTC))
-            await deliver(relay, message, sender, recipients)
+            auth = relay.auth
+            await deliver(message, Relay(
+                relay.host, relay.port, auth.username if auth else None,
+                auth.password if auth else None, auth.mechanism if auth else None,
+                relay.starttls, relay.timeout), sender, recipients)
         except ReleaseError as exc:
             raise Fail(str(exc)) from None
         except DeliveryError as exc:

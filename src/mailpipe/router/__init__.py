@@ -1,1 +1,1 @@
-"""Handing captured messages on to real SMTP servers (deliver.py: one message, once)."""
+"""Sending captured mail on to a real SMTP server (release)."""

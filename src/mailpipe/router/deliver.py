@@ -1,62 +1,76 @@
-"""One-shot SMTP delivery: a message handed to one downstream server, once, with aiosmtplib.
-
-Used by Mailpit's release route (compat/mailpit.py) and meant for the router: no queue and no
-retry here; the caller decides what a failure means. aiosmtplib is imported when a message
-is delivered, so a mailpipe that never relays never loads it.
-"""
+"""One-shot delivery of a stored message to an SMTP server: what "release" means in MailHog
+and Mailpit. One connection, one transaction, then it closes; no queue, no retries (the
+caller answers the error to whoever asked)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from mailpipe.config import RelayConfig
+import aiosmtplib
+
+Mechanism = Literal["PLAIN", "LOGIN", "CRAM-MD5"]
+MECHANISMS: dict[str, Mechanism] = {"PLAIN": "PLAIN", "LOGIN": "LOGIN", "CRAM-MD5": "CRAM-MD5",
+                                    "CRAMMD5": "CRAM-MD5"}  # MailHog spells it CRAMMD5
+DEFAULT_TIMEOUT = 30.0
 
 
 class DeliveryError(Exception):
-    """The downstream server refused the message, or could not be reached; the text says
-    which, as the server put it."""
+    """The server could not be reached, or refused the message; the text says which."""
 
 
 @dataclass(frozen=True, slots=True)
-class Delivered:
-    """What the server answered: per refused recipient its reply, and the final reply."""
+class Relay:
+    """Where to deliver: host and port, optional AUTH, and whether to insist on TLS
+    (STARTTLS; None uses it when the server offers it)."""
 
-    refused: dict[str, str]
-    reply: str
+    host: str
+    port: int = 25
+    username: str | None = None
+    password: str | None = None
+    mechanism: Mechanism | None = None  # None: the best the server offers
+    starttls: bool | None = None
+    timeout: float = DEFAULT_TIMEOUT
 
 
-async def deliver(relay: RelayConfig, raw: bytes, sender: str,
-                  recipients: Sequence[str]) -> Delivered:
-    """Send `raw` from `sender` to `recipients` through `relay`. Raises DeliveryError when
-    nothing was accepted (every recipient refused, the server down, TLS or AUTH failed)."""
-    import aiosmtplib
+def mechanism(name: str | None) -> Mechanism | None:
+    """An AUTH mechanism as a client names it ("" or None: pick one); ValueError if unknown."""
+    if not name:
+        return None
+    found = MECHANISMS.get(name.strip().upper())
+    if found is None:
+        raise ValueError(f"unknown AUTH mechanism {name!r} (PLAIN, LOGIN or CRAM-MD5)")
+    return found
 
-    if not recipients:
-        raise DeliveryError("no recipients")
+
+async def deliver(raw: bytes, relay: Relay, mail_from: str, rcpt_to: list[str]) -> None:
+    """Send `raw` as it is from `mail_from` to `rcpt_to` through `relay`."""
+    if not rcpt_to:
+        raise DeliveryError("no recipient to deliver to")
+    client = aiosmtplib.SMTP(hostname=relay.host, port=relay.port, timeout=relay.timeout,
+                             start_tls=relay.starttls)
     try:
-        refused, reply = await aiosmtplib.send(
-            raw,
-            sender=sender,
-            recipients=list(recipients),
-            hostname=relay.host,
-            port=relay.port,
-            use_tls=relay.tls == "tls",
-            # False, not None: "none" must never upgrade on its own, "starttls" must.
-            start_tls=relay.tls == "starttls",
-            validate_certs=not relay.allow_insecure,
-            username=relay.auth.username if relay.auth else None,
-            password=relay.auth.password if relay.auth else None,
-            timeout=relay.timeout,
-        )
-    except aiosmtplib.SMTPRecipientsRefused as exc:
-        raise DeliveryError(_refusals({r.recipient: str(r) for r in exc.recipients})) from None
-    except aiosmtplib.SMTPResponseException as exc:
-        raise DeliveryError(f"{exc.code} {exc.message}") from None
-    except (aiosmtplib.SMTPException, OSError) as exc:
-        raise DeliveryError(str(exc) or type(exc).__name__) from None
-    return Delivered({rcpt: f"{r.code} {r.message}" for rcpt, r in refused.items()}, reply)
+        async with client:
+            if relay.username is not None or relay.password is not None:
+                await _login(client, relay)
+            refused, _ = await client.sendmail(mail_from, rcpt_to, raw)
+    except aiosmtplib.SMTPException as exc:
+        raise DeliveryError(f"{relay.host}:{relay.port}: {exc}") from None
+    except OSError as exc:
+        raise DeliveryError(f"{relay.host}:{relay.port}: {exc.strerror or exc}") from None
+    if refused:
+        detail = "; ".join(f"{rcpt}: {reply.code} {reply.message}"
+                           for rcpt, reply in refused.items())
+        raise DeliveryError(f"{relay.host}:{relay.port} refused {detail}")
 
 
-def _refusals(by_recipient: dict[str, str]) -> str:
-    return "; ".join(f"{rcpt}: {why}" for rcpt, why in by_recipient.items())
+async def _login(client: aiosmtplib.SMTP, relay: Relay) -> None:
+    username, password = relay.username or "", relay.password or ""
+    if relay.mechanism is None:
+        await client.login(username, password)
+    elif relay.mechanism == "PLAIN":
+        await client.auth_plain(username, password)
+    elif relay.mechanism == "LOGIN":
+        await client.auth_login(username, password)
+    else:
+        await client.auth_crammd5(username, password)
