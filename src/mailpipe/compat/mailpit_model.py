@@ -179,6 +179,8 @@ def message(uuid: str, event: Json, parts: list[Part], tags: list[str]) -> Json:
     shown: Json = {
         "ID": uuid,
         "MessageID": _message_id(event),
+        # Older Mailpits had it (always true: reading marks read); older clients require it.
+        "Read": True,
         "From": _first_address(event),
         "To": addresses(header_values(event, "To")),
         "Cc": addresses(header_values(event, "Cc")),
