@@ -214,6 +214,17 @@ def test_mailpit_api_npm_client_round_trip(mailpipe_factory: Factory, tmp_path: 
     assert server.get_json("/api/v1/messages")["total"] == 0  # gone from mailpipe's own API
 
 
+def test_mailpit_api_readme_examples(mailpipe_factory: Factory) -> None:
+    """The README's Playwright fixture and test, with swaks as the application sending."""
+    require_tool("swaks")
+    server, own, _ = start(mailpipe_factory)
+    smtp_send(server, rich_message())  # an old message, which the fixture clears
+    wait_total(own, 1)
+    seen = run_js("readme.mjs", {"base": own, "smtpPort": server.smtp_port})
+    assert seen["message"]["Text"].strip() == "Thanks for registering."
+    assert (seen["listed"], seen["after"]) == (1, 0)
+
+
 # ---- PyPI's mailpit-api-client -------------------------------------------------------------
 
 

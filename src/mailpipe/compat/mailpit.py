@@ -28,6 +28,7 @@ from mailpipe.compat import CompatContext
 from mailpipe.compat import mailpit_model as model
 from mailpipe.compat.mailpit_chaos import Chaos, ChaosError, as_json, from_json, parse_triggers
 from mailpipe.compat.mailpit_release import ReleaseError, check_recipients, prepare
+from mailpipe.config import RelayConfig
 from mailpipe.store.sqlite import StoreClosedError
 from mailpipe.web.app import UNTRUSTED_HEADERS, ApiError, _safe_mime, int_param
 
@@ -333,18 +334,9 @@ class MailpitAPI:
         })
 
     async def webui(self, request: web.Request) -> web.Response:
-        relay = self.settings.relay
         return _json({
             "Label": self.settings.label,
-            "MessageRelay": {
-                "Enabled": relay is not None,
-                "SMTPServer": f"{relay.host}:{relay.port}" if relay else "",
-                "ReturnPath": relay.return_path or "" if relay else "",
-                "AllowedRecipients": relay.allowed_recipients or "" if relay else "",
-                "BlockedRecipients": relay.blocked_recipients or "" if relay else "",
-                "OverrideFrom": relay.override_from or "" if relay else "",
-                "PreserveMessageIDs": relay.preserve_message_ids if relay else False,
-            },
+            "MessageRelay": _relay_json(self.settings.relay),
             "SpamAssassin": False,
             "ChaosEnabled": self.shared.chaos is not None,
             "DuplicatesIgnored": False,
@@ -448,6 +440,22 @@ def _embedded(html: str, by_cid: dict[str, str], prefix: str) -> str:
         return None if path is None else prefix + path
 
     return rewrite(html, cid_url, remote=True).html
+
+
+def _relay_json(relay: RelayConfig | None) -> dict[str, Any]:
+    """Mailpit's MessageRelay of /api/v1/webui."""
+    if relay is None:
+        return {"Enabled": False, "SMTPServer": "", "ReturnPath": "", "AllowedRecipients": "",
+                "BlockedRecipients": "", "OverrideFrom": "", "PreserveMessageIDs": False}
+    return {
+        "Enabled": True,
+        "SMTPServer": f"{relay.host}:{relay.port}",
+        "ReturnPath": relay.return_path or "",
+        "AllowedRecipients": relay.allowed_recipients or "",
+        "BlockedRecipients": relay.blocked_recipients or "",
+        "OverrideFrom": relay.override_from or "",
+        "PreserveMessageIDs": relay.preserve_message_ids,
+    }
 
 
 def _total(counter: Any) -> int:
