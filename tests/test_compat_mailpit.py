@@ -365,6 +365,14 @@ def test_parts_thumbnails_and_views(mailpipe_factory: Factory) -> None:
     cropped = Image.open(io.BytesIO(jpeg))
     assert cropped.size == (180, 120) and cropped.getpixel((2, 2))[1] > 120  # filled, no pad
 
+    # A decompression bomb (a small PNG claiming 400 million pixels) is never decoded.
+    bomb = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(bomb, "PNG")
+    smtp_send(server, rich_message("Bomb", image=bomb.getvalue()))
+    bomb_id = get_json(own, "/api/v1/message/latest")["Inline"][0]["PartID"]
+    jpeg = call(own, "GET", f"/api/v1/message/latest/part/{bomb_id}/thumb")[1]
+    assert Image.open(io.BytesIO(jpeg)).getpixel((90, 60)) == (255, 255, 255)
+
     status, html, headers = call(prefixed, "GET", f"/view/{uuid}.html")
     assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
     assert "sandbox" in headers["Content-Security-Policy"]
