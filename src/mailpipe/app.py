@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from mailpipe.jobs.base import Driver
     from mailpipe.jobs.consumer import JobsConsumer
     from mailpipe.jobs.sink import JobsSink
+    from mailpipe.pop3.server import POP3Server
     from mailpipe.rpc.server import RPCServer
     from mailpipe.workers.pool import WorkerPool
     from mailpipe.workers.sink import WorkerSink
@@ -89,6 +90,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         )
         self._http_runner: object | None = None
         self.rpc_server: RPCServer | None = None
+        self.pop3: POP3Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.lifecycle = Lifecycle()
 
@@ -149,6 +151,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             await self._start_consumer()
         if self.config.http.enabled:
             await self._start_http()
+        if self.config.pop3.addr:
+            await self._start_pop3()
         if self.attachments.mode == "tempfile":
             interval = max(1.0, min(60.0, self.attachments.cleanup_after / 4))
             self._tasks.append(asyncio.create_task(run_sweeper(self.attachments, interval)))
@@ -239,6 +243,19 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         self._http_runner = await start_http(app, host, port)
         log.info("HTTP API on http://%s:%d%s/", *self.http_address(), http.base_path)
 
+    async def _start_pop3(self) -> None:
+        from mailpipe.pop3.server import POP3Server
+
+        if self.store is None:
+            raise StartupError("pop3.addr is set but the store is disabled: POP3 serves the "
+                               "store's messages (set store.enabled: true)")
+        self.pop3 = POP3Server(self.config.pop3, self.store, self.data_dir)
+        try:
+            await self.pop3.start()
+        except OSError as exc:
+            raise StartupError(f"pop3.addr {self.config.pop3.addr}: "
+                               f"{exc.strerror or exc}") from None
+
     def http_address(self) -> tuple[str, int]:
         """Where the HTTP API listens (the port it bound when asked for port 0)."""
         runner = self._http_runner
@@ -255,6 +272,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         log.info("shutting down: %s", "not waiting for messages in flight" if hurry
                  else "finishing messages in flight")
         await self.capture.stop(grace)
+        if self.pop3 is not None:
+            await self.pop3.stop()
         if hurry:  # busy workers are stopped now, not after destroy_timeout
             pools = [self.pool, self.consumer.pool if self.consumer else None]
             await asyncio.gather(*(pool.stop(0.0) for pool in pools if pool is not None))
