@@ -88,8 +88,8 @@ MAILDROP = """
 SELECT uuid, length(raw)
     + (length(raw) - length(CAST(replace(raw, X'0A', X'') AS BLOB)))
     - (length(raw) - length(CAST(replace(raw, X'0D0A', X'') AS BLOB))) / 2
-    - (substr(raw, -1) = X'0D')
-    + 2 * (length(raw) > 0 AND substr(raw, -1) != X'0A')
+    - (substr(raw, -1) IS X'0D')
+    + 2 * (length(raw) > 0 AND substr(raw, -1) IS NOT X'0A')
 FROM messages ORDER BY id
 """
 
