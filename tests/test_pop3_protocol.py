@@ -8,6 +8,7 @@ import hashlib
 
 import pytest
 
+from conftest import make_email
 from mailpipe.capture.types import Close, Send
 from mailpipe.pop3.protocol import (
     Delay,
@@ -24,7 +25,6 @@ from mailpipe.pop3.protocol import (
     pop3_size,
 )
 from mailpipe.store.sqlite import SQLiteStore
-from conftest import make_email
 
 USERS = {"dev": "s3cret pass"}
 MESSAGES = {

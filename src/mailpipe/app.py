@@ -147,12 +147,12 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             raise StartupError(str(exc)) from None
         self.metrics.watch_plugins(self.plugins)
         await self.capture.start()
+        if self.config.pop3.addr:  # before the API: ready (/healthz) means POP3 is too
+            await self._start_pop3()
         if self.config.jobs.consume:
             await self._start_consumer()
         if self.config.http.enabled:
             await self._start_http()
-        if self.config.pop3.addr:
-            await self._start_pop3()
         if self.attachments.mode == "tempfile":
             interval = max(1.0, min(60.0, self.attachments.cleanup_after / 4))
             self._tasks.append(asyncio.create_task(run_sweeper(self.attachments, interval)))
@@ -294,6 +294,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             task.cancel()
         if self.rpc_server is not None:
             await self.rpc_server.close()
+        if self.pop3 is not None:  # stopped by drain(), unless start() failed
+            await self.pop3.stop()
         if self._http_runner is not None:
             from mailpipe.web.app import stop_http
 

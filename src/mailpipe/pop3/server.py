@@ -75,12 +75,13 @@ class POP3Server:
     async def stop(self) -> None:
         """Stop listening and end every session: one cut before QUIT deletes nothing
         (RFC 1939: no UPDATE state without QUIT)."""
-        if self._server is None:
+        server, self._server = self._server, None
+        if server is None:
             return
-        self._server.close()
+        server.close()
         for session in list(self.sessions):
             session.shut_down()
-        await self._server.wait_closed()
+        await server.wait_closed()
 
 
 class POP3Connection(asyncio.Protocol):
