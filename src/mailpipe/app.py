@@ -249,6 +249,11 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         if self.store is None:
             raise StartupError("pop3.addr is set but the store is disabled: POP3 serves the "
                                "store's messages (set store.enabled: true)")
+        host, _ = split_host_port(self.config.pop3.addr)
+        if self.config.pop3.auth == "any" and not is_loopback(host):
+            log.warning("POP3 bound to %s with `pop3.auth: any`: anyone who reaches it can "
+                        "download and delete every captured email; set credentials",
+                        self.config.pop3.addr)
         self.pop3 = POP3Server(self.config.pop3, self.store, self.data_dir)
         try:
             await self.pop3.start()
