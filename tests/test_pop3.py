@@ -137,7 +137,7 @@ def test_the_maildrop_is_a_snapshot_at_login(mailpipe_factory: Factory) -> None:
 def test_stls_with_poplib(mailpipe_factory: Factory) -> None:
     server, port = start(mailpipe_factory, tls="self-signed")
     stored = send_some(server, 1)
-    cert = server.workdir / "data" / "tls" / "selfsigned-cert.pem"
+    cert = server.workdir / "data" / "pop3" / "tls" / "selfsigned-cert.pem"
     context = ssl.create_default_context(cafile=str(cert))  # verified, hostname included
     client = poplib.POP3("127.0.0.1", port, timeout=10)
     assert "STLS" in client.capa()
@@ -153,7 +153,7 @@ def test_stls_with_poplib(mailpipe_factory: Factory) -> None:
 def test_implicit_tls_pop3s(mailpipe_factory: Factory) -> None:
     server, port = start(mailpipe_factory, tls={"mode": "implicit", "self_signed": True})
     stored = send_some(server, 1)
-    cert = server.workdir / "data" / "tls" / "selfsigned-cert.pem"
+    cert = server.workdir / "data" / "pop3" / "tls" / "selfsigned-cert.pem"
     context = ssl.create_default_context(cafile=str(cert))
     client = poplib.POP3_SSL("127.0.0.1", port, context=context, timeout=10)
     assert "STLS" not in client.capa()
@@ -304,7 +304,7 @@ def test_fetchmail_keeps_then_fetches_only_new_then_deletes(mailpipe_factory: Fa
 def test_fetchmail_over_stls(mailpipe_factory: Factory, tmp_path: Path) -> None:
     server, port = start(mailpipe_factory, tls="self-signed")
     stored = send_some(server, 2)
-    cert = server.workdir / "data" / "tls" / "selfsigned-cert.pem"
+    cert = server.workdir / "data" / "pop3" / "tls" / "selfsigned-cert.pem"
     work = tmp_path / "fmtls"
     output = fetchmail(work, port, "keep", "sslproto tls1.2+", "sslcertck",
                        f"sslcertfile {cert}", "sslcommonname localhost")

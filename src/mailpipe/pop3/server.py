@@ -40,7 +40,10 @@ class POP3Server:
     def __init__(self, config: POP3Config, store: SQLiteStore, data_dir: Path | None) -> None:
         self.config = config
         self.store = store
-        self.ssl_context = (server_context(config.tls, config.hostname, data_dir)
+        # A self-signed pair of its own (<data_dir>/pop3/tls/): the SMTP listeners' one is
+        # made for their hostname, and clients may have been told to trust that file.
+        pop3_dir = data_dir / "pop3" if data_dir is not None else None
+        self.ssl_context = (server_context(config.tls, config.hostname, pop3_dir)
                             if config.tls else None)
         self.implicit_tls = config.tls is not None and config.tls.mode == "implicit"
         self.settings = POP3Settings(
