@@ -8,7 +8,7 @@ SYSTEM_STAMP := $(VENV)/.system-packages
 # Real clients and peers the tests drive, from Debian's packages (installed when missing).
 SYSTEM_PACKAGES := swaks php-cli php-symfony-mailer libphp-phpmailer msmtp \
   golang-go golang-github-hashicorp-go-plugin-dev golang-goprotobuf-dev protobuf-compiler \
-  golang-google-grpc-dev chromium nodejs
+  golang-google-grpc-dev chromium fetchmail nodejs
 
 .PHONY: run test lint bench bench-ingest bench-packages bench-plugins clean system-packages
 

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from mailpipe.jobs.base import Driver
     from mailpipe.jobs.consumer import JobsConsumer
     from mailpipe.jobs.sink import JobsSink
+    from mailpipe.pop3.server import POP3Server
     from mailpipe.rpc.server import RPCServer
     from mailpipe.web.app import HttpAuth
     from mailpipe.workers.pool import WorkerPool
@@ -93,6 +94,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         self._http_runner: object | None = None
         self._compat_runners: dict[str, web.AppRunner] = {}
         self.rpc_server: RPCServer | None = None
+        self.pop3: POP3Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.lifecycle = Lifecycle()
 
@@ -149,6 +151,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             raise StartupError(str(exc)) from None
         self.metrics.watch_plugins(self.plugins)
         await self.capture.start()
+        if self.config.pop3.addr:  # before the API: ready (/healthz) means POP3 is too
+            await self._start_pop3()
         if self.config.jobs.consume:
             await self._start_consumer()
         if self.config.http.enabled:
@@ -286,6 +290,24 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         host, port = self._compat_runners[name].addresses[0][:2]
         return str(host), int(port)
 
+    async def _start_pop3(self) -> None:
+        from mailpipe.pop3.server import POP3Server
+
+        if self.store is None:
+            raise StartupError("pop3.addr is set but the store is disabled: POP3 serves the "
+                               "store's messages (set store.enabled: true)")
+        host, _ = split_host_port(self.config.pop3.addr)
+        if self.config.pop3.auth == "any" and not is_loopback(host):
+            log.warning("POP3 bound to %s with `pop3.auth: any`: anyone who reaches it can "
+                        "download and delete every captured email; set credentials",
+                        self.config.pop3.addr)
+        self.pop3 = POP3Server(self.config.pop3, self.store, self.data_dir)
+        try:
+            await self.pop3.start()
+        except OSError as exc:
+            raise StartupError(f"pop3.addr {self.config.pop3.addr}: "
+                               f"{exc.strerror or exc}") from None
+
     def http_address(self) -> tuple[str, int]:
         """Where the HTTP API listens (the port it bound when asked for port 0)."""
         runner = self._http_runner
@@ -302,6 +324,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         log.info("shutting down: %s", "not waiting for messages in flight" if hurry
                  else "finishing messages in flight")
         await self.capture.stop(grace)
+        if self.pop3 is not None:
+            await self.pop3.stop()
         if hurry:  # busy workers are stopped now, not after destroy_timeout
             pools = [self.pool, self.consumer.pool if self.consumer else None]
             await asyncio.gather(*(pool.stop(0.0) for pool in pools if pool is not None))
@@ -322,6 +346,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             task.cancel()
         if self.rpc_server is not None:
             await self.rpc_server.close()
+        if self.pop3 is not None:  # stopped by drain(), unless start() failed
+            await self.pop3.stop()
         if self._http_runner is not None:
             from mailpipe.web.app import stop_http
 

@@ -497,6 +497,45 @@ class HTTPConfig(Section):
         return names
 
 
+class POP3User(Section):
+    username: str = Field(min_length=1)
+    password: str = Field(min_length=1)
+
+
+def _pop3_auth(value: Any) -> Any:
+    return [value] if isinstance(value, dict) else value  # one user, without a list
+
+
+class POP3Config(Section):
+    """The POP3 server (pop3/, docs/pop3.md), off unless `addr` is set. Like Mailpit's, it
+    wants credentials: `auth` is one {username, password} or a list of them; `auth: any`
+    lets any login in, and must be written to be had."""
+
+    addr: Address | None = None
+    auth: Annotated[list[POP3User] | Literal["any"] | None, BeforeValidator(_pop3_auth)] = None
+    hostname: str = "localhost"
+    tls: TLSSetting = None  # starttls: STLS offered; implicit: POP3S
+    read_timeout: Duration = 600.0  # RFC 1939's autologout timer: at least 10 minutes
+    max_connections: int = Field(default=50, ge=1)
+    max_line_length: int = Field(default=1024, ge=255)  # RFC 2449: commands fit in 255
+    auth_failure_delay: Duration = 1.0
+    max_auth_failures: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _needs_auth(self) -> POP3Config:
+        if self.addr is not None and not self.auth:
+            raise ValueError("pop3.auth: POP3 serves every captured email, so it needs "
+                             "credentials: set pop3.auth to {username, password} or a list "
+                             "of them, or to `any` to let any login in")
+        return self
+
+    def users(self) -> dict[str, str] | None:
+        """Username to password; None when any login is let in."""
+        if self.auth == "any":
+            return None
+        return {user.username: user.password for user in self.auth or []}
+
+
 class RPCConfig(Section):
     """RoadRunner's RPC endpoint (Goridge RPC), off unless `listen` is set."""
 
@@ -712,6 +751,7 @@ class Config(BaseSettings):
     jobs: JobsConfig = JobsConfig()
     rpc: RPCConfig = RPCConfig()
     compat: CompatConfig = CompatConfig()
+    pop3: POP3Config = POP3Config()
     plugins: PluginsConfig = PluginsConfig()
     log: LogConfig = LogConfig()
     # What loading the file noted (RoadRunner sections ignored or mapped), logged at start.

@@ -83,6 +83,18 @@ INSERT INTO messages (uuid, received_at, received_ts, mail_from, rcpt, header_fr
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
+# POP3's maildrop (pop3/): each message's uuid and its size with every line ending CRLF, as
+# pop3.protocol.pop3_size counts it: a line ends at LF, a CR before it is part of the end,
+# a last line without LF gets a CRLF. Counted in SQL, so a login reads no message body.
+MAILDROP = """
+SELECT uuid, length(raw)
+    + (length(raw) - length(CAST(replace(raw, X'0A', X'') AS BLOB)))
+    - (length(raw) - length(CAST(replace(raw, X'0D0A', X'') AS BLOB))) / 2
+    - (substr(raw, -1) IS X'0D')
+    + 2 * (length(raw) > 0 AND substr(raw, -1) IS NOT X'0A')
+FROM messages ORDER BY id
+"""
+
 SUMMARY_COLUMNS = (
     "uuid, subject, mail_from, rcpt, header_from, received_at, size, attachment_count, snippet,"
     " read"
@@ -345,6 +357,11 @@ class SQLiteStore:
             lambda c: c.execute("SELECT raw FROM messages WHERE uuid = ?", (uuid,)).fetchone()
         )
         return None if row is None else bytes(row[0])
+
+    async def maildrop(self) -> list[tuple[str, int]]:
+        """Every message, oldest first, as POP3 lists it: (uuid, size; see MAILDROP)."""
+        rows = await self._read(lambda c: c.execute(MAILDROP).fetchall())
+        return [(str(uuid), int(size)) for uuid, size in rows]
 
     async def count(self) -> int:
         return int(
