@@ -156,8 +156,7 @@ def parse_request(body: dict[str, Any]) -> SendRequest:
         text=_optional_text(body.get("text"), "text"),
         html=_optional_text(body.get("html"), "html"),
         headers=_headers(body.get("headers"), "headers"),
-        attachments=[_part(item, f"attachments[{n}]", _MAILPIPE_PART)
-                     for n, item in enumerate(attachments)],
+        attachments=[_part(item, f"attachments[{n}]") for n, item in enumerate(attachments)],
         tags=_tags(body.get("tags"), "tags"),
     )
 
@@ -165,55 +164,63 @@ def parse_request(body: dict[str, Any]) -> SendRequest:
 def from_mailpit(body: Any) -> SendRequest:
     """Mailpit's `POST /api/v1/send` JSON (From{Email,Name}, To[{Email,Name}], Cc, Bcc,
     ReplyTo, Subject, Text, HTML, Attachments[{Content,Filename,ContentType,ContentID}],
-    Headers{}, Tags[]) as a SendRequest: the same checks, Mailpit's field names in errors."""
+    Headers{}, Tags[]) as a SendRequest, with the same checks and Mailpit's field names in
+    errors. As Mailpit (Go's JSON decoding) does: names in any case, unknown fields ignored,
+    an empty string the same as no value."""
     if not isinstance(body, dict):
         raise SendError("body", "expected a JSON object")
-    renamed: dict[str, Any] = {}
+    ours: dict[str, Any] = {}
     for key, value in body.items():
-        ours = _MAILPIT_FIELDS.get(key)
-        if ours is None:
-            raise SendError(key, "unknown field")
-        if key in ("From",):
-            value = _mailpit_mailbox(value, key)
-        elif key in ("To", "Cc", "Bcc", "ReplyTo") and isinstance(value, list):
-            value = [_mailpit_mailbox(item, f"{key}[{n}]") for n, item in enumerate(value)]
-        renamed[ours] = value
-    if renamed.get("from") is None:
-        raise SendError("From", "required")
-    attachments = renamed.pop("attachments", None) or []
-    if not isinstance(attachments, list):
-        raise SendError("Attachments", "expected a list")
+        name = _MAILPIT_FIELDS.get(key.lower().replace("_", ""))
+        if name is None or value is None or value == "":
+            continue
+        if name in _ADDRESS_FIELDS:
+            value = ([_mailpit_object(v, _MAILPIT_MAILBOX) for v in value]
+                     if isinstance(value, list) else _mailpit_object(value, _MAILPIT_MAILBOX))
+        elif name == "attachments" and isinstance(value, list):
+            value = [_mailpit_object(v, _MAILPIT_PART) for v in value]
+        ours[name] = value
     try:
-        request = parse_request(renamed)
+        return parse_request(ours)
     except SendError as exc:  # named as the caller wrote it
         raise _as_mailpit(exc) from None
-    request.attachments = [_part(item, f"Attachments[{n}]", _MAILPIT_PART)
-                           for n, item in enumerate(attachments)]
-    return request
 
 
-_MAILPIT_FIELDS = {"From": "from", "To": "to", "Cc": "cc", "Bcc": "bcc", "ReplyTo": "reply_to",
-                   "Subject": "subject", "Text": "text", "HTML": "html", "Headers": "headers",
-                   "Attachments": "attachments", "Tags": "tags"}
-_MAILPIPE_PART = {"content": "content", "filename": "filename", "content_type": "content_type",
-                  "content_id": "content_id"}
-_MAILPIT_PART = {"Content": "content", "Filename": "filename", "ContentType": "content_type",
-                 "ContentID": "content_id"}
+_MAILPIT_FIELDS = {"from": "from", "to": "to", "cc": "cc", "bcc": "bcc", "replyto": "reply_to",
+                   "subject": "subject", "text": "text", "html": "html", "headers": "headers",
+                   "attachments": "attachments", "tags": "tags"}
+_ADDRESS_FIELDS = frozenset({"from", "to", "cc", "bcc", "reply_to"})
+_MAILPIT_MAILBOX = {"email": "email", "name": "name"}
+_MAILPIT_PART = {"content": "content", "filename": "filename", "contenttype": "content_type",
+                 "contentid": "content_id"}
+# Our field names as Mailpit spells them, for its errors.
+_MAILPIT_NAMES = {"from": "From", "to": "To", "cc": "Cc", "bcc": "Bcc", "reply_to": "ReplyTo",
+                  "subject": "Subject", "text": "Text", "html": "HTML", "headers": "Headers",
+                  "attachments": "Attachments", "tags": "Tags", "email": "Email", "name": "Name",
+                  "content": "Content", "filename": "Filename", "content_type": "ContentType",
+                  "content_id": "ContentID"}
 
 
-def _mailpit_mailbox(value: Any, where: str) -> Any:
-    """Mailpit's {"Email", "Name"} as ours ({"email", "name"}); anything else as it is."""
+def _mailpit_object(value: Any, names: dict[str, str]) -> Any:
+    """An object of Mailpit's, its known keys (in any case) as ours; anything else as it is
+    (the checks that follow say what is wrong with it)."""
     if not isinstance(value, dict):
         return value
-    _only(value, {"Email", "Name"}, where)
-    return {"email": value.get("Email"), "name": value.get("Name") or ""}
+    out = {}
+    for key, item in value.items():
+        name = names.get(key.lower().replace("_", ""))
+        if name is not None and item is not None and item != "":
+            out[name] = item
+    return out
 
 
 def _as_mailpit(exc: SendError) -> SendError:
-    theirs = {ours: name for name, ours in _MAILPIT_FIELDS.items()}
-    name = re.sub(r"^\w+", lambda m: theirs.get(m[0], m[0]), exc.field)
-    name = re.sub(r"\.(email|name)\b", lambda m: "." + m[1].title(), name)
-    return SendError(name, str(exc).split(": ", 1)[1])
+    message = str(exc).split(": ", 1)[1]
+    if exc.field.startswith("headers."):  # what follows is the caller's header name
+        return SendError("Headers." + exc.field.removeprefix("headers."), message)
+    name = re.sub(r"(^|[.\]])([a-z_]+)",
+                  lambda m: m[1] + _MAILPIT_NAMES.get(m[2], m[2]), exc.field)
+    return SendError(name, message)
 
 
 # ---- the message out ---------------------------------------------------------------------
@@ -390,34 +397,28 @@ def _headers(value: Any, where: str) -> list[tuple[str, str]]:
     return headers
 
 
-def _part(value: Any, where: str, names: dict[str, str]) -> Part:
-    """An attachment: names maps the caller's field names to ours."""
+def _part(value: Any, where: str) -> Part:
+    """An attachment: base64 content, a filename (or a content_id: inline), a type."""
     if not isinstance(value, dict):
         raise SendError(where, f"expected an object, got {_json_type(value)}")
-    _only(value, set(names), where)
-    given = {names[key]: item for key, item in value.items()}
-    spelled = {ours: theirs for theirs, ours in names.items()}
-    if given.get("content") is None:
-        raise SendError(f"{where}.{spelled['content']}", "required (base64)")
-    content = _base64(given["content"], f"{where}.{spelled['content']}")
-    filename = _optional_text(given.get("filename"), f"{where}.{spelled['filename']}",
-                              header=True) or None
-    content_id = _optional_text(given.get("content_id"), f"{where}.{spelled['content_id']}")
+    _only(value, {"content", "filename", "content_type", "content_id"}, where)
+    if value.get("content") is None:
+        raise SendError(f"{where}.content", "required (base64)")
+    content = _base64(value["content"], f"{where}.content")
+    filename = _optional_text(value.get("filename"), f"{where}.filename", header=True) or None
+    content_id = _optional_text(value.get("content_id"), f"{where}.content_id")
     if content_id is not None:
         content_id = content_id.strip().removeprefix("<").removesuffix(">") or None
         if content_id is not None and not _CONTENT_ID.fullmatch(content_id):
-            raise SendError(f"{where}.{spelled['content_id']}",
-                            "printable ASCII without spaces, '<' or '>'")
+            raise SendError(f"{where}.content_id", "printable ASCII without spaces, '<' or '>'")
     if filename is None and content_id is None:
-        raise SendError(f"{where}.{spelled['filename']}", "required for an attachment "
-                        f"that is not inline (no {spelled['content_id']})")
-    content_type = _optional_text(given.get("content_type"),
-                                  f"{where}.{spelled['content_type']}") or None
-    if content_type is None:
-        guessed = mimetypes.guess_type(filename or "")[0]
-        content_type = guessed or "application/octet-stream"
+        raise SendError(f"{where}.filename",
+                        "required unless the part is inline (has a content id)")
+    content_type = _optional_text(value.get("content_type"), f"{where}.content_type")
+    if not content_type:
+        content_type = mimetypes.guess_type(filename or "")[0] or "application/octet-stream"
     elif not _MIME_TYPE.fullmatch(content_type.strip()):
-        raise SendError(f"{where}.{spelled['content_type']}",
+        raise SendError(f"{where}.content_type",
                         f"{content_type!r} is not a media type like image/png")
     return Part(content, filename, content_type.strip().lower(), content_id)
 
