@@ -31,11 +31,12 @@ PDF = b"%PDF-1.4\n" + bytes(range(256)) + b"\n%%EOF\n"
 
 
 def post(server: MailpipeServer, body: Any, *, content_type: str = "application/json",
-         raw: bytes | None = None) -> tuple[int, dict[str, Any]]:
+         raw: bytes | None = None, headers: dict[str, str] | None = None,
+         ) -> tuple[int, dict[str, Any]]:
     """POST /api/v1/send with urllib: the status and the JSON answer."""
     data = raw if raw is not None else json.dumps(body).encode()
     request = urllib.request.Request(server.api + "/api/v1/send", data=data, method="POST",
-                                     headers={"Content-Type": content_type})
+                                     headers={"Content-Type": content_type, **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -334,9 +335,16 @@ def test_bad_input_is_a_400_naming_the_field(server: MailpipeServer) -> None:
     assert server.get_json("/api/v1/messages")["total"] == 0
 
 
-def test_not_json_content_type_is_refused(server: MailpipeServer) -> None:
+def test_web_pages_cannot_send(server: MailpipeServer) -> None:
+    """The API's browser guard keeps the route: no form post, no cross-origin write."""
     status, answer = post(server, None, raw=b"from=a@example.com", content_type="text/plain")
     assert status == 415 and "application/json" in answer["error"]
+    body = {"from": "a@example.com", "to": "b@example.test"}
+    status, answer = post(server, body, headers={"Origin": "http://evil.example"})
+    assert status == 403 and "cross-origin" in answer["error"]
+    assert server.get_json("/api/v1/messages")["total"] == 0
+    status, answer = post(server, body, headers={"Origin": server.api})  # the inbox page's own
+    assert status == 200, answer
 
 
 def test_limits_are_the_smtp_sections(mailpipe_factory: Factory) -> None:
