@@ -215,11 +215,13 @@ def test_raw_base64_keeps_8bit_bytes_and_takes_an_explicit_envelope(
 
 def test_a_plugin_rejection_or_tempfail_is_the_callers_error(mailpipe_factory: Factory) -> None:
     server = mailpipe_factory({"plugins": {
-        "plugins": ["policy"],
-        "plugin_config": {"policy": {
-            "senders": {"deny": ["*@spam.test"]},
-            "recipients": {"deny": ["busy@example.test"], "code": 451, "enhanced": "4.2.1",
-                           "message": "Mailbox busy, try later"}}}}})
+        "plugins": ["policy", "header_stamp"],
+        "plugin_config": {
+            "policy": {
+                "senders": {"deny": ["*@spam.test"]},
+                "recipients": {"deny": ["busy@example.test"], "code": 451, "enhanced": "4.2.1",
+                               "message": "Mailbox busy, try later"}},
+            "header_stamp": {"tags": ["stamped"]}}}})
     status, answer = post(server, {"from": "x@spam.test", "to": "dev@example.test",
                                    "text": "no"})
     assert status == 422, answer
@@ -234,8 +236,14 @@ def test_a_plugin_rejection_or_tempfail_is_the_callers_error(mailpipe_factory: F
                               "stage": "rcpt", "recipient": "busy@example.test"}
     assert server.get_json("/api/v1/messages")["total"] == 0  # all or nothing
 
-    status, answer = post(server, {"from": "ok@example.com", "to": "dev@example.test"})
-    assert status == 200, answer  # the plugins let this one through
+    # The plugins let this one through, and their MODIFY changes apply: headers, tags.
+    status, answer = post(server, {"from": "ok@example.com", "to": "dev@example.test",
+                                   "tags": ["mine"]})
+    assert status == 200, answer
+    event = server.event(answer["uuid"])
+    assert event["message"]["headers"]["X-Mailpipe-Server"] == "api"
+    assert event["message"]["headers"]["X-Mailpipe-Remote"] == event["remote_addr"]
+    assert event["tags"] == ["mine", "stamped"]
 
 
 def test_a_worker_receives_the_sent_email_and_its_failure_is_an_error(

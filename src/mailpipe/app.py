@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import sys
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -237,13 +238,15 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         app = create_app(self.store, self.metrics, health=self.health, auth=auth, admin=self,
                          bind_host=host, allowed_hosts=http.allowed_hosts,
                          base_path=http.base_path, code_pattern=http.code_pattern,
-                         injector=self.injector())
+                         injector=self.injector)
         self._http_runner = await start_http(app, host, port)
         log.info("HTTP API on http://%s:%d%s/", *self.http_address(), http.base_path)
 
+    @cached_property
     def injector(self) -> Injector:
         """What POST /api/v1/send injects messages through: this server's capture pipeline,
-        as the listener "api" with the smtp section's limits (capture/inject.py)."""
+        as the listener "api" with the smtp section's limits (capture/inject.py). One for
+        every route that sends, so that they share its connection limits."""
         from mailpipe.capture.inject import Injector
 
         smtp = self.config.smtp
