@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import email
 import json
+import random
 import smtplib
 import sys
 import urllib.error
@@ -28,6 +29,7 @@ PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 )
 PDF = b"%PDF-1.4\n" + bytes(range(256)) + b"\n%%EOF\n"
+BIG = random.Random(15).randbytes(1_500_000)
 
 
 def post(server: MailpipeServer, body: Any, *, content_type: str = "application/json",
@@ -137,6 +139,8 @@ def test_attachments_and_inline_parts_round_trip(server: MailpipeServer) -> None
         "html": '<p>Invoice <img src="cid:logo@app"></p>',
         "attachments": [
             {"filename": "invoice.pdf", "content": base64.b64encode(PDF).decode()},
+            # Past smtp.spool_threshold (1 MiB): the body is spooled to a file on its way.
+            {"filename": "big.bin", "content": base64.b64encode(BIG).decode()},
             {"content_id": "logo@app", "filename": "logo.png", "content_type": "image/png",
              # line-wrapped base64, as many encoders write it
              "content": "\n".join(base64.encodebytes(PNG).decode().split())},
@@ -149,6 +153,10 @@ def test_attachments_and_inline_parts_round_trip(server: MailpipeServer) -> None
     assert pdf["disposition"] == "attachment" and pdf["size"] == len(PDF)
     status, body, _ = server.request("GET", f"/api/v1/messages/{event['uuid']}/attachments/{index}")
     assert status == 200 and body == PDF
+    index, big = attachments["big.bin"]
+    assert big["content_type"] == "application/octet-stream" and big["size"] == len(BIG)
+    status, body, _ = server.request("GET", f"/api/v1/messages/{event['uuid']}/attachments/{index}")
+    assert status == 200 and body == BIG
     index, logo = attachments["logo.png"]
     assert logo["content_id"] == "logo@app" and logo["disposition"] == "inline"
     status, body, _ = server.request("GET", f"/api/v1/messages/{event['uuid']}/attachments/{index}")
