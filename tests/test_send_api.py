@@ -22,7 +22,7 @@ import pytest
 
 from conftest import ROOT, MailpipeServer, free_port
 from mailpipe.web.compose import SendError, build_message, from_mailpit, parse_send, submission
-from test_workers import wait_until
+from test_workers import in_thread, wait_until
 
 Factory = Callable[..., MailpipeServer]
 PNG = base64.b64decode(
@@ -260,7 +260,8 @@ def test_a_worker_receives_the_sent_email_and_its_failure_is_an_error(
     server = mailpipe_factory({
         "server": {"command": [sys.executable, str(ROOT / "examples" / "worker.py")],
                    "env": {"MAILPIPE_TEST_LOG": str(log)}},
-        "smtp": {"pool": {"num_workers": 1, "max_retries_per_email": 1}},
+        "smtp": {"pool": {"num_workers": 1, "max_retries_per_email": 1},
+                 "max_connections_per_ip": 1},
     })
     status, answer = post(server, {"from": "app@example.com", "to": "dev@example.test",
                                    "subject": "to the worker"})
@@ -276,6 +277,16 @@ def test_a_worker_receives_the_sent_email_and_its_failure_is_an_error(
     assert status == 503, answer
     assert answer["smtp"]["code"] == 451 and answer["smtp"]["stage"] == "message"
     assert server.get_json("/api/v1/messages")["total"] == 1
+
+    # The smtp limits hold for the API's sessions: while one email from this address is
+    # with the worker, a second connection from it is refused (421) before its greeting.
+    slow = in_thread(post, server, {"from": "app@example.com", "to": "dev@example.test",
+                                    "subject": "[sleep 4] slow"})
+    wait_until(lambda: "[sleep 4] slow" in server.log(), 20, "the worker to take the email")
+    status, answer = post(server, {"from": "app@example.com", "to": "dev@example.test"})
+    assert status == 503, answer
+    assert answer["smtp"]["code"] == 421 and answer["smtp"]["stage"] == "connect"
+    assert slow.result(timeout=30)[0] == 200
 
 
 def test_jobs_pipeline_gets_the_email_and_a_broker_down_is_an_error(

@@ -161,7 +161,7 @@ class _Client:
     """The SMTP client side of one injection: one command, one reply, no pipelining, so
     each refusal is known by the command it answered."""
 
-    def __init__(self, session: SMTPSession, replies: asyncio.StreamReader) -> None:
+    def __init__(self, session: _ApiSession, replies: asyncio.StreamReader) -> None:
         self.session = session
         self.replies = replies
 
@@ -185,8 +185,7 @@ class _Client:
         if code != 354:
             return Outcome(code, text, "data")
         code, text = await self._write(_LEADING_DOT.sub(b"..", message.raw) + b".\r\n")
-        outcome = Outcome(code, text, "message",
-                          uuid=getattr(self.session, "accepted_uuid", None))
+        outcome = Outcome(code, text, "message", uuid=self.session.accepted_uuid)
         if not self.session.conn.closed:
             await self._command("QUIT")
         return outcome
@@ -195,9 +194,8 @@ class _Client:
         return await self._write(line.encode() + b"\r\n")
 
     async def _write(self, data: bytes) -> tuple[int, str]:
-        if self.session.conn.closed:
-            return _NO_REPLY
-        self.session.data_received(data)
+        if not self.session.conn.closed:  # closed: what it said last (a 421) is still to read
+            self.session.data_received(data)
         return await self._reply()
 
     async def _reply(self) -> tuple[int, str]:
