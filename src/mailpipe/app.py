@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import sys
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ from mailpipe.store.sqlite import SQLiteStore, StoreSink
 from mailpipe.workers import PoolError
 
 if TYPE_CHECKING:
+    from mailpipe.capture.inject import Injector
     from mailpipe.jobs.base import Driver
     from mailpipe.jobs.consumer import JobsConsumer
     from mailpipe.jobs.sink import JobsSink
@@ -239,7 +241,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         http = self.config.http
         app = create_app(self.store, self.metrics, health=self.health, auth=auth, admin=self,
                          bind_host=host, allowed_hosts=http.allowed_hosts,
-                         base_path=http.base_path, code_pattern=http.code_pattern)
+                         base_path=http.base_path, code_pattern=http.code_pattern,
+                         injector=self.injector)
         self._http_runner = await start_http(app, host, port)
         log.info("HTTP API on http://%s:%d%s/", *self.http_address(), http.base_path)
 
@@ -260,6 +263,17 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         except OSError as exc:
             raise StartupError(f"pop3.addr {self.config.pop3.addr}: "
                                f"{exc.strerror or exc}") from None
+
+    @cached_property
+    def injector(self) -> Injector:
+        """What POST /api/v1/send injects messages through: this server's capture pipeline,
+        as the listener "api" with the smtp section's limits (capture/inject.py). One for
+        every route that sends, so that they share its connection limits."""
+        from mailpipe.capture.inject import Injector
+
+        smtp = self.config.smtp
+        return Injector(self.capture, smtp, transcript=smtp.transcript,
+                        spool_threshold=smtp.spool_threshold)
 
     def http_address(self) -> tuple[str, int]:
         """Where the HTTP API listens (the port it bound when asked for port 0)."""

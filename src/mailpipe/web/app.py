@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 import orjson
@@ -37,6 +37,9 @@ from mailpipe.web.session import (
     open_paths,
 )
 from mailpipe.web.ui import is_page_route, ui_routes
+
+if TYPE_CHECKING:
+    from mailpipe.capture.inject import Injector
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +123,19 @@ def create_app(
     base_path: str = "",
     code_pattern: str | None = None,
     ping_interval: float | None = None,
+    injector: Injector | None = None,
 ) -> web.Application:
     """The API app; with the store disabled (None) only health, metrics and OpenAPI remain.
     The admin routes (workers, connections, stop) are always there; without `admin` they 404.
     `bind_host` and `allowed_hosts` say which Host headers are served (web/guard.py); without
     `bind_host` only the loopback names are. With `base_path` ("/mail") every route is served
     under it and nothing outside it. `code_pattern` is the default of the /codes route,
-    `ping_interval` how often an idle event stream says it is alive (seconds)."""
+    `ping_interval` how often an idle event stream says it is alive (seconds). `injector`
+    serves POST /api/v1/send (without it the route answers 404)."""
     # These build on this module's ApiError and helpers.
     from mailpipe.admin.routes import AdminRoutes
     from mailpipe.web.inbox import DEFAULT_CODE_PATTERN, PING_INTERVAL, InboxRoutes
+    from mailpipe.web.send import SendRoutes
 
     guard = BrowserGuard(bind_host, allowed_hosts)
     # Outermost first: the guard runs before auth, so a refused page never sees a challenge.
@@ -149,6 +155,7 @@ def create_app(
             web.get("/api/openapi.json", service.openapi),
             web.get("/api/v1/schema", service.event_schema),
             *AdminRoutes(admin).routes(),
+            *SendRoutes(injector).routes(),
             *SessionRoutes(auth, base_path).routes(),
             *ui_routes(),
         ]
