@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 import orjson
@@ -37,6 +37,9 @@ from mailpipe.web.session import (
     open_paths,
 )
 from mailpipe.web.ui import is_page_route, ui_routes
+
+if TYPE_CHECKING:
+    from mailpipe.config import ChecksConfig
 
 log = logging.getLogger(__name__)
 
@@ -120,15 +123,18 @@ def create_app(
     base_path: str = "",
     code_pattern: str | None = None,
     ping_interval: float | None = None,
+    checks: ChecksConfig | None = None,
 ) -> web.Application:
     """The API app; with the store disabled (None) only health, metrics and OpenAPI remain.
     The admin routes (workers, connections, stop) are always there; without `admin` they 404.
     `bind_host` and `allowed_hosts` say which Host headers are served (web/guard.py); without
     `bind_host` only the loopback names are. With `base_path` ("/mail") every route is served
     under it and nothing outside it. `code_pattern` is the default of the /codes route,
-    `ping_interval` how often an idle event stream says it is alive (seconds)."""
+    `ping_interval` how often an idle event stream says it is alive (seconds); `checks`
+    bounds the content checks (checks/routes.py)."""
     # These build on this module's ApiError and helpers.
     from mailpipe.admin.routes import AdminRoutes
+    from mailpipe.checks.routes import CheckRoutes
     from mailpipe.web.inbox import DEFAULT_CODE_PATTERN, PING_INTERVAL, InboxRoutes
 
     guard = BrowserGuard(bind_host, allowed_hosts)
@@ -167,6 +173,7 @@ def create_app(
         app.router.add_routes(
             [
                 *inbox.routes(),
+                *CheckRoutes(store, checks).routes(),
                 web.get("/api/v1/messages", api.list_messages),
                 web.delete("/api/v1/messages", api.clear_messages),
                 web.get("/api/v1/messages/{uuid}", api.get_message),
