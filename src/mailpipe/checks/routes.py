@@ -7,8 +7,11 @@
 - GET /api/v1/messages/{uuid}/screenshot.png[?width=]: the HTML rendered by Chromium; 503
   when Playwright or Chromium is missing.
 
-They sit behind the API's guard (web/guard.py) like every route: a web page elsewhere cannot
-make mailpipe fetch URLs or start browsers for it.
+They sit behind the API's guard (web/guard.py) like every route. The guard lets any page
+send GETs (it cannot read the answers); the link check and the screenshot act, though
+(outbound requests, a browser started), so they also refuse what a page on another origin
+sends, as the guard refuses its writes: a cross-site or same-site Sec-Fetch-Site, or an
+Origin or Referer that is not this API's.
 
 The checks' modules (tinycss2, the HTTP client, Playwright) load with the first request
 that needs them, not with the server.
@@ -24,6 +27,7 @@ from aiohttp import web
 from mailpipe.config import ChecksConfig
 from mailpipe.store.sqlite import SQLiteStore
 from mailpipe.web.app import ApiError, int_param, json_response
+from mailpipe.web.guard import origin_refusal
 
 DESKTOP_WIDTH = 1024
 MIN_WIDTH, MAX_WIDTH = 200, 2560
@@ -54,6 +58,7 @@ class CheckRoutes:
     async def link_check(self, request: web.Request) -> web.Response:
         from mailpipe.checks.links import LinkLimits, check, extract
 
+        refuse_other_pages(request)
         follow = flag(request, "follow")
         message = (await self._event(request)).get("message") or {}
         urls = await asyncio.to_thread(extract, message.get("html"), message.get("text"))
@@ -63,6 +68,7 @@ class CheckRoutes:
     async def screenshot(self, request: web.Request) -> web.Response:
         from mailpipe.checks.screenshot import ScreenshotLimits, ScreenshotUnavailable, screenshot
 
+        refuse_other_pages(request)
         limits = ScreenshotLimits(**self.config.screenshot.model_dump())
         width = int_param(request, "width", DESKTOP_WIDTH, MIN_WIDTH, MAX_WIDTH)
         event = await self._event(request)
@@ -93,6 +99,16 @@ def _html(event: dict[str, Any]) -> str:
     if not html:
         raise ApiError(404, "message has no HTML body")
     return str(html)
+
+
+def refuse_other_pages(request: web.Request) -> None:
+    if request.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site"):
+        raise ApiError(403, "refused: a page on another site may not start link checks or "
+                            "screenshots (this API's own page and non-browser clients may)")
+    # Judged as a write: same origin, or no page at all.
+    refusal = origin_refusal("POST", request.scheme, request.headers)
+    if refusal is not None:
+        raise ApiError(refusal.status, refusal.reason)
 
 
 def flag(request: web.Request, name: str) -> bool:
