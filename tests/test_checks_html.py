@@ -141,7 +141,8 @@ def test_scores_follow_caniemail_data(server: MailpipeServer) -> None:
         for r in warning["Results"]:
             if r["NoteNumber"]:
                 assert r["NoteNumber"] in warning["NotesByNumber"]
-    outlook = [r for r in flex["Results"] if r["Family"] == "outlook" and r["Platform"] == "windows"]
+    outlook = [r for r in flex["Results"]
+               if r["Family"] == "outlook" and r["Platform"] == "windows"]
     assert outlook and all(r["Support"] == "no" for r in outlook)
     assert outlook[0]["Name"].startswith("Outlook Windows (")
 

@@ -66,6 +66,14 @@ class _Scanner(HTMLParser):
         if self.in_style:
             self.doc.sheets.append((data, self.getpos()[0]))
 
+    def close(self) -> None:
+        # A <style> never closed holds the rest of the document, as a browser reads it;
+        # Python 3.11's parser would drop that text silently.
+        if self.in_style and self.rawdata:
+            self.doc.sheets.append((self.rawdata, self.getpos()[0]))
+            self.rawdata = ""
+        super().close()
+
     def handle_comment(self, data: str) -> None:
         self.doc.comments.append(self.getpos()[0])
 
