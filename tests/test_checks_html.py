@@ -13,6 +13,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from conftest import MailpipeServer, require_tool
@@ -167,12 +168,20 @@ def test_scores_follow_caniemail_data(server: MailpipeServer) -> None:
     assert "ios" in result["Platforms"] and "Gmail" in result["Platforms"]["ios"]
 
 
+def openapi_check(server: MailpipeServer, instance: Any, name: str) -> None:
+    """`instance` against the schema `name` of the API's own OpenAPI document."""
+    doc = server.get_json("/api/openapi.json")
+    schema = {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
+    jsonschema.validate(instance, schema, cls=jsonschema.Draft202012Validator)
+
+
 def test_mailpit_shape(server: MailpipeServer) -> None:
     """The field names of Mailpit's html-check answer; mailpipe's extras are additions."""
     from mailpipe.checks.html import mailpit_html_check
 
     uuid = send_html(server, NEWSLETTER)
     ours = html_check(server, uuid)
+    openapi_check(server, ours, "HtmlCheck")
     assert set(ours) == MAILPIT_RESPONSE | {"Families"}
     mailpit = mailpit_html_check(server.event(uuid)["message"]["html"])
     assert set(mailpit) == MAILPIT_RESPONSE

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from conftest import MailpipeServer
+from test_checks_html import openapi_check
 
 LINK_TIMEOUT = 1  # seconds: the slow page answers long after
 
@@ -117,6 +118,7 @@ async def test_link_statuses(server: MailpipeServer, site: Site) -> None:
         "/img/logo.png", "/img/logo-2x.png", "/img/bg.png", "/text-only",
     ]
     assert all(set(link) == {"URL", "StatusCode", "Status"} for link in result["Links"])
+    openapi_check(server, result, "LinkCheck")
     assert links["/ok"] == {"URL": f"{site.base}/ok", "StatusCode": 200, "Status": "OK"}
     assert links["/missing"]["StatusCode"] == 404
     assert links["/missing"]["Status"] == "Not Found"
