@@ -43,7 +43,7 @@ def site() -> Iterator[tuple[str, list[str]]]:
     httpd.server_close()
 
 
-def test_checks_in_the_page(mailpipe_factory: Callable[..., MailpipeServer],
+def test_checks_in_the_page_screenshots(mailpipe_factory: Callable[..., MailpipeServer],
                             open_page: Callable[..., Any],
                             site: tuple[str, list[str]]) -> None:
     base, seen = site
