@@ -15,6 +15,8 @@ from typing import Any
 
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import MailpipeServer, require_tool
 
@@ -241,3 +243,25 @@ def test_hostile_html_is_checked_not_choked_on(server: MailpipeServer) -> None:
     by_slug = {w["Slug"]: w for w in result["Warnings"]}
     assert by_slug["html-div"]["Score"]["Found"] == 2001
     assert by_slug["css-at-media"]["Lines"] == [3]
+
+
+# Pieces of markup and CSS, shuffled: mostly broken documents.
+TOKENS = [*"<>/=\"' \n;:{}()@#.*!-,", "style", "div", "img", "src", "srcset", "a", "href",
+          "display", "flex", "px", "rem", "@media", "url(", "rgb(", "calc(", "<!--", "-->",
+          "<!DOCTYPE", "svg", "⚡", "\x00", "<style>", "</style>", "a:hover", "--x"]
+MARKUP = st.lists(st.sampled_from(TOKENS), max_size=60).map("".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(MARKUP)
+def test_any_input_gives_a_check(html: str) -> None:
+    """Whatever a sender writes, the pure check answers in shape (never raises)."""
+    from mailpipe.checks.html import html_check
+
+    result = html_check(html)
+    total = result["Total"]
+    assert total["Supported"] + total["Partial"] + total["Unsupported"] == pytest.approx(100)
+    lines = html.count("\n") + 1
+    for warning in result["Warnings"]:
+        assert warning["Score"]["Found"] == len(warning["Lines"]) > 0
+        assert all(1 <= line <= lines for line in warning["Lines"])

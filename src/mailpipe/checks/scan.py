@@ -92,14 +92,6 @@ def scan(html: str) -> Document:
 # ---- HTML: elements and attributes ----------------------------------------------------------
 
 
-def _tags(*names: str) -> Callable[[Element], bool]:
-    return lambda el: el.tag in names
-
-
-def _attr(name: str) -> Callable[[Element], bool]:
-    return lambda el: name in el.attrs
-
-
 def _typed(tag: str, kind: str) -> Callable[[Element], bool]:
     return lambda el: el.tag == tag and el.attrs.get("type", "").strip().lower() == kind
 
@@ -108,7 +100,7 @@ def _href(prefix: str) -> Callable[[Element], bool]:
     return lambda el: el.tag == "a" and el.attrs.get("href", "").strip().lower().startswith(prefix)
 
 
-# Elements whose slug is html-<tag>, one rule each.
+# Elements whose slug is html-<tag>.
 _PLAIN_TAGS = (
     "abbr", "acronym", "address", "audio", "base", "bdi", "blockquote", "body", "code", "del",
     "dfn", "dialog", "div", "form", "hr", "img", "link", "marquee", "meter", "p", "picture",
@@ -121,16 +113,25 @@ _PLAIN_ATTRS = (
     "popover", "required", "role", "srcset", "target", "valign", "width",
     "aria-describedby", "aria-hidden", "aria-label", "aria-labelledby", "aria-live",
 )
-HTML_RULES: dict[str, Callable[[Element], bool]] = {
-    **{f"html-{tag}": _tags(tag) for tag in _PLAIN_TAGS},
-    **{f"html-{name}": _attr(name) for name in _PLAIN_ATTRS},
-    "html-h1-h6": _tags("h1", "h2", "h3", "h4", "h5", "h6"),
-    "html-lists": _tags("ul", "ol", "dl"),
-    "html-object": _tags("object", "embed"),
-    "html-semantics": _tags("article", "aside", "details", "figcaption", "figure", "footer",
-                            "header", "main", "mark", "nav", "section", "summary", "time"),
-    "html-image-maps": lambda el: el.tag == "map" or (el.tag == "img" and "usemap" in el.attrs),
-    "html-loading-attribute": _attr("loading"),
+# Looked up by tag and by attribute name: an email of 100,000 elements is read in a moment.
+TAG_SLUGS: dict[str, tuple[str, ...]] = {
+    **{tag: (f"html-{tag}",) for tag in _PLAIN_TAGS},
+    **{f"h{n}": ("html-h1-h6",) for n in range(1, 7)},
+    **{tag: ("html-lists",) for tag in ("ul", "ol", "dl")},
+    **{tag: ("html-object",) for tag in ("object", "embed")},
+    **{tag: ("html-semantics",) for tag in (
+        "article", "aside", "details", "figcaption", "figure", "footer", "header", "main",
+        "mark", "nav", "section", "summary", "time")},
+    "map": ("html-image-maps",),
+}
+ATTR_SLUGS: dict[str, tuple[str, ...]] = {
+    **{name: (f"html-{name}",) for name in _PLAIN_ATTRS},
+    "loading": ("html-loading-attribute",),
+    "inert": ("css-inert-attribute",),
+}
+# What neither a tag nor an attribute name alone tells.
+SPECIAL_RULES: dict[str, Callable[[Element], bool]] = {
+    "html-image-maps": lambda el: el.tag == "img" and "usemap" in el.attrs,
     "html-anchor-links": _href("#"),
     "html-mailto-links": _href("mailto:"),
     "html-meta-color-scheme": lambda el: el.tag == "meta" and el.attrs.get("name", "").lower()
@@ -143,9 +144,9 @@ HTML_RULES: dict[str, Callable[[Element], bool]] = {
     "html-input-text": _typed("input", "text"),
     "html-button-reset": _typed("button", "reset"),
     "html-button-submit": _typed("button", "submit"),
-    "css-inert-attribute": _attr("inert"),
     "amp": lambda el: el.tag == "html" and bool({"amp4email", "⚡4email"} & set(el.attrs)),
 }
+_SPECIAL_TAGS = frozenset({"img", "a", "meta", "input", "button", "html"})
 
 # Image formats by file extension (of img src and srcset URLs).
 _IMAGE_EXTENSIONS = {
@@ -168,9 +169,13 @@ def _image_format(url: str) -> str | None:
 
 def _html_features(doc: Document, found: defaultdict[str, list[int]]) -> None:
     for el in doc.elements:
-        for slug, rule in HTML_RULES.items():
-            if rule(el):
-                found[slug].append(el.line)
+        slugs = list(TAG_SLUGS.get(el.tag, ()))
+        for name in el.attrs:
+            slugs += ATTR_SLUGS.get(name, ())
+        if el.tag in _SPECIAL_TAGS:
+            slugs += [slug for slug, rule in SPECIAL_RULES.items() if rule(el)]
+        for slug in slugs:
+            found[slug].append(el.line)
         if el.tag == "img":
             urls = [el.attrs.get("src", "")]
             urls += [url for url, _ in srcset_candidates(el.attrs.get("srcset", ""))]
