@@ -72,6 +72,14 @@ def _loaded(doc: Document) -> list[str]:
 # ---- checking them ---------------------------------------------------------------------------
 
 
+async def link_check(html: str | None, text: str | None, *, follow: bool = False,
+                     limits: LinkLimits = LinkLimits()) -> dict[str, Any]:
+    """The whole check of an email's bodies, in Mailpit's LinkCheckResponse shape (what the
+    Mailpit-compatible API answers)."""
+    urls = await asyncio.to_thread(extract, html, text)  # parsing a large body is CPU work
+    return await check(urls, follow=follow, limits=limits)
+
+
 async def check(urls: Iterable[str], *, follow: bool = False,
                 limits: LinkLimits = LinkLimits()) -> dict[str, Any]:
     urls = list(urls)

@@ -56,14 +56,14 @@ class CheckRoutes:
         return json_response(await asyncio.to_thread(html_check, html))
 
     async def link_check(self, request: web.Request) -> web.Response:
-        from mailpipe.checks.links import LinkLimits, check, extract
+        from mailpipe.checks.links import LinkLimits, link_check
 
         refuse_other_pages(request)
         follow = flag(request, "follow")
         message = (await self._event(request)).get("message") or {}
-        urls = await asyncio.to_thread(extract, message.get("html"), message.get("text"))
         limits = LinkLimits(**self.config.links.model_dump())
-        return json_response(await check(urls, follow=follow, limits=limits))
+        return json_response(await link_check(message.get("html"), message.get("text"),
+                                              follow=follow, limits=limits))
 
     async def screenshot(self, request: web.Request) -> web.Response:
         from mailpipe.checks.screenshot import ScreenshotLimits, ScreenshotUnavailable, screenshot
