@@ -65,7 +65,7 @@ faults: $(TEST_STAMP)
 .PHONY: screenshots
 screenshots: $(TEST_STAMP) system-packages
 	MAILPIPE_SCREENSHOTS=$(CURDIR)/docs/screenshots $(BIN)/pytest -q -p no:cacheprovider \
-	  tests/test_web_ui.py -k screenshots
+	  tests/test_web_ui.py tests/test_checks_ui.py -k screenshots
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks examples)

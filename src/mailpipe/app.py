@@ -242,7 +242,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         app = create_app(self.store, self.metrics, health=self.health, auth=auth, admin=self,
                          bind_host=host, allowed_hosts=http.allowed_hosts,
                          base_path=http.base_path, code_pattern=http.code_pattern,
-                         injector=self.injector)
+                         injector=self.injector, checks=self.config.checks)
         self._http_runner = await start_http(app, host, port)
         log.info("HTTP API on http://%s:%d%s/", *self.http_address(), http.base_path)
 

@@ -536,6 +536,28 @@ class POP3Config(Section):
         return {user.username: user.password for user in self.auth or []}
 
 
+class LinkCheckConfig(Section):
+    """GET /api/v1/messages/{uuid}/link-check: outbound requests, on demand (checks/links.py)."""
+
+    timeout: Duration = 10.0  # per link, redirects included
+    concurrency: int = Field(default=5, ge=1, le=50)
+    max_links: int = Field(default=200, ge=1, le=10_000)
+    max_redirects: int = Field(default=10, ge=0, le=30)
+
+
+class ScreenshotConfig(Section):
+    """GET /api/v1/messages/{uuid}/screenshot.png (checks/screenshot.py)."""
+
+    chromium: str | None = None  # default: /usr/bin/chromium, else Playwright's own
+    timeout: Duration = 20.0
+    max_height: int = Field(default=4000, ge=100, le=20_000)
+
+
+class ChecksConfig(Section):
+    links: LinkCheckConfig = LinkCheckConfig()
+    screenshot: ScreenshotConfig = ScreenshotConfig()
+
+
 class RPCConfig(Section):
     """RoadRunner's RPC endpoint (Goridge RPC), off unless `listen` is set."""
 
@@ -685,6 +707,7 @@ class Config(BaseSettings):
     pop3: POP3Config = POP3Config()
     plugins: PluginsConfig = PluginsConfig()
     log: LogConfig = LogConfig()
+    checks: ChecksConfig = ChecksConfig()
     # What loading the file noted (RoadRunner sections ignored or mapped), logged at start.
     _notices: list[str] = PrivateAttr(default_factory=list)
 

@@ -40,6 +40,7 @@ from mailpipe.web.ui import is_page_route, ui_routes
 
 if TYPE_CHECKING:
     from mailpipe.capture.inject import Injector
+    from mailpipe.config import ChecksConfig
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ def create_app(
     code_pattern: str | None = None,
     ping_interval: float | None = None,
     injector: Injector | None = None,
+    checks: ChecksConfig | None = None,
 ) -> web.Application:
     """The API app; with the store disabled (None) only health, metrics and OpenAPI remain.
     The admin routes (workers, connections, stop) are always there; without `admin` they 404.
@@ -131,9 +133,11 @@ def create_app(
     `bind_host` only the loopback names are. With `base_path` ("/mail") every route is served
     under it and nothing outside it. `code_pattern` is the default of the /codes route,
     `ping_interval` how often an idle event stream says it is alive (seconds). `injector`
-    serves POST /api/v1/send (without it the route answers 404)."""
+    serves POST /api/v1/send (without it the route answers 404); `checks` bounds the content
+    checks (checks/routes.py)."""
     # These build on this module's ApiError and helpers.
     from mailpipe.admin.routes import AdminRoutes
+    from mailpipe.checks.routes import CheckRoutes
     from mailpipe.web.inbox import DEFAULT_CODE_PATTERN, PING_INTERVAL, InboxRoutes
     from mailpipe.web.send import SendRoutes
 
@@ -174,6 +178,7 @@ def create_app(
         app.router.add_routes(
             [
                 *inbox.routes(),
+                *CheckRoutes(store, checks).routes(),
                 web.get("/api/v1/messages", api.list_messages),
                 web.delete("/api/v1/messages", api.clear_messages),
                 web.get("/api/v1/messages/{uuid}", api.get_message),

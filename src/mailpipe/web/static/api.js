@@ -67,6 +67,14 @@ export const deleteAll = () => call("DELETE", apiPath("messages"));
 export const setRead = (uuid, read) => call("PATCH", apiPath("messages", uuid), { read });
 export const markAllRead = () => call("PATCH", apiPath("messages"), { read: true });
 
+/** The content checks (checks.js): caniemail compatibility; the links, checked on demand. */
+export async function htmlCheck(uuid) {
+  return (await call("GET", apiPath("messages", uuid, "html-check"))).json();
+}
+export async function linkCheck(uuid, follow) {
+  return (await call("GET", `${apiPath("messages", uuid, "link-check")}?follow=${follow}`)).json();
+}
+
 /** Signing in with the bearer token: the server answers with the session cookie. */
 export const signIn = (token) => call("POST", apiPath("session"), { token });
 export const signOut = () => call("DELETE", apiPath("session"));

@@ -5,6 +5,7 @@
 
 import { apiPath, formatFullTime, formatSize, h } from "./dom.js";
 import * as api from "./api.js";
+import { checksPanel, previewBar } from "./checks.js";
 
 const SANDBOX = "allow-popups allow-popups-to-escape-sandbox";
 
@@ -96,6 +97,7 @@ function tabList(event) {
   const transcript = event.session?.transcript;
   if (Array.isArray(transcript)) tabs.set("Transcript", () => pre(transcript.join("\n"), "transcript"));
   tabs.set("Outcomes", () => outcomesPanel(event));
+  tabs.set("Checks", () => checksPanel(event));
   return tabs;
 }
 
@@ -123,7 +125,7 @@ function htmlView(uuid) {
     );
     notice.hidden = false;
   }, () => {}); // no header, no notice: the view itself still works
-  return h("div", { class: "html-view" }, notice, frame);
+  return h("div", { class: "html-view" }, previewBar(uuid, frame), notice, frame);
 }
 
 function headersTable(lines) {
