@@ -22,6 +22,7 @@ from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mailpipe.admin import AdminOps
+from mailpipe.checks.spam import SpamChecker
 from mailpipe.metrics import Metrics
 from mailpipe.schema import event_schema_bytes
 from mailpipe.store.sqlite import SQLiteStore, StoreClosedError
@@ -120,16 +121,19 @@ def create_app(
     base_path: str = "",
     code_pattern: str | None = None,
     ping_interval: float | None = None,
+    spam_checker: SpamChecker | None = None,
 ) -> web.Application:
     """The API app; with the store disabled (None) only health, metrics and OpenAPI remain.
     The admin routes (workers, connections, stop) are always there; without `admin` they 404.
     `bind_host` and `allowed_hosts` say which Host headers are served (web/guard.py); without
     `bind_host` only the loopback names are. With `base_path` ("/mail") every route is served
     under it and nothing outside it. `code_pattern` is the default of the /codes route,
-    `ping_interval` how often an idle event stream says it is alive (seconds)."""
+    `ping_interval` how often an idle event stream says it is alive (seconds), `spam_checker`
+    the spamd client of the spam-check route (None: spam checking is not configured)."""
     # These build on this module's ApiError and helpers.
     from mailpipe.admin.routes import AdminRoutes
     from mailpipe.web.inbox import DEFAULT_CODE_PATTERN, PING_INTERVAL, InboxRoutes
+    from mailpipe.web.spam import SpamRoutes
 
     guard = BrowserGuard(bind_host, allowed_hosts)
     # Outermost first: the guard runs before auth, so a refused page never sees a challenge.
@@ -167,6 +171,7 @@ def create_app(
         app.router.add_routes(
             [
                 *inbox.routes(),
+                *SpamRoutes(store, spam_checker).routes(),
                 web.get("/api/v1/messages", api.list_messages),
                 web.delete("/api/v1/messages", api.clear_messages),
                 web.get("/api/v1/messages/{uuid}", api.get_message),

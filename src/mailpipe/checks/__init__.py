@@ -1,0 +1,1 @@
+"""Content checks of a stored email."""
