@@ -76,7 +76,7 @@ def spamd_argv(executable: str, host: str, port: int) -> list[str]:
     return argv
 
 
-def _child_setup() -> None:
+def child_setup() -> None:
     """In the child before exec. As root, become nobody: spamd checks no mail as root, and
     its own --username would switch only after this, which clears the death signal. Then
     a mailpipe killed outright (SIGKILL) takes its spamd with it, instead of leaving it
@@ -117,7 +117,7 @@ class SpamdDaemon:
                 self.process = await asyncio.create_subprocess_exec(
                     *spamd_argv(executable, self.host, self.port),
                     stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                    preexec_fn=_child_setup,
+                    preexec_fn=child_setup,
                 )
             except OSError as exc:
                 raise SpamdStartError(f"spamassassin.start: cannot run {executable}: "

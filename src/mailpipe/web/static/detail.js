@@ -5,6 +5,7 @@
 
 import { apiPath, formatFullTime, formatSize, h } from "./dom.js";
 import * as api from "./api.js";
+import { spamPanel } from "./spam.js";
 
 const SANDBOX = "allow-popups allow-popups-to-escape-sandbox";
 
@@ -96,6 +97,7 @@ function tabList(event) {
   const transcript = event.session?.transcript;
   if (Array.isArray(transcript)) tabs.set("Transcript", () => pre(transcript.join("\n"), "transcript"));
   tabs.set("Outcomes", () => outcomesPanel(event));
+  tabs.set("Spam", () => spamPanel(event.uuid));
   return tabs;
 }
 
