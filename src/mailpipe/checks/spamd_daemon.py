@@ -77,10 +77,10 @@ def spamd_argv(executable: str, host: str, port: int) -> list[str]:
 
 
 def child_setup() -> None:
-    """In the child before exec. As root, become nobody: spamd checks no mail as root, and
-    its own --username would switch only after this, which clears the death signal. Then
-    a mailpipe killed outright (SIGKILL) takes its spamd with it, instead of leaving it
-    holding the port."""
+    """In the child before exec. As root, become nobody (spamd would itself, but after
+    this, and the switch clears the death signal). Then the death signal: a mailpipe
+    killed outright (SIGKILL) takes its spamd with it, instead of leaving it holding the
+    port."""
     if os.geteuid() == 0:
         nobody = pwd.getpwnam("nobody")
         os.setgroups([])
