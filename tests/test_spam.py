@@ -404,7 +404,7 @@ def test_config_addresses(tmp_path: Path) -> None:
     config, _ = load_config(cwd=tmp_path)
     assert config.spamassassin.addr is None  # off by default
     assert (config.spamassassin.timeout, config.spamassassin.max_size) == (10.0, 500 * 1024)
-    for addr, where in [("127.0.0.1:783", "127.0.0.1:783"), ("tcp://[::1]:783", "::1:783"),
+    for addr, where in [("127.0.0.1:783", "127.0.0.1:783"), ("tcp://[::1]:783", "[::1]:783"),
                         ("unix:///run/spamd.sock", "/run/spamd.sock"),
                         ("unix:/run/spamd.sock", "/run/spamd.sock")]:
         config, _ = load_config(cwd=tmp_path, overrides={"spamassassin": {"addr": addr}})

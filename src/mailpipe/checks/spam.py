@@ -78,10 +78,6 @@ def spamd_address(addr: str) -> tuple[str, int] | str:
     return split_host_port(addr)
 
 
-def describe_address(addr: tuple[str, int] | str) -> str:
-    return addr if isinstance(addr, str) else f"{addr[0]}:{addr[1]}"
-
-
 class SpamChecker:
     """A spamd client: one connection per check, as spamc does."""
 
@@ -99,7 +95,10 @@ class SpamChecker:
 
     @property
     def where(self) -> str:
-        return describe_address(self.address)
+        """The address, for messages. (Imported here: the web app loads without capture.)"""
+        from mailpipe.capture.server import format_addr
+
+        return format_addr(self.address)
 
     async def check(self, raw: bytes) -> SpamCheck:
         """The email's score and rules. Raises a SpamCheckError."""

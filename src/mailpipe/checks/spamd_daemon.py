@@ -21,6 +21,7 @@ import signal
 import sys
 from pathlib import Path
 
+from mailpipe.capture.server import format_addr
 from mailpipe.checks.spam import SpamChecker, SpamCheckError, spamd_address
 from mailpipe.config import is_loopback
 
@@ -61,10 +62,9 @@ def find_spamd() -> str | None:
 
 def spamd_argv(executable: str, host: str, port: int) -> list[str]:
     """spamd in the foreground on host:port, logging to its stderr."""
-    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     argv = [
         executable,
-        f"--listen={listen}",
+        f"--listen={format_addr((host, port))}",
         "--local",  # no network tests (see the module's docstring)
         "--nouser-config",
         "--max-children=2",  # each child holds the rules: ~100 MB

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 import orjson
@@ -22,7 +22,6 @@ from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mailpipe.admin import AdminOps
-from mailpipe.checks.spam import SpamChecker
 from mailpipe.metrics import Metrics
 from mailpipe.schema import event_schema_bytes
 from mailpipe.store.sqlite import SQLiteStore, StoreClosedError
@@ -38,6 +37,9 @@ from mailpipe.web.session import (
     open_paths,
 )
 from mailpipe.web.ui import is_page_route, ui_routes
+
+if TYPE_CHECKING:
+    from mailpipe.checks.spam import SpamChecker
 
 log = logging.getLogger(__name__)
 
