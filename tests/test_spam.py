@@ -441,7 +441,8 @@ def test_start_runs_spamd_and_stops_it(mailpipe_factory: Callable[..., MailpipeS
     assert (Path(server.workdir) / "data" / "spamd.log").stat().st_size > 0
 
     assert server.stop(signal.SIGTERM) == 0
-    assert not port_open(port)  # stopped with mailpipe
+    assert "spamd stopped" in server.log()
+    wait_until(lambda: not port_open(port), "spamd to exit", timeout=30)  # with mailpipe
 
     # Killed outright, mailpipe still takes its spamd with it (the parent-death signal).
     server = mailpipe_factory(configured(f"127.0.0.1:{port}", start=True))

@@ -172,6 +172,7 @@ class SpamdDaemon:
             except TimeoutError:
                 process.kill()
                 await process.wait()
+            log.info("spamd stopped")
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
