@@ -30,6 +30,7 @@ from mailpipe.checks.spam import (
     SpamNotConfigured,
     mailpit_sa_check,
 )
+from mailpipe.checks.spamd import ReplyParser, report_rules, request
 from mailpipe.checks.spamd_daemon import child_setup, spamd_argv
 from mailpipe.config import ConfigError, load_config
 from test_web_ui import Page, browser, open_page  # noqa: F401 (the browser fixtures)
@@ -182,6 +183,22 @@ def test_mailpit_sa_check_shape(spamd: str) -> None:
     assert "refused the connection" in down["Error"]
     with pytest.raises(SpamNotConfigured, match="not configured"):
         asyncio.run(mailpit_sa_check(None, raw))
+
+
+def test_the_reply_parser_takes_spamd_replies_in_any_pieces(spamd: str) -> None:
+    """The sans-I/O parser on a real spamd's bytes, whole and one byte at a time."""
+    host, port = spamd.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(request("REPORT", email("Win big", f"{GTUBE}\n").as_bytes()))
+        conn.shutdown(socket.SHUT_WR)
+        reply = b"".join(iter(lambda: conn.recv(65536), b""))
+    whole = ReplyParser().feed(reply)
+    assert whole is not None  # its Content-length says when it is whole: no need of EOF
+    assert whole.verdict() == (True, 1000.0, 5.0)
+    parser = ReplyParser()
+    pieces = [parser.feed(reply[i : i + 1]) for i in range(len(reply))]
+    assert pieces[-1] == whole and not any(pieces[:-1])
+    assert "GTUBE" in {rule.name for rule in report_rules(whole.body)}
 
 
 # ---- off, down, too large ----------------------------------------------------------------
