@@ -623,7 +623,7 @@ class SpamAssassinConfig(Section):
     def _address(self) -> SpamAssassinConfig:
         if self.addr is None and not self.start:
             return self  # (also: the default instance is made while this module loads)
-        from mailpipe.checks.spamd_daemon import check_settings
+        from mailpipe.checks.spam import check_settings
 
         check_settings(self.addr, self.start)
         return self

@@ -23,7 +23,7 @@ from mailpipe.checks.spamd import (
     report_rules,
     request,
 )
-from mailpipe.config import parse_listen, split_host_port
+from mailpipe.config import is_loopback, parse_listen, split_host_port
 
 if TYPE_CHECKING:
     from mailpipe.config import SpamAssassinConfig
@@ -76,6 +76,24 @@ def spamd_address(addr: str) -> tuple[str, int] | str:
         path = addr if addr.startswith("unix://") else "unix://" + addr[len("unix:"):]
         return str(parse_listen(path)[1])
     return split_host_port(addr)
+
+
+def check_settings(addr: str | None, start: bool) -> None:
+    """The spamassassin section's address rules, as config errors (ValueError)."""
+    if addr is None:
+        raise ValueError("spamassassin.start needs spamassassin.addr, the loopback "
+                         "host:port spamd is to listen on (e.g. 127.0.0.1:7830)")
+    address = spamd_address(addr)
+    if isinstance(address, str):
+        if start:
+            raise ValueError("spamassassin.start runs spamd on a loopback host:port, not on "
+                             "a unix socket")
+        return
+    if address[1] == 0:
+        raise ValueError("spamassassin.addr needs spamd's port (0 is not one)")
+    if start and not is_loopback(address[0]):
+        raise ValueError(f"spamassassin.start runs spamd on loopback only: addr must be "
+                         f"127.0.0.1:PORT or [::1]:PORT, got {addr!r}")
 
 
 class SpamChecker:

@@ -22,8 +22,7 @@ import sys
 from pathlib import Path
 
 from mailpipe.capture.server import format_addr
-from mailpipe.checks.spam import SpamChecker, SpamCheckError, spamd_address
-from mailpipe.config import is_loopback
+from mailpipe.checks.spam import SpamChecker, SpamCheckError, check_settings, spamd_address
 
 log = logging.getLogger("mailpipe.spamd")
 # Debian installs spamd in /usr/sbin, which an ordinary user's PATH may not hold.
@@ -36,24 +35,6 @@ LOG_TAIL = 2000  # bytes of spamd's log quoted when it fails
 
 class SpamdStartError(Exception):
     """spamd could not be started."""
-
-
-def check_settings(addr: str | None, start: bool) -> None:
-    """The spamassassin section's address rules, as config errors (ValueError)."""
-    if addr is None:
-        raise ValueError("spamassassin.start needs spamassassin.addr, the loopback "
-                         "host:port spamd is to listen on (e.g. 127.0.0.1:7830)")
-    address = spamd_address(addr)
-    if isinstance(address, str):
-        if start:
-            raise ValueError("spamassassin.start runs spamd on a loopback host:port, not on "
-                             "a unix socket")
-        return
-    if address[1] == 0:
-        raise ValueError("spamassassin.addr needs spamd's port (0 is not one)")
-    if start and not is_loopback(address[0]):
-        raise ValueError(f"spamassassin.start runs spamd on loopback only: addr must be "
-                         f"127.0.0.1:PORT or [::1]:PORT, got {addr!r}")
 
 
 def find_spamd() -> str | None:
