@@ -43,7 +43,7 @@ def find_spamd() -> str | None:
 
 def spamd_argv(executable: str, host: str, port: int) -> list[str]:
     """spamd in the foreground on host:port, logging to its stderr."""
-    argv = [
+    return [
         executable,
         f"--listen={format_addr((host, port))}",
         "--local",  # no network tests (see the module's docstring)
@@ -54,7 +54,6 @@ def spamd_argv(executable: str, host: str, port: int) -> list[str]:
         "--cf=use_bayes 0",
         "--cf=bayes_auto_learn 0",
     ]
-    return argv
 
 
 def child_setup() -> None:
