@@ -34,6 +34,8 @@ from mailpipe.workers import PoolError
 
 if TYPE_CHECKING:
     from mailpipe.capture.inject import Injector
+    from mailpipe.checks.spam import SpamChecker
+    from mailpipe.checks.spamd_daemon import SpamdDaemon
     from mailpipe.jobs.base import Driver
     from mailpipe.jobs.consumer import JobsConsumer
     from mailpipe.jobs.sink import JobsSink
@@ -90,6 +92,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             data_dir=self.data_dir,
             verdicts=self.verdicts,
         )
+        self.spam_checker = _spam_checker(config)  # also for the compatible APIs' routes
+        self.spamd: SpamdDaemon | None = None  # spamassassin.start's own spamd
         self._http_runner: object | None = None
         self.rpc_server: RPCServer | None = None
         self.pop3: POP3Server | None = None
@@ -151,6 +155,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         await self.capture.start()
         if self.config.pop3.addr:  # before the API: ready (/healthz) means POP3 is too
             await self._start_pop3()
+        if self.config.spamassassin.start:
+            await self._start_spamd()
         if self.config.jobs.consume:
             await self._start_consumer()
         if self.config.http.enabled:
@@ -207,6 +213,17 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         if pool is not None and self.rpc_server is not None:
             pool.env["RR_RPC"] = self.rpc_server.bound_address()
 
+    async def _start_spamd(self) -> None:
+        """spamd on spamassassin.addr; ready a few seconds later (logged), not waited for."""
+        from mailpipe.checks.spamd_daemon import SpamdDaemon, SpamdStartError
+
+        assert self.config.spamassassin.addr is not None
+        self.spamd = SpamdDaemon(self.config.spamassassin.addr, self.data_dir / "spamd.log")
+        try:
+            await self.spamd.start()
+        except SpamdStartError as exc:
+            raise StartupError(str(exc)) from None
+
     async def _start_consumer(self) -> None:
         from mailpipe.jobs.runner import build_consumer
 
@@ -242,7 +259,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         app = create_app(self.store, self.metrics, health=self.health, auth=auth, admin=self,
                          bind_host=host, allowed_hosts=http.allowed_hosts,
                          base_path=http.base_path, code_pattern=http.code_pattern,
-                         injector=self.injector, checks=self.config.checks)
+                         injector=self.injector, checks=self.config.checks,
+                         spam_checker=self.spam_checker)
         self._http_runner = await start_http(app, host, port)
         log.info("HTTP API on http://%s:%d%s/", *self.http_address(), http.base_path)
 
@@ -319,6 +337,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             from mailpipe.web.app import stop_http
 
             await stop_http(self._http_runner)  # type: ignore[arg-type]
+        if self.spamd is not None:
+            await self.spamd.stop()
         await self.plugins.close()
         await self.dispatcher.close()
         remove_state(self.data_dir)
@@ -342,6 +362,15 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
     async def _start_serving(self) -> None:
         await self.start()
         tune_gc()
+
+
+def _spam_checker(config: Config) -> SpamChecker | None:
+    """The spamd client (checks/spam.py), imported only when spamassassin.addr is set."""
+    if config.spamassassin.addr is None:
+        return None
+    from mailpipe.checks.spam import SpamChecker
+
+    return SpamChecker.from_config(config.spamassassin)
 
 
 def _warn_host_check(host: str, allowed_hosts: list[str]) -> None:

@@ -671,6 +671,25 @@ class PluginsConfig(Section):
         return self
 
 
+class SpamAssassinConfig(Section):
+    """Spam scores from SpamAssassin's spamd (checks/spam.py, docs/spam.md); off without
+    `addr`."""
+
+    addr: str | None = None  # host:port, or unix:///path of spamd's socket
+    timeout: Duration = 10.0  # connecting, sending and the answer, together
+    max_size: Size = Field(default=500 * 1024, ge=1)  # larger emails are not sent (spamc's)
+    start: bool = False  # mailpipe runs spamd itself, on addr (a loopback host:port)
+
+    @model_validator(mode="after")
+    def _address(self) -> SpamAssassinConfig:
+        if self.addr is None and not self.start:
+            return self  # (also: the default instance is made while this module loads)
+        from mailpipe.checks.spam import check_settings
+
+        check_settings(self.addr, self.start)
+        return self
+
+
 class LogConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
@@ -706,6 +725,7 @@ class Config(BaseSettings):
     rpc: RPCConfig = RPCConfig()
     pop3: POP3Config = POP3Config()
     plugins: PluginsConfig = PluginsConfig()
+    spamassassin: SpamAssassinConfig = SpamAssassinConfig()
     log: LogConfig = LogConfig()
     checks: ChecksConfig = ChecksConfig()
     # What loading the file noted (RoadRunner sections ignored or mapped), logged at start.

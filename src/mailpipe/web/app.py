@@ -40,6 +40,7 @@ from mailpipe.web.ui import is_page_route, ui_routes
 
 if TYPE_CHECKING:
     from mailpipe.capture.inject import Injector
+    from mailpipe.checks.spam import SpamChecker
     from mailpipe.config import ChecksConfig
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ def create_app(
     ping_interval: float | None = None,
     injector: Injector | None = None,
     checks: ChecksConfig | None = None,
+    spam_checker: SpamChecker | None = None,
 ) -> web.Application:
     """The API app; with the store disabled (None) only health, metrics and OpenAPI remain.
     The admin routes (workers, connections, stop) are always there; without `admin` they 404.
@@ -134,12 +136,14 @@ def create_app(
     under it and nothing outside it. `code_pattern` is the default of the /codes route,
     `ping_interval` how often an idle event stream says it is alive (seconds). `injector`
     serves POST /api/v1/send (without it the route answers 404); `checks` bounds the content
-    checks (checks/routes.py)."""
+    checks (checks/routes.py), `spam_checker` is the spamd client of the spam-check route
+    (None: spam checking is not configured)."""
     # These build on this module's ApiError and helpers.
     from mailpipe.admin.routes import AdminRoutes
     from mailpipe.checks.routes import CheckRoutes
     from mailpipe.web.inbox import DEFAULT_CODE_PATTERN, PING_INTERVAL, InboxRoutes
     from mailpipe.web.send import SendRoutes
+    from mailpipe.web.spam import SpamRoutes
 
     guard = BrowserGuard(bind_host, allowed_hosts)
     # Outermost first: the guard runs before auth, so a refused page never sees a challenge.
@@ -179,6 +183,7 @@ def create_app(
             [
                 *inbox.routes(),
                 *CheckRoutes(store, checks).routes(),
+                *SpamRoutes(store, spam_checker).routes(),
                 web.get("/api/v1/messages", api.list_messages),
                 web.delete("/api/v1/messages", api.clear_messages),
                 web.get("/api/v1/messages/{uuid}", api.get_message),

@@ -62,6 +62,11 @@ export async function blockedRemote(uuid) {
   return Number(response.headers.get("X-Mailpipe-Blocked-Remote")) || 0;
 }
 
+/** The email's SpamAssassin score and rules (a round trip to spamd). */
+export async function spamCheck(uuid) {
+  return (await call("GET", apiPath("messages", uuid, "spam-check"))).json();
+}
+
 export const deleteMessage = (uuid) => call("DELETE", apiPath("messages", uuid));
 export const deleteAll = () => call("DELETE", apiPath("messages"));
 export const setRead = (uuid, read) => call("PATCH", apiPath("messages", uuid), { read });

@@ -6,6 +6,7 @@
 import { apiPath, formatFullTime, formatSize, h } from "./dom.js";
 import * as api from "./api.js";
 import { checksPanel, previewBar } from "./checks.js";
+import { spamPanel } from "./spam.js";
 
 const SANDBOX = "allow-popups allow-popups-to-escape-sandbox";
 
@@ -98,6 +99,7 @@ function tabList(event) {
   if (Array.isArray(transcript)) tabs.set("Transcript", () => pre(transcript.join("\n"), "transcript"));
   tabs.set("Outcomes", () => outcomesPanel(event));
   tabs.set("Checks", () => checksPanel(event));
+  tabs.set("Spam", () => spamPanel(event.uuid));
   return tabs;
 }
 
