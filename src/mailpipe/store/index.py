@@ -28,7 +28,8 @@ _TAG = re.compile(r"<[^>]*>")
 
 def index_columns(event: dict[str, Any], raw_size: int) -> tuple[Any, ...]:
     """(uuid, received_at, received_ts, mail_from, rcpt, header_from, subject, snippet, size,
-    attachment_count, search): the messages table's columns up to `event`, in its order."""
+    attachment_count, search, header_to, header_cc, header_bcc, reply_to, message_id,
+    inline_count): the messages table's index columns, in the order INSERT names them."""
     message = event.get("message") or {}
     envelope = event.get("envelope") or {}
     headers = message.get("headers") or {}
@@ -61,6 +62,13 @@ def index_columns(event: dict[str, Any], raw_size: int) -> tuple[Any, ...]:
         size if isinstance(size := message.get("size"), int) else raw_size,
         len(event.get("attachments") or ()),
         search,
+        # For the search's field terms (store/search.py): cc:, bcc:, reply-to:, message-id:.
+        _header(headers, "To"),
+        _header(headers, "Cc"),
+        _header(headers, "Bcc"),
+        _header(headers, "Reply-To"),
+        message.get("message_id") or _header(headers, "Message-ID"),
+        sum(1 for a in event.get("attachments") or () if a.get("disposition") == "inline"),
     )
 
 
