@@ -303,7 +303,7 @@ class SQLiteStore:
             raise tag_ops.TagError("ids must be a list of message ids")
         if len(uuids) > tag_ops.MAX_IDS:
             raise tag_ops.TagError(f"at most {tag_ops.MAX_IDS} ids at once")
-        clean = tag_ops.clean_tags(list(tags) if isinstance(tags, Sequence) else tags)
+        clean = tag_ops.clean_tags(tags)
         current: dict[str, list[str]] = {}
         await self._tag_op(tag_ops.edit, mode, list(uuids), clean, current)
         return current

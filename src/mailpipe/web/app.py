@@ -130,6 +130,7 @@ def create_app(
     # These build on this module's ApiError and helpers.
     from mailpipe.admin.routes import AdminRoutes
     from mailpipe.web.inbox import DEFAULT_CODE_PATTERN, PING_INTERVAL, InboxRoutes
+    from mailpipe.web.tags import TagRoutes
 
     guard = BrowserGuard(bind_host, allowed_hosts)
     # Outermost first: the guard runs before auth, so a refused page never sees a challenge.
@@ -167,6 +168,7 @@ def create_app(
         app.router.add_routes(
             [
                 *inbox.routes(),
+                *TagRoutes(store).routes(),
                 web.get("/api/v1/messages", api.list_messages),
                 web.delete("/api/v1/messages", api.clear_messages),
                 web.get("/api/v1/messages/{uuid}", api.get_message),
