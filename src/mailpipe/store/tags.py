@@ -117,11 +117,12 @@ class TagRules:
         return cls(config.plus_addressing,
                    tuple(TagFilter(f.match, tuple(f.tags)) for f in config.filters))
 
-    def initial(self, event: dict[str, Any]) -> list[str]:
-        """The event's own tags, then its recipients' plus-address tags."""
-        tags = list(event.get("tags") or ())
+    def initial(self, event_tags: list[str], recipients: Iterable[str]) -> list[str]:
+        """A new message's tags before its filters: the event's own (from plugins), then
+        its recipients' plus-address tags."""
+        tags = list(event_tags)
         if self.plus_addressing:
-            tags += plus_tags((event.get("envelope") or {}).get("to") or ())
+            tags += plus_tags(recipients)
         return clean_tags(tags, strict=False)
 
 
