@@ -28,6 +28,7 @@ TAGS_CONFIG = {
         {"match": "from:shop subject:invoice", "tags": ["Invoices"]},
         # Mailpit's comma-separated form; a rule may build on tags given before it.
         {"match": "tag:signup -subject:spam", "tags": "onboarding, welcome"},
+        {"match": "tag:invoices", "tags": ["accounts"]},  # given by a rule before it
     ],
 }
 
@@ -93,14 +94,15 @@ def test_automatic_tags_from_plugin_plus_address_and_filters(server: MailpipeSer
     # The plugin's tag first, then the plus-address, then the filters in config order;
     # "signup" keeps the spelling the store first saw ("Signup").
     assert found["Your invoice 42"]["tags"] == [
-        "ci", "Signup", "Invoices", "onboarding", "welcome"]
+        "ci", "Signup", "Invoices", "onboarding", "welcome", "accounts"]
     assert found["spam of the day"]["tags"] == ["ci", "Signup", "news"]
     assert found["plain"]["tags"] == ["ci"]
     event = server.event(found["Your invoice 42"]["uuid"])
     assert event["tags"] == found["Your invoice 42"]["tags"]
 
     assert server.get_json("/api/v1/tags") == {"tags": [
-        {"name": "ci", "count": 3}, {"name": "Invoices", "count": 1},
+        {"name": "accounts", "count": 1}, {"name": "ci", "count": 3},
+        {"name": "Invoices", "count": 1},
         {"name": "news", "count": 1}, {"name": "onboarding", "count": 1},
         {"name": "Signup", "count": 2}, {"name": "welcome", "count": 1}]}
     assert search(server, "tag:SIGNUP") == ["Your invoice 42", "spam of the day"]

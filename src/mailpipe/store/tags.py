@@ -138,17 +138,20 @@ def loads(text: str | None) -> list[str]:
 
 
 def on_insert(conn: sqlite3.Connection, rowid: int, tags: list[str], rules: TagRules) -> list[str]:
-    """The new message's tags once its filters have run and its spellings are the store's
-    (its row was inserted with `tags`); written when that changed them."""
-    final = list(tags)
+    """The new message's tags once its filters have run, in order, and its spellings are
+    the store's (its row was inserted with `tags`); written when that changed them."""
+    final = written = tags
     for rule in rules.filters:
         sql = f"SELECT 1 FROM messages WHERE id = ? AND {rule.where}"
-        if conn.execute(sql, (rowid, *rule.params)).fetchone() is not None:
-            final += rule.tags
-    if not final:
-        return final
-    final = _respell(conn, clean_tags(final, strict=False), exclude=rowid)
-    if final != tags:
+        if conn.execute(sql, (rowid, *rule.params)).fetchone() is None:
+            continue
+        final = clean_tags([*final, *rule.tags], strict=False)
+        if final != written:  # written now: the rules after this one may ask for its tags
+            conn.execute("UPDATE messages SET tags = ? WHERE id = ?", (dumps(final), rowid))
+            written = final
+    if final:
+        final = _respell(conn, final, exclude=rowid)
+    if final != written:
         conn.execute("UPDATE messages SET tags = ? WHERE id = ?", (dumps(final), rowid))
     return final
 
