@@ -164,6 +164,7 @@ class SQLiteStore:
         self.batch_max = batch_max
         self.metrics = metrics
         self.tag_rules = tag_rules or TagRules()
+        self._tag_writer = tag_ops.TagWriter(self.tag_rules)  # used in the writer thread
         self.stats: dict[str, int] = {"commits": 0, "written": 0, "failed": 0, "max_batch": 0}
         self._writer: GroupCommitWriter[_Op] = GroupCommitWriter(
             "mailpipe-store-writer",
@@ -290,11 +291,11 @@ class SQLiteStore:
     async def rename_tag(self, old: str, new: str) -> int:
         """Rename tag `old` to `new` on every message; how many changed (0: no such tag)."""
         old, new = tag_ops.clean_tag(old), tag_ops.clean_tag(new)
-        return await self._tag_op(tag_ops.rename, old, new)
+        return await self._tag_op(self._tag_writer.rename, old, new)
 
     async def delete_tag(self, name: str) -> int:
         """Remove tag `name` from every message; how many had it."""
-        return await self._tag_op(tag_ops.delete, tag_ops.clean_tag(name))
+        return await self._tag_op(self._tag_writer.delete, tag_ops.clean_tag(name))
 
     async def _edit_tags(self, mode: tag_ops.Mode, uuids: Sequence[str],
                          tags: Sequence[str]) -> dict[str, list[str]]:
@@ -305,7 +306,7 @@ class SQLiteStore:
             raise tag_ops.TagError(f"at most {tag_ops.MAX_IDS} ids at once")
         clean = tag_ops.clean_tags(tags)
         current: dict[str, list[str]] = {}
-        await self._tag_op(tag_ops.edit, mode, list(uuids), clean, current)
+        await self._tag_op(self._tag_writer.edit, mode, list(uuids), clean, current)
         return current
 
     async def _tag_op(self, fn: Callable[..., tag_ops.Changed], *args: Any) -> int:
@@ -473,7 +474,7 @@ class SQLiteStore:
             if rowid < self._low_id:
                 self._low_id = rowid
             self._oldest_ts = min(self._oldest_ts, op.arg[2])  # received_ts
-            return tag_ops.on_insert(conn, rowid, tag_ops.loads(op.arg[-1]), self.tag_rules)
+            return self._tag_writer.on_insert(conn, rowid, tag_ops.loads(op.arg[-1]))
         if op.kind == "tags":
             fn, args = op.arg
             try:

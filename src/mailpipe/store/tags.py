@@ -137,70 +137,101 @@ def loads(text: str | None) -> list[str]:
 # ---- writes, in the store's writer thread ------------------------------------------------
 
 
-def on_insert(conn: sqlite3.Connection, rowid: int, tags: list[str], rules: TagRules) -> list[str]:
-    """The new message's tags once its filters have run, in order, and its spellings are
-    the store's (its row was inserted with `tags`); written when that changed them."""
-    final = written = tags
-    for rule in rules.filters:
-        sql = f"SELECT 1 FROM messages WHERE id = ? AND {rule.where}"
-        if conn.execute(sql, (rowid, *rule.params)).fetchone() is None:
-            continue
-        final = clean_tags([*final, *rule.tags], strict=False)
-        if final != written:  # written now: the rules after this one may ask for its tags
-            conn.execute("UPDATE messages SET tags = ? WHERE id = ?", (dumps(final), rowid))
-            written = final
-    if final:
-        final = _respell(conn, final, exclude=rowid)
-    if final != written:
-        conn.execute("UPDATE messages SET tags = ? WHERE id = ?", (dumps(final), rowid))
-    return final
+class TagWriter:
+    """The store's tag writes, run by its writer thread on its connection.
 
+    It keeps the spelling the store uses for each tag (by its lower-case name) in memory, so
+    that a tagged insert looks it up rather than scanning every tagged row: loaded from the
+    table on first use, updated by each write. A rolled-back write or a deleted message may
+    leave a spelling behind, which costs nothing but a spelling; past MAX_SPELLINGS of them
+    (a peer inventing plus-addresses) they are loaded afresh from the messages stored.
+    """
 
-def edit(conn: sqlite3.Connection, mode: Mode, uuids: Sequence[str], tags: list[str],
-         current: dict[str, list[str]]) -> Changed:
-    """Set, add or remove `tags` (already clean) on each message of `uuids` that exists, and
-    put its tags now in `current`. Raises TagError (having written nothing) when a message
-    would get too many tags."""
-    if mode != "remove":
-        tags = _respell(conn, tags)
-    unwanted = {tag.lower() for tag in tags}
-    plan = []
-    for uuid in dict.fromkeys(uuids):
-        row = conn.execute("SELECT id, tags FROM messages WHERE uuid = ?", (uuid,)).fetchone()
-        if row is None:
-            continue
-        before = loads(row[1])
-        if mode == "set":
-            after = tags
-        elif mode == "add":
-            after = clean_tags(before + tags)
-        else:
-            after = [tag for tag in before if tag.lower() not in unwanted]
-        plan.append((row[0], uuid, before, after))
-    changed = [_write(conn, *item) for item in plan]
-    current.update((uuid, after) for _, uuid, _, after in plan)
-    return [item for item in changed if item[0]]
+    MAX_SPELLINGS = 20_000
 
+    def __init__(self, rules: TagRules) -> None:
+        self.rules = rules
+        self._spellings: dict[str, str] | None = None
 
-def rename(conn: sqlite3.Connection, old: str, new: str) -> Changed:
-    """`old` becomes `new` on every message; so does any other spelling of `new`."""
-    keys = {old.lower(), new.lower()}
-    changed: Changed = []
-    for rowid, uuid, text in _rows_with(conn, keys):
-        before = loads(text)
-        after = clean_tags([new if tag.lower() in keys else tag for tag in before])
-        changed.append(_write(conn, rowid, uuid, before, after))
-    return [item for item in changed if item[0]]
+    def on_insert(self, conn: sqlite3.Connection, rowid: int, tags: list[str]) -> list[str]:
+        """The new message's tags once its filters have run, in order, and its spellings
+        are the store's (its row was inserted with `tags`); written when that changed them."""
+        final = written = tags
+        for rule in self.rules.filters:
+            sql = f"SELECT 1 FROM messages WHERE id = ? AND {rule.where}"
+            if conn.execute(sql, (rowid, *rule.params)).fetchone() is None:
+                continue
+            final = clean_tags([*final, *rule.tags], strict=False)
+            if final != written:  # written now: the rules after it may ask for its tags
+                _update(conn, rowid, final)
+                written = final
+        if final:
+            final = self._respell(conn, final)
+        if final != written:
+            _update(conn, rowid, final)
+        return final
 
+    def edit(self, conn: sqlite3.Connection, mode: Mode, uuids: Sequence[str],
+             tags: list[str], current: dict[str, list[str]]) -> Changed:
+        """Set, add or remove `tags` (already clean) on each message of `uuids` that exists,
+        and put its tags now in `current`. Raises TagError (having written nothing) when a
+        message would get too many tags."""
+        if mode != "remove":
+            tags = self._respell(conn, tags)
+        unwanted = {tag.lower() for tag in tags}
+        plan = []
+        for uuid in dict.fromkeys(uuids):
+            row = conn.execute("SELECT id, tags FROM messages WHERE uuid = ?",
+                               (uuid,)).fetchone()
+            if row is None:
+                continue
+            before = loads(row[1])
+            if mode == "set":
+                after = tags
+            elif mode == "add":
+                after = clean_tags(before + tags)
+            else:
+                after = [tag for tag in before if tag.lower() not in unwanted]
+            plan.append((row[0], uuid, before, after))
+        changed = [_write(conn, *item) for item in plan]
+        current.update((uuid, after) for _, uuid, _, after in plan)
+        return [item for item in changed if item[0]]
 
-def delete(conn: sqlite3.Connection, name: str) -> Changed:
-    """`name` removed from every message."""
-    changed: Changed = []
-    for rowid, uuid, text in _rows_with(conn, {name.lower()}):
-        before = loads(text)
-        after = [tag for tag in before if tag.lower() != name.lower()]
-        changed.append(_write(conn, rowid, uuid, before, after))
-    return [item for item in changed if item[0]]
+    def rename(self, conn: sqlite3.Connection, old: str, new: str) -> Changed:
+        """`old` becomes `new` on every message; so does any other spelling of `new`."""
+        keys = {old.lower(), new.lower()}
+        changed: Changed = []
+        for rowid, uuid, text in _rows_with(conn, keys):
+            before = loads(text)
+            after = clean_tags([new if tag.lower() in keys else tag for tag in before])
+            changed.append(_write(conn, rowid, uuid, before, after))
+        if self._spellings is not None:
+            self._spellings.pop(old.lower(), None)
+            self._spellings[new.lower()] = new
+        return [item for item in changed if item[0]]
+
+    def delete(self, conn: sqlite3.Connection, name: str) -> Changed:
+        """`name` removed from every message."""
+        changed: Changed = []
+        for rowid, uuid, text in _rows_with(conn, {name.lower()}):
+            before = loads(text)
+            after = [tag for tag in before if tag.lower() != name.lower()]
+            changed.append(_write(conn, rowid, uuid, before, after))
+        if self._spellings is not None:
+            self._spellings.pop(name.lower(), None)
+        return [item for item in changed if item[0]]
+
+    def _respell(self, conn: sqlite3.Connection, tags: list[str]) -> list[str]:
+        """`tags` in the spelling the store already uses for each, where it has one (and
+        the store's spelling of the others from now on)."""
+        spellings = self._spellings
+        if spellings is None or len(spellings) > self.MAX_SPELLINGS:
+            spellings = self._spellings = {}
+            for (name,) in conn.execute(
+                    f"SELECT json_each.value FROM messages, json_each(messages.tags) "
+                    f"WHERE {TAGGED} ORDER BY messages.id"):
+                spellings.setdefault(name.lower(), name)
+        return [spellings.setdefault(tag.lower(), tag) for tag in tags]
 
 
 def counts(conn: sqlite3.Connection) -> list[dict[str, Any]]:
@@ -225,18 +256,9 @@ def _write(conn: sqlite3.Connection, rowid: int, uuid: str, before: list[str],
     """Write `after` when it differs from `before`; ("", []) when nothing changed."""
     if after == before:
         return "", []
-    conn.execute("UPDATE messages SET tags = ? WHERE id = ?", (dumps(after), rowid))
+    _update(conn, rowid, after)
     return uuid, after
 
 
-def _respell(conn: sqlite3.Connection, tags: list[str], exclude: int | None = None) -> list[str]:
-    """`tags` in the spelling the store already uses for each, where it has one."""
-    keys = {tag.lower() for tag in tags}
-    spelling: dict[str, str] = {}
-    rows = conn.execute(
-        f"SELECT DISTINCT json_each.value FROM messages, json_each(messages.tags) "
-        f"WHERE {TAGGED} AND messages.id != ?", (-1 if exclude is None else exclude,))
-    for (name,) in rows:
-        if name.lower() in keys:
-            spelling.setdefault(name.lower(), name)
-    return [spelling.get(tag.lower(), tag) for tag in tags]
+def _update(conn: sqlite3.Connection, rowid: int, tags: list[str]) -> None:
+    conn.execute("UPDATE messages SET tags = ? WHERE id = ?", (dumps(tags), rowid))
