@@ -588,6 +588,33 @@ class StoreConfig(Section):
         return value.upper() if isinstance(value, str) else value
 
 
+class TagFilterConfig(Section):
+    """`tags.filters[]`: messages matching the search query `match` get `tags` (a list, or
+    Mailpit's comma-separated string)."""
+
+    match: str
+    tags: list[str]
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return value.split(",") if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _valid(self) -> TagFilterConfig:
+        from mailpipe.store.tags import TagFilter
+
+        TagFilter(self.match, tuple(self.tags))  # raises TagError (a ValueError) saying why
+        return self
+
+
+class TagsConfig(Section):
+    """`tags`: automatic tags on stored messages (store/tags.py)."""
+
+    plus_addressing: bool = True
+    filters: list[TagFilterConfig] = Field(default_factory=list)
+
+
 class SinksConfig(Section):
     """`sinks.NAME`: one section per registered sink, validated by that sink's own model
     (`mailpipe.sinks.registry`); an unknown NAME is an error listing the known ones."""
@@ -720,6 +747,7 @@ class Config(BaseSettings):
     smtp: SMTPConfig = SMTPConfig()
     http: HTTPConfig = HTTPConfig()
     store: StoreConfig = StoreConfig()
+    tags: TagsConfig = TagsConfig()
     sinks: SinksConfig = SinksConfig()
     jobs: JobsConfig = JobsConfig()
     rpc: RPCConfig = RPCConfig()

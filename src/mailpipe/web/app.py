@@ -144,6 +144,7 @@ def create_app(
     from mailpipe.web.inbox import DEFAULT_CODE_PATTERN, PING_INTERVAL, InboxRoutes
     from mailpipe.web.send import SendRoutes
     from mailpipe.web.spam import SpamRoutes
+    from mailpipe.web.tags import TagRoutes
 
     guard = BrowserGuard(bind_host, allowed_hosts)
     # Outermost first: the guard runs before auth, so a refused page never sees a challenge.
@@ -184,6 +185,7 @@ def create_app(
                 *inbox.routes(),
                 *CheckRoutes(store, checks).routes(),
                 *SpamRoutes(store, spam_checker).routes(),
+                *TagRoutes(store).routes(),
                 web.get("/api/v1/messages", api.list_messages),
                 web.delete("/api/v1/messages", api.clear_messages),
                 web.get("/api/v1/messages/{uuid}", api.get_message),
