@@ -31,7 +31,8 @@ from mailpipe.checks.spam import (
     mailpit_sa_check,
 )
 from mailpipe.checks.spamd import ReplyParser, report_rules, request
-from mailpipe.checks.spamd_daemon import child_setup, spamd_argv
+from mailpipe.checks.spamd_daemon import become_nobody, spamd_argv
+from mailpipe.children import die_with_parent
 from mailpipe.config import ConfigError, load_config
 from test_web_ui import Page, browser, open_page  # noqa: F401 (the browser fixtures)
 
@@ -66,7 +67,7 @@ def spamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with open(log, "wb") as log_file:
         process = subprocess.Popen(
             spamd_argv(executable, "127.0.0.1", port), stdin=subprocess.DEVNULL,
-            stdout=log_file, stderr=log_file, preexec_fn=child_setup,
+            stdout=log_file, stderr=log_file, preexec_fn=die_with_parent(become_nobody),
         )
     addr = f"127.0.0.1:{port}"
     try:

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import pwd
 import shutil
-import signal
-import sys
 from pathlib import Path
 
 from mailpipe.capture.server import format_addr
 from mailpipe.checks.spam import SpamChecker, SpamCheckError, check_settings, spamd_address
+from mailpipe.children import die_with_parent
 
 log = logging.getLogger("mailpipe.spamd")
 # Debian installs spamd in /usr/sbin, which an ordinary user's PATH may not hold.
@@ -56,20 +54,13 @@ def spamd_argv(executable: str, host: str, port: int) -> list[str]:
     ]
 
 
-def child_setup() -> None:
-    """In the child before exec. As root, become nobody (spamd would itself, but after
-    this, and the switch clears the death signal). Then the death signal: a mailpipe
-    killed outright (SIGKILL) takes its spamd with it, instead of leaving it holding the
-    port."""
+def become_nobody() -> None:
+    """In the child before exec, as root: become nobody (spamd would itself, but later)."""
     if os.geteuid() == 0:
         nobody = pwd.getpwnam("nobody")
         os.setgroups([])
         os.setgid(nobody.pw_gid)
         os.setuid(nobody.pw_uid)
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class SpamdDaemon:
@@ -97,7 +88,8 @@ class SpamdDaemon:
                 self.process = await asyncio.create_subprocess_exec(
                     *spamd_argv(executable, self.host, self.port),
                     stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                    preexec_fn=child_setup,
+                    # a mailpipe killed outright takes its spamd along, port and all
+                    preexec_fn=die_with_parent(become_nobody),
                 )
             except OSError as exc:
                 raise SpamdStartError(f"spamassassin.start: cannot run {executable}: "
