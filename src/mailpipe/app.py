@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import sys
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,9 @@ from mailpipe.workers import PoolError
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from mailpipe.capture.inject import Injector
+    from mailpipe.checks.spam import SpamChecker
+    from mailpipe.checks.spamd_daemon import SpamdDaemon
     from mailpipe.jobs.base import Driver
     from mailpipe.jobs.consumer import JobsConsumer
     from mailpipe.jobs.sink import JobsSink
@@ -91,6 +95,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             data_dir=self.data_dir,
             verdicts=self.verdicts,
         )
+        self.spam_checker = _spam_checker(config)  # also for the compatible APIs' routes
+        self.spamd: SpamdDaemon | None = None  # spamassassin.start's own spamd
         self._http_runner: object | None = None
         self._compat_runners: dict[str, web.AppRunner] = {}
         self.rpc_server: RPCServer | None = None
@@ -153,6 +159,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         await self.capture.start()
         if self.config.pop3.addr:  # before the API: ready (/healthz) means POP3 is too
             await self._start_pop3()
+        if self.config.spamassassin.start:
+            await self._start_spamd()
         if self.config.jobs.consume:
             await self._start_consumer()
         if self.config.http.enabled:
@@ -209,6 +217,17 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         if pool is not None and self.rpc_server is not None:
             pool.env["RR_RPC"] = self.rpc_server.bound_address()
 
+    async def _start_spamd(self) -> None:
+        """spamd on spamassassin.addr; ready a few seconds later (logged), not waited for."""
+        from mailpipe.checks.spamd_daemon import SpamdDaemon, SpamdStartError
+
+        assert self.config.spamassassin.addr is not None
+        self.spamd = SpamdDaemon(self.config.spamassassin.addr, self.data_dir / "spamd.log")
+        try:
+            await self.spamd.start()
+        except SpamdStartError as exc:
+            raise StartupError(str(exc)) from None
+
     async def _start_consumer(self) -> None:
         from mailpipe.jobs.runner import build_consumer
 
@@ -245,7 +264,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         app = create_app(self.store, self.metrics, health=self.health, auth=auth, admin=self,
                          bind_host=host, allowed_hosts=http.allowed_hosts,
                          base_path=http.base_path, code_pattern=http.code_pattern,
-                         compat=compat)
+                         compat=compat, injector=self.injector,
+                         checks=self.config.checks, spam_checker=self.spam_checker)
         self._http_runner = await start_http(app, host, port)
         log.info("HTTP API on http://%s:%d%s/", *self.http_address(), http.base_path)
         for name in self._compat_apis(prefixed=False):
@@ -308,6 +328,17 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             raise StartupError(f"pop3.addr {self.config.pop3.addr}: "
                                f"{exc.strerror or exc}") from None
 
+    @cached_property
+    def injector(self) -> Injector:
+        """What POST /api/v1/send injects messages through: this server's capture pipeline,
+        as the listener "api" with the smtp section's limits (capture/inject.py). One for
+        every route that sends, so that they share its connection limits."""
+        from mailpipe.capture.inject import Injector
+
+        smtp = self.config.smtp
+        return Injector(self.capture, smtp, transcript=smtp.transcript,
+                        spool_threshold=smtp.spool_threshold)
+
     def http_address(self) -> tuple[str, int]:
         """Where the HTTP API listens (the port it bound when asked for port 0)."""
         runner = self._http_runner
@@ -354,6 +385,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             await stop_http(self._http_runner)  # type: ignore[arg-type]
             for runner in self._compat_runners.values():
                 await stop_http(runner)
+        if self.spamd is not None:
+            await self.spamd.stop()
         await self.plugins.close()
         await self.dispatcher.close()
         remove_state(self.data_dir)
@@ -377,6 +410,15 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
     async def _start_serving(self) -> None:
         await self.start()
         tune_gc()
+
+
+def _spam_checker(config: Config) -> SpamChecker | None:
+    """The spamd client (checks/spam.py), imported only when spamassassin.addr is set."""
+    if config.spamassassin.addr is None:
+        return None
+    from mailpipe.checks.spam import SpamChecker
+
+    return SpamChecker.from_config(config.spamassassin)
 
 
 def _warn_host_check(host: str, allowed_hosts: list[str]) -> None:
