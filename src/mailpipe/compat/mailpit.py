@@ -14,6 +14,8 @@ import logging
 import resource
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,15 @@ class MailpitAPI:
             web.get("/api/v1/message/{ID}/part/{PartID}", self.get_part),
             web.get("/api/v1/message/{ID}/part/{PartID}/thumb", self.get_thumbnail),
             web.post("/api/v1/message/{ID}/release", self.release),
+            web.get("/api/v1/message/{ID}/html-check", self.html_check),
+            web.get("/api/v1/message/{ID}/link-check", self.link_check),
+            web.get("/api/v1/message/{ID}/sa-check", self.sa_check),
+            web.post("/api/v1/send", self.send),
+            web.get("/api/v1/tags", self.get_tags),
+            web.put("/api/v1/tags", self.set_tags),
+            # {Tag:.+}: a tag may hold a "/" (sent as %2F).
+            web.put("/api/v1/tags/{Tag:.+}", self.rename_tag),
+            web.delete("/api/v1/tags/{Tag:.+}", self.delete_tag),
             web.get("/api/v1/info", self.info),
             web.get("/api/v1/webui", self.webui),
             web.get("/api/v1/chaos", self.get_chaos),
@@ -135,6 +146,7 @@ class MailpitAPI:
     async def _summaries(self, rows: list[dict[str, Any]], start: int, total: int,
                          matching: int, unread: int, matching_unread: int) -> dict[str, Any]:
         events = await self.store.get_many([row["uuid"] for row in rows])
+        tags = await self.store.tags()
         return {
             "total": total,
             "unread": unread,
@@ -142,8 +154,9 @@ class MailpitAPI:
             "messages_count": matching,
             "messages_unread": matching_unread,
             "start": start,
-            "tags": [],
-            "messages": [model.summary(row, events.get(row["uuid"]), []) for row in rows],
+            "tags": [tag["name"] for tag in tags],
+            "messages": [model.summary(row, events.get(row["uuid"]), row.get("tags") or [])
+                         for row in rows],
         }
 
     async def set_read_status(self, request: web.Request) -> web.Response:
@@ -215,7 +228,7 @@ class MailpitAPI:
         event = await self._event(uuid)
         parts = await asyncio.to_thread(model.parts_of, await self._raw(uuid))
         await self.store.mark_read(uuid, True)  # Mailpit: reading a message marks it read
-        return _json(model.message(uuid, event, parts, []))
+        return _json(model.message(uuid, event, parts, event.get("tags") or []))
 
     async def get_headers(self, request: web.Request) -> web.Response:
         raw = await self._raw(await self._id(request))
@@ -307,6 +320,82 @@ class MailpitAPI:
             raise Fail(f"SMTP error: {exc}") from None
         return _ok()
 
+    # ---- checks ----------------------------------------------------------------------
+
+    async def html_check(self, request: web.Request) -> web.Response:
+        from mailpipe.checks.html import mailpit_html_check
+
+        event = await self._event(await self._id(request))
+        html = (event.get("message") or {}).get("html")
+        if not html:
+            raise Fail("message does not contain HTML")
+        return _json(await asyncio.to_thread(mailpit_html_check, html))
+
+    async def link_check(self, request: web.Request) -> web.Response:
+        from mailpipe.checks.links import LinkLimits, link_check
+        from mailpipe.checks.routes import flag, refuse_other_pages
+
+        refuse_other_pages(request)  # it makes outbound requests: never for another site
+        follow = flag(request, "follow")
+        message = (await self._event(await self._id(request))).get("message") or {}
+        limits = LinkLimits(**self.context.config.checks.links.model_dump())
+        return _json(await link_check(message.get("html"), message.get("text"),
+                                      follow=follow, limits=limits))
+
+    async def sa_check(self, request: web.Request) -> web.Response:
+        from mailpipe.checks.spam import SpamNotConfigured, mailpit_sa_check
+
+        raw = await self._raw(await self._id(request))
+        try:
+            return _json(await mailpit_sa_check(self.context.mailpipe.spam_checker, raw))
+        except SpamNotConfigured as exc:
+            raise Fail(str(exc)) from None
+
+    # ---- send and tags ---------------------------------------------------------------
+
+    async def send(self, request: web.Request) -> web.Response:
+        """Mailpit's send JSON, injected as if received over SMTP (web/send.py); errors as
+        Mailpit's JSON {"Error": ...}."""
+        from mailpipe.web.compose import SendError, from_mailpit, submission
+        from mailpipe.web.send import inject, json_limit, read_json
+
+        injector = self.context.mailpipe.injector
+        try:
+            message = submission(from_mailpit(await read_json(request, json_limit(injector))))
+            outcome = await inject(injector, message, request)
+        except SendError as exc:
+            return _json({"Error": str(exc)}, status=400)
+        except ApiError as exc:
+            return _json({"Error": exc.message}, status=exc.status)
+        if not outcome.accepted:
+            text = outcome.text.replace("\n", " ")
+            return _json({"Error": f"{outcome.code} {text}"}, status=400)
+        return _json({"ID": outcome.uuid})
+
+    async def get_tags(self, request: web.Request) -> web.Response:
+        return _json([tag["name"] for tag in await self.store.tags()])
+
+    async def set_tags(self, request: web.Request) -> web.Response:
+        from mailpipe.store.tags import clean_tags
+
+        data = await _body(request)
+        tags = data.get("Tags") or []
+        with _tag_errors():
+            # Mailpit drops what a tag may not hold, rather than refusing the request.
+            await self.store.set_tags(_ids(data), clean_tags(tags, strict=False))
+        return _ok()
+
+    async def rename_tag(self, request: web.Request) -> web.Response:
+        name = (await _body(request)).get("Name")
+        with _tag_errors():
+            await self.store.rename_tag(request.match_info["Tag"], name)
+        return _ok()
+
+    async def delete_tag(self, request: web.Request) -> web.Response:
+        with _tag_errors():
+            await self.store.delete_tag(request.match_info["Tag"])
+        return _ok()
+
     # ---- application -----------------------------------------------------------------
 
     async def info(self, request: web.Request) -> web.Response:
@@ -321,7 +410,7 @@ class MailpitAPI:
             "DatabaseSize": size,
             "Messages": whole.total,
             "Unread": whole.unread,
-            "Tags": {},
+            "Tags": {tag["name"]: tag["count"] for tag in await self.store.tags()},
             "RuntimeStats": {
                 "Uptime": int(time.time() - self.shared.started),
                 "Memory": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -337,7 +426,7 @@ class MailpitAPI:
         return _json({
             "Label": self.settings.label,
             "MessageRelay": _relay_json(self.settings.relay),
-            "SpamAssassin": False,
+            "SpamAssassin": self.context.mailpipe.spam_checker is not None,
             "ChaosEnabled": self.shared.chaos is not None,
             "DuplicatesIgnored": False,
             "HideDeleteAllButton": False,
@@ -384,8 +473,19 @@ async def _plain_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return web.Response(text="store unavailable", status=503)
 
 
-def _json(data: Any) -> web.Response:
-    return web.Response(body=orjson.dumps(data), content_type="application/json")
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+@contextmanager
+def _tag_errors() -> Iterator[None]:
+    """A tag that cannot be (store/tags.py's TagError) as Mailpit's 400."""
+    from mailpipe.store.tags import TagError
+
+    try:
+        yield
+    except TagError as exc:
+        raise Fail(str(exc)) from None
 
 
 def _ok() -> web.Response:
