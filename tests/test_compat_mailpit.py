@@ -21,8 +21,13 @@ from typing import Any
 
 import pytest
 
+import test_spam
 from conftest import ROOT, MailpipeServer, free_port, missing, require_tool
 from test_clients import PHPMAILER_AUTOLOAD, require_php_library, run_php
+from test_spam import GTUBE
+
+# A real spamd, the spam tests' fixture (pytest finds fixtures by name in the module).
+spamd = test_spam.spamd
 
 JS_DIR = ROOT / "tests" / "compat" / "mailpit-js"
 EVIL = "http://evil.example"
@@ -210,6 +215,9 @@ def test_mailpit_api_npm_client_round_trip(mailpipe_factory: Factory, tmp_path: 
     assert seen["latestID"] == message["ID"] and seen["searchIDs"] == [message["ID"]]
     assert seen["unreadAgain"] is True and seen["infoMessages"] == 1
     assert seen["webuiRelay"] is False
+    assert seen["htmlCheckTests"] > 100 and isinstance(seen["htmlCheckSlugs"], list)
+    assert seen["tags"] == ["invoices", "Q3 2026"] and seen["taggedIDs"] == [message["ID"]]
+    assert seen["tagsAfter"] == ["Q3 2026"]
     assert (seen["deleted"], seen["countAfter"]) == ("ok", 0)
     assert server.get_json("/api/v1/messages")["total"] == 0  # gone from mailpipe's own API
 
@@ -221,6 +229,11 @@ def test_mailpit_api_readme_examples(mailpipe_factory: Factory) -> None:
     smtp_send(server, rich_message())  # an old message, which the fixture clears
     wait_total(own, 1)
     seen = run_js("readme.mjs", {"base": own, "smtpPort": server.smtp_port})
+    first = seen["firstList"]
+    assert first["messages_count"] == 2
+    assert first["messages"][0]["ID"] == seen["sent"]["ID"]
+    assert first["messages"][0]["Subject"] == "Test Email"
+    assert first["messages"][0]["To"] == [{"Name": "", "Address": "rec@example.test"}]
     assert seen["message"]["Text"].strip() == "Thanks for registering."
     assert (seen["listed"], seen["after"]) == (1, 0)
 
@@ -593,3 +606,145 @@ def test_basic_auth_guards_both_places(mailpipe_factory: Factory) -> None:
         assert call(base, "GET", "/api/v1/messages")[0] == 401
         status, body, _ = call(base, "GET", "/api/v1/messages", headers=good)
         assert status == 200 and json.loads(body)["total"] == 0
+
+
+# ---- send, tags, checks ---------------------------------------------------------------------
+
+
+def test_send_injects_mailpits_json(mailpipe_factory: Factory) -> None:
+    import base64
+
+    server, own, prefixed = start(mailpipe_factory)
+    request = {
+        "From": {"Email": "john@example.test", "Name": "John Doe"},
+        "To": [{"Email": "jane@example.test", "Name": "Jane Doe"}],
+        "Cc": [{"Email": "manager@example.test"}], "Bcc": ["jack@example.test"],
+        "ReplyTo": [{"Email": "secretary@example.test"}],
+        "Subject": "Mailpit message via the HTTP API", "Text": "Mailpit is awesome!",
+        "HTML": '<p>Mailpit is <b>awesome</b>! <img src="cid:logo"></p>',
+        "Attachments": [{"Content": base64.b64encode(png(50, 50)).decode(),
+                         "Filename": "logo.png", "ContentID": "logo"}],
+        "Headers": {"X-IP": "1.2.3.4"}, "Tags": ["Tag 1", "Tag 2"],
+    }
+    status, body, _ = call(prefixed, "POST", "/api/v1/send", request)
+    assert status == 200, body
+    sent_id = json.loads(body)["ID"]
+    message = get_json(own, f"/api/v1/message/{sent_id}")
+    assert message["From"] == {"Name": "John Doe", "Address": "john@example.test"}
+    assert message["Bcc"] == [{"Name": "", "Address": "jack@example.test"}]
+    assert message["Tags"] == ["Tag 1", "Tag 2"]
+    assert message["Text"].strip() == "Mailpit is awesome!"
+    assert message["Inline"][0]["ContentID"] == "logo"
+    assert get_json(own, f"/api/v1/message/{sent_id}/headers")["X-Ip"] == ["1.2.3.4"]
+    # It went through the capture pipeline, as SMTP mail does: mailpipe's own API has it.
+    event = server.event(sent_id)
+    assert event["envelope"]["to"] == ["jane@example.test", "manager@example.test",
+                                       "jack@example.test"]
+
+    for bad, error in (({"To": [{"Email": "x@y.test"}]}, "From"),
+                       ({"From": {"Email": "not-an-address"}}, "From.Email"),
+                       ({"From": {"Email": "a@b.test"}, "Attachments": [{"Content": "%%%",
+                                                                          "Filename": "x"}]},
+                        "Attachments[0].Content")):
+        status, body, headers = call(own, "POST", "/api/v1/send", bad)
+        assert status == 400 and headers["Content-Type"] == "application/json"
+        assert json.loads(body)["Error"].startswith(error), body
+    status, body, _ = call(own, "POST", "/api/v1/send", b"{")
+    assert status == 400 and "JSON" in json.loads(body)["Error"]
+
+
+def test_tag_routes(mailpipe_factory: Factory) -> None:
+    server, own, prefixed = start(mailpipe_factory)
+    for subject in ("one", "two"):
+        message = EmailMessage()
+        message["From"], message["To"], message["Subject"] = "a@b.test", "c@d.test", subject
+        message.set_content(subject)
+        smtp_send(server, message)
+    ids = {m["Subject"]: m["ID"] for m in wait_total(own, 2)["messages"]}
+    assert get_json(own, "/api/v1/tags") == []
+    ok(own, "PUT", "/api/v1/tags", {"IDs": list(ids.values()), "Tags": ["Shared", "b/c"]})
+    ok(prefixed, "PUT", "/api/v1/tags", {"IDs": [ids["one"]], "Tags": ["Shared", "Only one"]})
+    assert get_json(own, "/api/v1/tags") == ["b/c", "Only one", "Shared"]
+    listed = get_json(own, "/api/v1/messages")
+    assert listed["tags"] == ["b/c", "Only one", "Shared"]
+    assert {m["Subject"]: m["Tags"] for m in listed["messages"]} == {
+        "one": ["Shared", "Only one"], "two": ["Shared", "b/c"]}
+    assert get_json(own, "/api/v1/info")["Tags"] == {"b/c": 1, "Only one": 1, "Shared": 2}
+    found = get_json(own, "/api/v1/search?query=tag:%22Only%20one%22")
+    assert [m["ID"] for m in found["messages"]] == [ids["one"]]
+    ok(own, "PUT", "/api/v1/tags/b%2Fc", {"Name": "Renamed"})
+    ok(own, "DELETE", "/api/v1/tags/Shared")
+    assert get_json(own, f"/api/v1/message/{ids['two']}")["Tags"] == ["Renamed"]
+    ok(own, "PUT", "/api/v1/tags", {"IDs": [ids["two"]]})  # no Tags: none left
+    assert get_json(own, "/api/v1/tags") == ["Only one"]
+    assert "string" in fails(own, "PUT", "/api/v1/tags/Renamed", {"Name": 5})
+    assert "IDs" in fails(own, "PUT", "/api/v1/tags", {"IDs": "x", "Tags": []})
+
+
+def test_html_and_link_checks(mailpipe_factory: Factory) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Site(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(200 if self.path == "/ok" else 404)
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    site = ThreadingHTTPServer(("127.0.0.1", 0), Site)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    base_url = f"http://127.0.0.1:{site.server_address[1]}"
+    try:
+        server, own, prefixed = start(mailpipe_factory)
+        message = EmailMessage()
+        message["From"], message["To"], message["Subject"] = "a@b.test", "c@d.test", "Links"
+        message.set_content(f"See {base_url}/ok")
+        message.add_alternative(f'<div style="display:flex"><a href="{base_url}/ok">ok</a>'
+                                f'<img src="{base_url}/gone.png"></div>', subtype="html")
+        smtp_send(server, message)
+        wait_total(own, 1)
+        check = get_json(prefixed, "/api/v1/message/latest/html-check")
+        assert set(check) == {"Total", "Warnings", "Platforms"}
+        assert "css-display-flex" in [w["Slug"] for w in check["Warnings"]]
+        assert check["Total"]["Nodes"] >= 3 and check["Total"]["Tests"] > 100
+        links = get_json(own, "/api/v1/message/latest/link-check")
+        assert links == {"Errors": 1, "Links": [
+            {"URL": f"{base_url}/ok", "StatusCode": 200, "Status": "OK"},
+            {"URL": f"{base_url}/gone.png", "StatusCode": 404, "Status": "Not Found"}]}
+        # Outbound requests on a page's behalf: refused to other sites.
+        status, _, _ = call(own, "GET", "/api/v1/message/latest/link-check",
+                            headers={"Sec-Fetch-Site": "cross-site", "Origin": EVIL})
+        assert status == 403
+        assert "follow" in fails(own, "GET", "/api/v1/message/latest/link-check?follow=maybe")
+        text_only = EmailMessage()
+        text_only["From"], text_only["To"], text_only["Subject"] = "a@b.test", "c@d.test", "t"
+        text_only.set_content("plain")
+        smtp_send(server, text_only)
+        wait_total(own, 2)
+        assert fails(own, "GET", "/api/v1/message/latest/html-check") == (
+            "message does not contain HTML")
+        assert "not configured" in fails(own, "GET", "/api/v1/message/latest/sa-check")
+        assert get_json(own, "/api/v1/webui")["SpamAssassin"] is False
+    finally:
+        site.shutdown()
+
+
+def test_sa_check_with_a_real_spamd(spamd: str, mailpipe_factory: Factory) -> None:
+    port = free_port()
+    server = mailpipe_factory({"spamassassin": {"addr": spamd},
+                               "compat": {"mailpit": {"addr": f"127.0.0.1:{port}"}}})
+    wait_port(port)
+    own = f"http://127.0.0.1:{port}"
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = "a@b.test", "c@d.test", "Cheap"
+    message.set_content(f"Buy now\n{GTUBE}\n")
+    smtp_send(server, message)
+    wait_total(own, 1)
+    result = get_json(own, "/api/v1/message/latest/sa-check")
+    assert result["IsSpam"] is True and result["Error"] == "" and result["Score"] >= 1000
+    assert "GTUBE" in [rule["Name"] for rule in result["Rules"]]
+    assert get_json(own, "/api/v1/webui")["SpamAssassin"] is True

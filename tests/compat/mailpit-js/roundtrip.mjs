@@ -44,6 +44,14 @@ const listed = await mailpit.listMessages();
 const unreadAgain = listed.messages.find((m) => m.ID === message.ID).Read === false;
 const info = await mailpit.getInfo();
 const webui = await mailpit.getConfiguration();
+const htmlCheck = await mailpit.htmlCheck(message.ID);
+
+await mailpit.setTags({ IDs: [message.ID], Tags: ["invoices", "Q3"] });
+await mailpit.renameTag("Q3", "Q3 2026");
+const tags = await mailpit.getTags();
+const tagged = await mailpit.searchMessages({ query: "tag:invoices" });
+await mailpit.deleteTag("invoices");
+const tagsAfter = (await mailpit.getMessageSummary(message.ID)).Tags;
 
 const deleted = await mailpit.deleteMessages({ IDs: [message.ID] });
 const after = await mailpit.waitForMessages({ query, count: 0 }, { timeout: 5000, interval: 100 });
@@ -52,5 +60,7 @@ console.log(JSON.stringify({
   message, headers, source, attachments, html, text,
   latestID: latest.ID, searchCount: found.messages_count, searchIDs: found.messages.map((m) => m.ID),
   unreadAgain, infoMessages: info.Messages, webuiRelay: webui.MessageRelay.Enabled,
+  htmlCheckTests: htmlCheck.Total.Tests, htmlCheckSlugs: htmlCheck.Warnings.map((w) => w.Slug),
+  tags, taggedIDs: tagged.messages.map((m) => m.ID), tagsAfter,
   deleted, countAfter: after.messages_count,
 }));
