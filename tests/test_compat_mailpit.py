@@ -169,7 +169,9 @@ def test_mailpit_api_npm_client_round_trip(mailpipe_factory: Factory, tmp_path: 
     """PHPMailer sends; mailpit-api finds the message, reads it and its attachments, deletes
     it."""
     require_php_library(PHPMAILER_AUTOLOAD)
-    server, own, prefixed = start(mailpipe_factory)
+    downstream = mailpipe_factory()
+    server, own, prefixed = start(mailpipe_factory, chaos=True, relay={
+        "host": "127.0.0.1", "port": downstream.smtp_port})
     report, picture = bytes(range(256)) * 40, png(300, 200)
     (tmp_path / "report.bin").write_bytes(report)
     (tmp_path / "chart.png").write_bytes(picture)
@@ -190,7 +192,8 @@ def test_mailpit_api_npm_client_round_trip(mailpipe_factory: Factory, tmp_path: 
         }],
     })
     base = own if place == "own listener" else prefixed
-    seen = run_js("roundtrip.mjs", {"base": base, "subject": subject})
+    seen = run_js("roundtrip.mjs", {"base": base, "subject": subject,
+                                    "releaseTo": "archive@corp.test"})
 
     message = seen["message"]
     assert message["From"] == {"Name": "Reports", "Address": "reports@corp.test"}
@@ -214,7 +217,13 @@ def test_mailpit_api_npm_client_round_trip(mailpipe_factory: Factory, tmp_path: 
     assert seen["text"].strip() == "The numbers are attached."
     assert seen["latestID"] == message["ID"] and seen["searchIDs"] == [message["ID"]]
     assert seen["unreadAgain"] is True and seen["infoMessages"] == 1
-    assert seen["webuiRelay"] is False
+    assert seen["webuiRelay"] is True
+    assert seen["linkCheck"] == {"Errors": 0, "Links": []}
+    assert "400" in seen["spamError"] and "not configured" in seen["spamError"]
+    assert seen["chaos"]["Recipient"] == {"ErrorCode": 452, "Probability": 0}
+    assert seen["chaosNow"] == seen["chaos"] and seen["released"] == "ok"
+    [relayed] = downstream.wait_for_messages(1)
+    assert relayed["subject"] == subject and relayed["to"] == ["archive@corp.test"]
     assert seen["htmlCheckTests"] > 100 and isinstance(seen["htmlCheckSlugs"], list)
     assert seen["tags"] == ["invoices", "Q3 2026"] and seen["taggedIDs"] == [message["ID"]]
     assert seen["tagsAfter"] == ["Q3 2026"]

@@ -45,6 +45,12 @@ const unreadAgain = listed.messages.find((m) => m.ID === message.ID).Read === fa
 const info = await mailpit.getInfo();
 const webui = await mailpit.getConfiguration();
 const htmlCheck = await mailpit.htmlCheck(message.ID);
+const linkCheck = await mailpit.linkCheck(message.ID);
+const spamError = await mailpit.spamAssassinCheck(message.ID).then(
+  () => "", (error) => error.message);
+const chaos = await mailpit.setChaosTriggers({ Recipient: { ErrorCode: 452, Probability: 0 } });
+const chaosNow = await mailpit.getChaosTriggers();
+const released = await mailpit.releaseMessage(message.ID, { To: [want.releaseTo] });
 
 await mailpit.setTags({ IDs: [message.ID], Tags: ["invoices", "Q3"] });
 await mailpit.renameTag("Q3", "Q3 2026");
@@ -60,6 +66,7 @@ console.log(JSON.stringify({
   message, headers, source, attachments, html, text,
   latestID: latest.ID, searchCount: found.messages_count, searchIDs: found.messages.map((m) => m.ID),
   unreadAgain, infoMessages: info.Messages, webuiRelay: webui.MessageRelay.Enabled,
+  linkCheck, spamError, chaos, chaosNow, released,
   htmlCheckTests: htmlCheck.Total.Tests, htmlCheckSlugs: htmlCheck.Warnings.map((w) => w.Slug),
   tags, taggedIDs: tagged.messages.map((m) => m.ID), tagsAfter,
   deleted, countAfter: after.messages_count,
