@@ -1,11 +1,308 @@
-"""PLACEHOLDER (compat base): replaced by the mailhog-compatible API."""
+"""MailHog's HTTP API, v1 and v2, over mailpipe's store (MailHog-Server api/v1.go, api/v2.go),
+so that MailHog's clients (the npm `mailhog` package, hand-written test helpers) run
+unchanged. Messages are shaped by compat/mailhog_message.py; IDs are mailpipe's uuids.
 
+Where MailHog answers a bad request with an empty 400 or a missing message with `null`, this
+answers a status and {"error": ...}: clients that worked against MailHog never depended on
+those. Jim, MailHog's chaos monkey, is not invited: its routes answer 404 as MailHog's do
+without -invite-jim (mailpipe's `chaos` plugin does Jim's job, configured in mailpipe.yaml).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import quopri
+from email.message import Message
+from typing import Any
+
+import orjson
 from aiohttp import web
 
+from mailpipe.compat import CompatContext
+from mailpipe.compat.mailhog_message import header, message_json, part_at
+from mailpipe.router.deliver import DeliveryError, Relay, deliver, mechanism
+from mailpipe.store.search import Term
+from mailpipe.web.app import (
+    MAX_OFFSET,
+    UNTRUSTED_HEADERS,
+    ApiError,
+    _disposition,
+    _errors_as_json,
+    _safe_filename,
+    _safe_mime,
+    bounded_int,
+    int_param,
+    json_response,
+)
+from mailpipe.web.inbox import PING_INTERVAL, _Live
 
-def create_app(context):
-    async def info(request):
-        return web.json_response({"api": "mailhog", "count": await context.store.count()})
-    app = web.Application()
-    app.router.add_get("/api/v1/info", info)
+# MailHog's paging: 50 by default, never more than 250 a page; v1 lists up to 1000.
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 250
+V1_LIMIT = 1000
+MAX_PART_INDEX = 1_000_000
+SEARCH_KINDS = ("from", "to", "containing")
+RELEASE_FIELDS = ("host", "port", "email", "username", "password", "mechanism", "name", "save")
+
+
+def create_app(context: CompatContext) -> web.Application:
+    routes = MailHogRoutes(context)
+    # Its own error middleware: on its own listener nothing else turns errors into JSON.
+    app = web.Application(middlewares=[_errors_as_json])
+    app.on_shutdown.append(routes.on_shutdown)
+    app.router.add_routes(routes.routes())
     return app
+
+
+class MailHogRoutes:
+    def __init__(self, context: CompatContext, ping_interval: float = PING_INTERVAL) -> None:
+        self.store = context.store
+        self.ping_interval = ping_interval
+        self.live: set[Any] = set()
+
+    def routes(self) -> list[web.RouteDef]:
+        message = "/api/v1/messages/{id}"
+        return [
+            web.get("/api/v2/messages", self.messages_v2),
+            web.get("/api/v2/search", self.search),
+            web.get("/api/v2/jim", self.jim),
+            web.post("/api/v2/jim", self.jim),
+            web.put("/api/v2/jim", self.jim),
+            web.delete("/api/v2/jim", self.jim),
+            web.get("/api/v2/outgoing-smtp", self.outgoing_smtp),
+            web.get("/api/v1/messages", self.messages_v1),
+            web.delete("/api/v1/messages", self.delete_all),
+            web.get("/api/v1/events", self.events),
+            web.get(message, self.message),
+            web.delete(message, self.delete_one),
+            web.get(message + "/download", self.download),
+            web.get(message + "/mime/part/{part}/download", self.download_part),
+            web.post(message + "/release", self.release),
+        ]
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        for subscription in list(self.live):
+            subscription.end()
+
+    # ---- lists ---------------------------------------------------------------------------
+
+    async def messages_v2(self, request: web.Request) -> web.Response:
+        start, limit = _start_limit(request)
+        page = await self.store.page_of([], limit=limit, offset=start)
+        return await self._result(page, start)
+
+    async def search(self, request: web.Request) -> web.Response:
+        start, limit = _start_limit(request)
+        kind = request.query.get("kind", "")
+        if kind not in SEARCH_KINDS:
+            raise ApiError(400, "kind must be one of from, to, containing")
+        query = request.query.get("query", "")
+        if not query:
+            raise ApiError(400, "query must not be empty")
+        if kind == "containing":
+            # MailHog looks in the body as sent (still encoded) and the headers; mailpipe's
+            # search text holds them decoded: either matches.
+            page = await self.store.page_of([Term("text", query)], limit=limit, offset=start,
+                                            or_raw=query)
+        else:
+            page = await self.store.page_of([Term(kind, query)], limit=limit, offset=start)
+        return await self._result(page, start)
+
+    async def messages_v1(self, request: web.Request) -> web.Response:
+        # MailHog's v1 list: a bare array, oldest first, at most 1000 (here the newest 1000).
+        page = await self.store.page_of([], limit=V1_LIMIT)
+        items = await self._messages([summary["uuid"] for summary in page.messages])
+        return json_response(items[::-1])
+
+    async def _result(self, page: Any, start: int) -> web.Response:
+        items = await self._messages([summary["uuid"] for summary in page.messages])
+        return json_response({"total": page.total, "count": len(items), "start": start,
+                              "items": items})
+
+    async def _messages(self, uuids: list[str]) -> list[dict[str, Any]]:
+        """The messages in MailHog's shape; one deleted meanwhile is left out."""
+        loaded = await asyncio.gather(*(self._load(uuid) for uuid in uuids))
+        found = [pair for pair in loaded if pair is not None]
+        # Splitting many messages is CPU work: off the event loop, in one go.
+        return await asyncio.to_thread(lambda: [message_json(*pair) for pair in found])
+
+    async def _load(self, uuid: str) -> tuple[dict[str, Any], bytes] | None:
+        event, raw = await asyncio.gather(self.store.get(uuid), self.store.raw(uuid))
+        return None if event is None or raw is None else (event, raw)
+
+    # ---- one message ---------------------------------------------------------------------
+
+    async def message(self, request: web.Request) -> web.Response:
+        return json_response(await self._message(request))
+
+    async def _message(self, request: web.Request) -> dict[str, Any]:
+        loaded = await self._load(request.match_info["id"])
+        if loaded is None:
+            raise ApiError(404, "message not found")
+        return await asyncio.to_thread(message_json, *loaded)
+
+    async def delete_one(self, request: web.Request) -> web.Response:
+        if not await self.store.delete(request.match_info["id"]):
+            raise ApiError(404, "message not found")
+        return web.Response()  # MailHog answers 200 with no body; its clients expect none
+
+    async def delete_all(self, request: web.Request) -> web.Response:
+        await self.store.clear()
+        return web.Response()
+
+    async def download(self, request: web.Request) -> web.Response:
+        uuid = request.match_info["id"]
+        raw = await self.store.raw(uuid)
+        if raw is None:
+            raise ApiError(404, "message not found")
+        headers = {"Content-Disposition": _disposition("attachment", f"{uuid}.eml"),
+                   **UNTRUSTED_HEADERS}
+        return web.Response(body=raw, content_type="message/rfc822", headers=headers)
+
+    async def download_part(self, request: web.Request) -> web.Response:
+        """MIME.Parts[part] decoded (MailHog decodes base64 only; quoted-printable too here),
+        always as a download: the sender's headers are not passed on as ours."""
+        index = bounded_int("part", request.match_info["part"], 0, MAX_PART_INDEX)
+        uuid = request.match_info["id"]
+        part = part_at((await self._message(request))["MIME"], index)
+        if part is None:
+            raise ApiError(404, "MIME part not found")
+        content_type = _safe_mime(header(part, "Content-Type") or "text/plain")
+        name = _part_filename(part) or f"{uuid}-part-{index}"
+        response = web.Response(
+            body=_decoded_body(part),
+            headers={"Content-Disposition": _disposition("attachment",
+                                                         _safe_filename(name, content_type,
+                                                                        index)),
+                     **UNTRUSTED_HEADERS},
+        )
+        response.content_type = content_type
+        return response
+
+    async def release(self, request: web.Request) -> web.Response:
+        """Deliver the message as received to Email through Host:Port (MailHog's release)."""
+        loaded = await self._load(request.match_info["id"])
+        if loaded is None:
+            raise ApiError(404, "message not found")
+        event, raw = loaded
+        relay, email = _release_config(await _json_body(request))
+        mail_from = (event.get("envelope") or {}).get("from") or ""
+        try:
+            await deliver(raw, relay, mail_from, [email])
+        except DeliveryError as exc:
+            raise ApiError(502, f"release failed: {exc}") from None
+        return web.Response()
+
+    # ---- the rest of MailHog's API -------------------------------------------------------
+
+    async def jim(self, request: web.Request) -> web.Response:
+        raise ApiError(404, "Jim is not invited: mailpipe's chaos plugin (plugins.chaos in "
+                            "mailpipe.yaml) fails sessions on purpose instead")
+
+    async def outgoing_smtp(self, request: web.Request) -> web.Response:
+        # MailHog's servers saved for release (-outgoing-smtp); mailpipe keeps none.
+        return json_response({})
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """MailHog's v1 event stream: each new message in full, as an `event: data`; an
+        `event: keepalive` now and then, so that a gone client is noticed."""
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        })
+        with _Live(self.store.changes.subscribe(), self.live) as changes:
+            await response.prepare(request)
+            try:
+                while True:
+                    try:
+                        change = await asyncio.wait_for(changes.get(), self.ping_interval)
+                    except TimeoutError:
+                        await response.write(b"event: keepalive\ndata: \n\n")
+                        continue
+                    if change is None:
+                        break
+                    if change.kind != "new":
+                        continue
+                    found = await self._messages([change.data["uuid"]])
+                    for item in found:
+                        await response.write(b"event: data\ndata: %s\n\n" % orjson.dumps(item))
+            except (ConnectionResetError, ConnectionError):
+                return response
+        await response.write_eof()
+        return response
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def _start_limit(request: web.Request) -> tuple[int, int]:
+    """MailHog's start and limit: a limit of 0 means the default, more than 250 means 250."""
+    start = int_param(request, "start", 0, 0, MAX_OFFSET)
+    limit = int_param(request, "limit", 0, 0, MAX_OFFSET)
+    return start, min(limit, MAX_LIMIT) if limit else DEFAULT_LIMIT
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+def _release_config(body: dict[str, Any]) -> tuple[Relay, str]:
+    """MailHog's ReleaseConfig (Go decodes JSON field names in any case: `host` or `Host`)."""
+    given = {str(key).lower(): value for key, value in body.items()}
+    unknown = sorted(set(given) - set(RELEASE_FIELDS))
+    if unknown:
+        raise ApiError(400, f"unknown release fields: {', '.join(unknown)}")
+    if given.get("name") or given.get("save"):
+        raise ApiError(400, "mailpipe keeps no saved outgoing SMTP servers: give Host, Port "
+                            "and Email")
+    host, email = _text(given, "host"), _text(given, "email")
+    if not host or not email:
+        raise ApiError(400, "Host and Email are required")
+    port = bounded_int("Port", str(given.get("port", "")).strip(), 1, 65535)
+    try:
+        chosen = mechanism(_text(given, "mechanism"))
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    username, password = _text(given, "username"), _text(given, "password")
+    relay = Relay(host=host, port=port, username=username or None,
+                  password=password or None, mechanism=chosen)
+    return relay, email
+
+
+def _text(given: dict[str, Any], name: str) -> str:
+    value = given.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ApiError(400, f"{name} must be a string")
+    return value.strip()
+
+
+def _part_filename(part: dict[str, Any]) -> str | None:
+    holder = Message()
+    for name in ("Content-Disposition", "Content-Type"):
+        if value := header(part, name):
+            holder[name] = value
+    return holder.get_filename()
+
+
+def _decoded_body(part: dict[str, Any]) -> bytes:
+    body: str = part["Body"]
+    encoding = header(part, "Content-Transfer-Encoding").strip().lower()
+    if encoding == "base64":
+        try:
+            return base64.b64decode("".join(body.split()), validate=False)
+        except (binascii.Error, ValueError):
+            pass  # as MailHog: undecodable base64 is served as it is
+    if encoding == "quoted-printable":
+        return quopri.decodestring(body.encode("utf-8", "replace"))
+    return body.encode("utf-8", "replace")
