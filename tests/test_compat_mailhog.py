@@ -1,0 +1,497 @@
+"""MailHog's API (compat/mailhog.py) through a real `mailpipe serve`: emails sent over SMTP
+with smtplib, read back by the npm `mailhog` client unchanged (tests/compat/mailhog-js) on
+both the API's own listener and under /compat/mailhog/ of the main one, and every route's
+shape, errors and protection over plain HTTP."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import smtplib
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from email.message import EmailMessage
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from conftest import ROOT, MailpipeServer, free_port, require_tool
+
+Factory = Callable[..., MailpipeServer]
+JS_DIR = ROOT / "tests" / "compat" / "mailhog-js"
+PREFIX = "/compat/mailhog"
+AUTH = ("hog", "s3cret")
+
+# What the round trip sends, and what the client must read back (roundtrip.js).
+EXPECT: dict[str, Any] = {
+    "domain": "example.org",
+    "releaseTo": "again@example.net",
+    "attached": {
+        "from": "zoe@example.com",
+        # One word: the client's RFC 2047 Q decoding leaves "_" for a space as it is.
+        "headerFrom": "Zoë <zoe@example.com>",
+        "to": "bob@example.org",
+        "subject": "Grüße aus Köln ✓",
+        "text": "Héllo wörld: the report is attached. Straße €5",
+        "qpWord": "Straße",
+        "filename": "report.csv",
+        "attachment": "name,amount\nÄpfel,3\n",
+    },
+    "html": {
+        "from": "shop@example.com",
+        "to": "carol@example.org",
+        "cc": "dave@example.org",
+        "subject": "日本語のお知らせ",
+        "text": "Your order 4242 has shipped — 日本",
+        "html": "<p>Your order <b>4242</b> has shipped — 日本</p>",
+    },
+    "plain": {
+        "from": "cron@example.com",
+        "to": "ops@example.org",
+        "subject": "Nightly job done",
+        "text": "The nightly kumquat job finished.",
+        "word": "kumquat",
+    },
+}
+
+
+# ---- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def node_client() -> Path:
+    """The npm client installed from the committed lock file (npm ci) when it is not yet."""
+    require_tool("node")
+    if not (JS_DIR / "node_modules" / "mailhog").is_dir():
+        npm = require_tool("npm")
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, check=True,
+                       capture_output=True, timeout=300)
+    return JS_DIR
+
+
+@pytest.fixture
+def hog(mailpipe_factory: Factory) -> MailpipeServer:
+    """mailpipe with MailHog's API on a listener of its own too."""
+    port = free_port()
+    server = mailpipe_factory({"compat": {"mailhog": {"addr": f"127.0.0.1:{port}"}}})
+    server.extra_ports["mailhog"] = port
+    return server
+
+
+def places(server: MailpipeServer) -> dict[str, tuple[int, str]]:
+    """Where MailHog's API is served: (port, path prefix)."""
+    return {"own": (server.extra_ports["mailhog"], ""), "prefix": (server.http_port, PREFIX)}
+
+
+# ---- sending ------------------------------------------------------------------------------
+
+
+def send_roundtrip_emails(smtp_port: int) -> None:
+    """Three emails, oldest first: UTF-8 quoted-printable text with a base64 attachment;
+    text and HTML alternatives in base64 with an encoded subject; plain 7-bit."""
+    a = EXPECT["attached"]
+    attached = EmailMessage()
+    attached["From"], attached["To"], attached["Subject"] = a["headerFrom"], a["to"], a["subject"]
+    attached.set_content(a["text"], cte="quoted-printable")
+    attached.add_attachment(a["attachment"].encode(), maintype="text", subtype="csv",
+                            filename=a["filename"])
+    h = EXPECT["html"]
+    html = EmailMessage()
+    html["From"], html["To"], html["Subject"] = h["from"], h["to"], h["subject"]
+    html["Cc"] = h["cc"]
+    html.set_content(h["text"], cte="base64")
+    html.add_alternative(h["html"], subtype="html", cte="base64")
+    p = EXPECT["plain"]
+    plain = EmailMessage()
+    plain["From"], plain["To"], plain["Subject"] = p["from"], p["to"], p["subject"]
+    plain.set_content(p["text"], cte="7bit")
+    for message in (attached, html, plain):
+        message["Date"] = formatdate(localtime=True)
+    with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as client:
+        client.send_message(attached, a["from"], [a["to"]])
+        client.send_message(html, h["from"], [h["to"], h["cc"]])
+        client.send_message(plain, p["from"], [p["to"]])
+
+
+def send(smtp_port: int, message: str | bytes, mail_from: str = "app@example.com",
+         to: tuple[str, ...] = ("dev@example.org",)) -> None:
+    with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as client:
+        client.sendmail(mail_from, list(to), message)
+
+
+def run_node(script: str, js_dir: Path, port: int, base: str, smtp_port: int,
+             auth: str | None = None) -> dict[str, Any]:
+    env = {**os.environ, "MAILHOG_PORT": str(port), "MAILHOG_BASE_PATH": base + "/api",
+           "MAILPIPE_SMTP_PORT": str(smtp_port), "MAILPIPE_EXPECT": json.dumps(EXPECT)}
+    if auth is not None:
+        env["MAILHOG_AUTH"] = auth
+    done = subprocess.run(["node", script], cwd=js_dir, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, f"{script} failed:\n{done.stdout}\n{done.stderr}"
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+# ---- the npm client -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("place", ["own", "prefix"])
+def test_npm_client_round_trip(hog: MailpipeServer, node_client: Path, place: str) -> None:
+    send_roundtrip_emails(hog.smtp_port)
+    hog.wait_for_messages(3)
+    port, base = places(hog)[place]
+    seen = run_node("roundtrip.js", node_client, port, base, hog.smtp_port)
+    assert seen["attachment"] == EXPECT["attached"]["attachment"]
+    assert seen["text"] == EXPECT["attached"]["text"]
+    assert seen["html"] == EXPECT["html"]["html"]
+    # The IDs are mailpipe's uuids, and the store agrees that all of them are gone.
+    assert "must be application/json" in seen["release"]  # see test_release_*
+    assert len(set(seen["ids"])) == 3 and all(len(i) == 36 for i in seen["ids"])
+    assert hog.messages() == []
+
+
+def test_npm_client_readme_examples(hog: MailpipeServer, node_client: Path) -> None:
+    send(hog.smtp_port, "From: test@example.org\r\nTo: test@example.org\r\nSubject: Fruit\r\n"
+         "Content-Type: text/plain\r\n\r\nA banana a day.\r\n",
+         "test@example.org", ("test@example.org",))
+    send(hog.smtp_port, "From: Umlaut <u@example.com>\r\nTo: x@example.org\r\n"
+         "Subject: Umlauts\r\nContent-Type: text/plain; charset=utf-8\r\n"
+         "Content-Transfer-Encoding: quoted-printable\r\n\r\nSay =C3=BC=C3=A4=C3=B6 now.\r\n",
+         "u@example.com", ("x@example.org",))
+    hog.wait_for_messages(2)
+    out = run_node("readme.js", node_client, hog.extra_ports["mailhog"], "", hog.smtp_port)
+    fruit = ["From:  test@example.org", "To:  test@example.org", "Subject:  Fruit",
+             "Content:  A banana a day.\r\n"]
+    assert out["messages"][4:] == fruit  # the umlaut email is the newer one
+    assert out["messages"][:4][2] == "Subject:  Umlauts"
+    assert out["search"] == fruit
+    assert out["latestFrom"] == fruit
+    assert out["latestTo"] == fruit
+    assert out["latestContaining"] == fruit
+    assert out["encodeDecode"] == ["=C3=BC=C3=A4=C3=B6", "日本"]
+    assert out["encodedSearch"] == ["Encoded search total:  1"]
+    assert out["release"] == ["Release:  a POST body must be application/json, not no Content-Type"]
+    assert out["deleteMessage"] == ["Status code:  200"]
+    assert out["deleteAll"] == ["Status code:  200"]
+    assert hog.messages() == []
+
+
+def test_npm_client_with_basic_auth(mailpipe_factory: Factory, node_client: Path) -> None:
+    port = free_port()
+    server = mailpipe_factory({
+        "compat": {"mailhog": {"addr": f"127.0.0.1:{port}"}},
+        "http": {"auth": {"type": "basic", "username": AUTH[0], "password": AUTH[1]}},
+    })
+    send_roundtrip_emails(server.smtp_port)
+    status, _ = http_get(port, "/api/v2/messages")
+    assert status == 401
+    seen = run_node("roundtrip.js", node_client, port, "", server.smtp_port,
+                    auth=":".join(AUTH))
+    assert seen["attachment"] == EXPECT["attached"]["attachment"]
+
+
+# ---- each route over HTTP -----------------------------------------------------------------
+
+
+def request(port: int, method: str, path: str, headers: dict[str, str] | None = None,
+            body: bytes | None = None) -> tuple[int, bytes, http.client.HTTPMessage]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read(), response.headers
+    finally:
+        conn.close()
+
+
+def http_get(port: int, path: str) -> tuple[int, Any]:
+    status, body, headers = request(port, "GET", path)
+    is_json = headers.get_content_type() == "application/json"
+    return status, json.loads(body) if is_json and body else body
+
+
+@pytest.fixture
+def filled(hog: MailpipeServer) -> Iterator[MailpipeServer]:
+    send_roundtrip_emails(hog.smtp_port)
+    hog.wait_for_messages(3)
+    yield hog
+
+
+@pytest.mark.parametrize("place", ["own", "prefix"])
+def test_v2_messages_shape(filled: MailpipeServer, place: str) -> None:
+    port, base = places(filled)[place]
+    status, result = http_get(port, base + "/api/v2/messages")
+    assert status == 200
+    assert (result["total"], result["count"], result["start"]) == (3, 3, 0)
+    newest, html, attached = result["items"]
+    assert set(newest) == {"ID", "From", "To", "Content", "Created", "MIME", "Raw", "Mailpipe"}
+    assert newest["From"] == {"Relays": None, "Mailbox": "cron", "Domain": "example.com",
+                              "Params": newest["From"]["Params"]}
+    assert newest["To"][0]["Mailbox"] == "ops" and newest["To"][0]["Domain"] == "example.org"
+    assert newest["MIME"] is None  # not a multipart
+    headers = newest["Content"]["Headers"]
+    assert headers["Subject"] == ["Nightly job done"]
+    assert headers["Return-Path"] == ["<cron@example.com>"]  # added, as MailHog adds it
+    assert "Message-ID" in headers and "Received" in headers
+    assert newest["Content"]["Body"].strip() == EXPECT["plain"]["text"]
+    assert newest["Raw"]["From"] == "cron@example.com"
+    assert newest["Raw"]["To"] == ["ops@example.org"]
+    assert newest["Raw"]["Helo"]
+    assert "Subject: Nightly job done" in newest["Raw"]["Data"]
+    assert newest["Content"]["Size"] == len(newest["Raw"]["Data"].encode())
+    # The HTML email: multipart/alternative split into its two parts, still base64.
+    assert [p["Headers"]["Content-Type"][0].split(";")[0] for p in html["MIME"]["Parts"]] \
+        == ["text/plain", "text/html"]
+    html_part = html["MIME"]["Parts"][1]
+    assert html_part["Headers"]["Content-Transfer-Encoding"] == ["base64"]
+    assert base64.b64decode(html_part["Body"]).decode().strip() == EXPECT["html"]["html"]
+    assert [t["Mailbox"] for t in html["To"]] == ["carol", "dave"]
+    # The attachment email: text and the attachment, its disposition as the client parses it.
+    parts = attached["MIME"]["Parts"]
+    assert parts[1]["Headers"]["Content-Disposition"] == ['attachment; filename="report.csv"']
+    # mailpipe's extras, which MailHog clients ignore.
+    extras = attached["Mailpipe"]
+    assert extras["envelope"]["from"] == "zoe@example.com"
+    assert extras["authentication"]["attempted"] is False
+    assert any(line.startswith("C: MAIL FROM") or "MAIL FROM" in line
+               for line in extras["transcript"] or ["MAIL FROM"])
+    assert extras["attachments"][0]["filename"] == "report.csv"
+
+
+def test_v2_paging_and_limits(filled: MailpipeServer) -> None:
+    port = filled.extra_ports["mailhog"]
+    status, page = http_get(port, "/api/v2/messages?start=2&limit=5")
+    assert (status, page["total"], page["count"], page["start"]) == (200, 3, 1, 2)
+    assert page["items"][0]["Content"]["Headers"]["Subject"][0].startswith("=?utf-8?")
+    _, capped = http_get(port, "/api/v2/messages?limit=100000")  # MailHog caps at 250
+    assert capped["count"] == 3
+    _, zero = http_get(port, "/api/v2/messages?limit=0")  # 0: the default, as MailHog
+    assert zero["count"] == 3
+    for bad in ("start=-1", "limit=abc", "start=1e3"):
+        status, error = http_get(port, f"/api/v2/messages?{bad}")
+        assert status == 400, bad
+        assert bad.split("=")[0] in error["error"]
+
+
+def test_v2_search(filled: MailpipeServer) -> None:
+    port = filled.extra_ports["mailhog"]
+
+    def subjects(query: str) -> list[str]:
+        status, result = http_get(port, "/api/v2/search?" + query)
+        assert status == 200, result
+        assert result["count"] == len(result["items"]) <= result["total"]
+        return [item["Content"]["Headers"]["Subject"][0] for item in result["items"]]
+
+    assert subjects("kind=from&query=CRON@example") == ["Nightly job done"]
+    assert subjects("kind=to&query=dave@example.org") != []
+    assert len(subjects("kind=to&query=example.org")) == 3
+    assert subjects("kind=containing&query=kumquat") == ["Nightly job done"]
+    # Decoded text and the body as sent both match.
+    assert len(subjects("kind=containing&query=Stra%C3%9Fe")) == 1
+    assert len(subjects("kind=containing&query=Stra%3DC3%3D9Fe")) == 1
+    assert subjects("kind=containing&query=nothing-like-this") == []
+    assert len(subjects("kind=to&query=example.org&start=1&limit=1")) == 1
+    for bad, why in (("kind=subject&query=x", "kind"), ("kind=from", "query"),
+                     ("query=x", "kind"), ("kind=from&query=", "query")):
+        status, error = http_get(port, "/api/v2/search?" + bad)
+        assert status == 400 and why in error["error"], bad
+
+
+def test_v1_messages_message_and_delete(filled: MailpipeServer) -> None:
+    port = filled.extra_ports["mailhog"]
+    status, items = http_get(port, "/api/v1/messages")
+    assert status == 200 and isinstance(items, list) and len(items) == 3
+    # v1 lists oldest first, as MailHog's v1 does.
+    assert items[-1]["Raw"]["From"] == "cron@example.com"
+    first = items[0]
+    status, one = http_get(port, f"/api/v1/messages/{first['ID']}")
+    assert status == 200 and one["ID"] == first["ID"] and one["Content"] == first["Content"]
+    status, body, _ = request(port, "DELETE", f"/api/v1/messages/{first['ID']}")
+    assert (status, body) == (200, b"")
+    status, error = http_get(port, f"/api/v1/messages/{first['ID']}")
+    assert status == 404 and error == {"error": "message not found"}
+    status, body, _ = request(port, "DELETE", f"/api/v1/messages/{first['ID']}")
+    assert status == 404
+    status, body, _ = request(port, "DELETE", "/api/v1/messages")
+    assert (status, body) == (200, b"")
+    assert http_get(port, "/api/v1/messages") == (200, [])
+    assert http_get(port, "/api/v2/messages")[1]["total"] == 0
+
+
+def test_downloads(filled: MailpipeServer) -> None:
+    port = filled.extra_ports["mailhog"]
+    _, result = http_get(port, "/api/v2/search?kind=from&query=zoe@example.com")
+    item = result["items"][0]
+    uuid = item["ID"]
+    status, raw, headers = request(port, "GET", f"/api/v1/messages/{uuid}/download")
+    assert status == 200 and headers["Content-Type"] == "message/rfc822"
+    assert raw.decode() == item["Raw"]["Data"]
+    assert f'filename="{uuid}.eml"' in headers["Content-Disposition"]
+    assert headers["Content-Security-Policy"] == "sandbox"
+    status, data, headers = request(port, "GET", f"/api/v1/messages/{uuid}/mime/part/1/download")
+    assert status == 200
+    assert data.decode() == EXPECT["attached"]["attachment"]  # base64 decoded
+    assert headers["Content-Type"].startswith("text/csv")
+    assert 'filename="report.csv"' in headers["Content-Disposition"]
+    status, data, headers = request(port, "GET", f"/api/v1/messages/{uuid}/mime/part/0/download")
+    assert data.decode().strip() == EXPECT["attached"]["text"]  # quoted-printable decoded
+    assert headers["Content-Disposition"].startswith("attachment;")
+    for path, code in ((f"/api/v1/messages/{uuid}/mime/part/2/download", 404),
+                       (f"/api/v1/messages/{uuid}/mime/part/x/download", 400),
+                       ("/api/v1/messages/nope/download", 404),
+                       ("/api/v1/messages/nope/mime/part/0/download", 404)):
+        assert request(port, "GET", path)[0] == code, path
+
+
+def test_hostile_message_never_served_as_a_page(hog: MailpipeServer) -> None:
+    """A part claiming text/html, with headers that would be ours if passed on, is served as
+    a sandboxed download under our headers."""
+    send(hog.smtp_port, "Subject: x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+         "--b\r\nContent-Type: text/html\r\nSet-Cookie: session=stolen\r\n"
+         "Content-Disposition: inline\r\n\r\n<script>alert(1)</script>\r\n--b--\r\n")
+    uuid = hog.wait_for_messages(1)[0]["uuid"]
+    port = hog.extra_ports["mailhog"]
+    status, data, headers = request(port, "GET", f"/api/v1/messages/{uuid}/mime/part/0/download")
+    assert status == 200 and b"<script>" in data
+    assert "Set-Cookie" not in headers
+    assert headers["Content-Disposition"].startswith("attachment;")
+    assert headers["Content-Security-Policy"] == "sandbox"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_odd_messages_still_shaped(hog: MailpipeServer) -> None:
+    """Bare LF, no blank line, folded and repeated headers, nested multiparts: split as
+    MailHog would, never an error."""
+    send(hog.smtp_port, b"Subject: folded\r\n  on two lines\r\nX-Tag: a\r\nX-Tag: b\r\n"
+         b"Content-Type: multipart/mixed; boundary=\"out\"\r\n\r\npreamble\r\n--out\r\n"
+         b"Content-Type: multipart/alternative; boundary=in\r\n\r\n--in\r\n"
+         b"Content-Type: text/plain\r\n\r\ninner text\r\n--in--\r\n--out\r\n"
+         b"Content-Type: text/plain\r\n\r\nsecond\r\n--out--\r\n")
+    send(hog.smtp_port, b"no headers at all, just words\r\n")
+    hog.wait_for_messages(2)
+    _, result = http_get(hog.extra_ports["mailhog"], "/api/v2/messages")
+    bare, nested = result["items"]
+    assert bare["Content"]["Headers"] == {
+        name: bare["Content"]["Headers"][name] for name in ("Message-ID", "Received",
+                                                            "Return-Path")}
+    assert "just words" in bare["Content"]["Body"]
+    headers = nested["Content"]["Headers"]
+    assert headers["Subject"] == ["folded  on two lines"]
+    assert headers["X-Tag"] == ["a", "b"]
+    outer = nested["MIME"]["Parts"]
+    assert len(outer) == 2 and outer[1]["Body"] == "second"
+    assert outer[0]["MIME"]["Parts"][0]["Body"] == "inner text"
+
+
+def test_jim_and_outgoing_smtp(hog: MailpipeServer) -> None:
+    port = hog.extra_ports["mailhog"]
+    for method in ("GET", "DELETE"):
+        status, body, _ = request(port, method, "/api/v2/jim")
+        assert status == 404 and b"chaos" in body
+    status, body, _ = request(port, "POST", "/api/v2/jim", {"Content-Type": "application/json"},
+                              b"{}")
+    assert status == 404
+    assert http_get(port, "/api/v2/outgoing-smtp") == (200, {})
+
+
+class Relay:
+    """A real SMTP server (aiosmtpd) the release delivers to."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, list[str], bytes]] = []
+        self.arrived = threading.Event()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        self.arrived.set()
+        return "250 OK"
+
+
+def test_release_to_a_real_smtp_server(filled: MailpipeServer) -> None:
+    relay = Relay()
+    controller = Controller(relay, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        port = filled.extra_ports["mailhog"]
+        _, result = http_get(port, "/api/v2/search?kind=from&query=cron@example.com")
+        uuid = result["items"][0]["ID"]
+        body = json.dumps({"Host": "127.0.0.1", "Port": str(controller.port),
+                           "Email": "someone@example.net"}).encode()
+        status, answer, _ = request(port, "POST", f"/api/v1/messages/{uuid}/release",
+                                    {"Content-Type": "application/json"}, body)
+        assert (status, answer) == (200, b"")
+        assert relay.arrived.wait(10)
+        mail_from, rcpt, content = relay.received[0]
+        assert (mail_from, rcpt) == ("cron@example.com", ["someone@example.net"])
+        assert b"The nightly kumquat job finished." in content
+    finally:
+        controller.stop()
+
+
+def test_release_errors(filled: MailpipeServer) -> None:
+    port = filled.extra_ports["mailhog"]
+    _, result = http_get(port, "/api/v2/messages?limit=1")
+    uuid = result["items"][0]["ID"]
+    json_type = {"Content-Type": "application/json"}
+    closed = free_port()  # nothing listens there
+    cases = [
+        (b"not json", 400, "JSON"),
+        (b"[]", 400, "JSON object"),
+        (b'{"Host": "127.0.0.1", "Port": "25"}', 400, "Email"),
+        (b'{"Host": "127.0.0.1", "Port": "0", "Email": "a@b"}', 400, "Port"),
+        (b'{"Host": "127.0.0.1", "Port": "x", "Email": "a@b"}', 400, "Port"),
+        (b'{"Host": "h", "Port": "25", "Email": "a@b", "Mechanism": "NTLM"}', 400, "NTLM"),
+        (b'{"Name": "saved"}', 400, "saved"),
+        (b'{"Host": "h", "Port": "25", "Email": "a@b", "Evil": 1}', 400, "evil"),
+        (json.dumps({"Host": "127.0.0.1", "Port": closed, "Email": "a@b"}).encode(), 502,
+         "release failed"),
+    ]
+    for body, code, why in cases:
+        status, answer, _ = request(port, "POST", f"/api/v1/messages/{uuid}/release",
+                                    json_type, body)
+        assert status == code, (body, answer)
+        assert why in json.loads(answer)["error"], (body, answer)
+    status, _, _ = request(port, "POST", "/api/v1/messages/nope/release", json_type, b"{}")
+    assert status == 404
+
+
+def test_events_stream_new_messages(hog: MailpipeServer) -> None:
+    port = hog.extra_ports["mailhog"]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        conn.request("GET", "/api/v1/events")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/event-stream"
+        send(hog.smtp_port, "Subject: live one\r\n\r\nstreamed\r\n")
+        lines: list[bytes] = []
+        while not (lines and lines[-1] == b"\n" and any(x.startswith(b"data: {") for x in lines)):
+            lines.append(response.fp.readline())
+        assert b"event: data\n" in lines
+        data = next(x for x in lines if x.startswith(b"data: {"))
+        message = json.loads(data[len(b"data: "):])
+        assert message["Content"]["Headers"]["Subject"] == ["live one"]
+        assert message["ID"] == hog.messages()[0]["uuid"]
+    finally:
+        conn.close()
+
+
+def test_guard_protects_the_compat_api(filled: MailpipeServer) -> None:
+    """A page on another origin cannot delete, and a rebound name cannot read, on either
+    place the API is served."""
+    for port, base in places(filled).values():
+        status, body, _ = request(port, "DELETE", base + "/api/v1/messages",
+                                  {"Origin": "http://evil.example"})
+        assert status == 403 and b"cross-origin" in body
+        status, body, _ = request(port, "GET", base + "/api/v2/messages",
+                                  {"Host": f"evil.example:{port}"})
+        assert status == 403 and b"DNS rebinding" in body
+        status, body, _ = request(port, "POST", base + "/api/v1/messages/x/release",
+                                  {"Content-Type": "text/plain"}, b"{}")
+        assert status == 415
+    assert len(filled.messages()) == 3
