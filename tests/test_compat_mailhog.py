@@ -18,10 +18,13 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from aiosmtpd.controller import Controller
 
 from conftest import ROOT, MailpipeServer, free_port, require_tool
+from mailpipe.compat import CompatContext
+from mailpipe.compat.mailhog import create_app
 
 Factory = Callable[..., MailpipeServer]
 JS_DIR = ROOT / "tests" / "compat" / "mailhog-js"
@@ -495,3 +498,26 @@ def test_guard_protects_the_compat_api(filled: MailpipeServer) -> None:
                                   {"Content-Type": "text/plain"}, b"{}")
         assert status == 415
     assert len(filled.messages()) == 3
+
+
+# ---- OpenAPI ------------------------------------------------------------------------------
+
+
+def test_openapi_documents_every_route_and_shape(filled: MailpipeServer) -> None:
+    doc = filled.get_json("/api/openapi.json")
+    app = create_app(CompatContext(None, None, None, None))  # type: ignore[arg-type]
+    served = {(PREFIX + route.resource.canonical, route.method.lower())
+              for route in app.router.routes() if route.method != "HEAD"}
+    documented = {(path, method) for path, item in doc["paths"].items()
+                  if path.startswith(PREFIX + "/") for method in item if method != "parameters"}
+    assert documented == served
+
+    def check(instance: Any, name: str) -> None:
+        schema = {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
+        jsonschema.validate(instance, schema, cls=jsonschema.Draft202012Validator)
+
+    port = filled.extra_ports["mailhog"]
+    _, page = http_get(port, "/api/v2/messages")
+    check(page, "MailHogMessages")
+    check(http_get(port, f"/api/v1/messages/{page['items'][0]['ID']}")[1], "MailHogMessage")
+    check(http_get(port, "/api/v2/search?kind=to")[1], "Error")
