@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import mailhog as pypi_mailhog  # the PyPI client (test extras), not compat/mailhog.py
 import pytest
 from aiosmtpd.controller import Controller
 
@@ -521,3 +522,29 @@ def test_openapi_documents_every_route_and_shape(filled: MailpipeServer) -> None
     check(page, "MailHogMessages")
     check(http_get(port, f"/api/v1/messages/{page['items'][0]['ID']}")[1], "MailHogMessage")
     check(http_get(port, "/api/v2/search?kind=to")[1], "Error")
+
+
+# ---- a Python client from PyPI ------------------------------------------------------------
+
+
+def test_pypi_mailhog_client(hog: MailpipeServer) -> None:
+    """`mailhog` from PyPI (it has no base path option, so on the API's own listener)."""
+    send_roundtrip_emails(hog.smtp_port)
+    hog.wait_for_messages(3)
+    client = pypi_mailhog.Mailhog("127.0.0.1", hog.extra_ports["mailhog"])
+    messages = client.messages()
+    assert (messages.total, messages.count, messages.start) == (3, 3, 0)
+    newest = messages.items[0]
+    assert newest.get_sender() == EXPECT["plain"]["from"]
+    assert newest.get_recipients() == [EXPECT["plain"]["to"]]
+    assert newest.get_subject() == EXPECT["plain"]["subject"]
+    assert newest.content.body.strip() == EXPECT["plain"]["text"]
+    html = client.search(EXPECT["html"]["cc"], "to")
+    assert html.total == 1
+    assert html.items[0].get_recipients() == [EXPECT["html"]["to"], EXPECT["html"]["cc"]]
+    assert len(html.items[0].mime.parts) == 2
+    assert client.search("kumquat").items[0].id == newest.id
+    client.delete(newest)
+    assert client.messages().total == 2
+    client.delete_all()
+    assert client.messages().total == 0
