@@ -23,6 +23,7 @@ import mailhog as pypi_mailhog  # the PyPI client (test extras), not compat/mail
 import pytest
 from aiosmtpd.controller import Controller
 
+import test_web_ui
 from conftest import ROOT, MailpipeServer, free_port, require_tool
 from mailpipe.compat import CompatContext
 from mailpipe.compat.mailhog import create_app
@@ -30,6 +31,7 @@ from mailpipe.compat.mailhog import create_app
 Factory = Callable[..., MailpipeServer]
 JS_DIR = ROOT / "tests" / "compat" / "mailhog-js"
 PREFIX = "/compat/mailhog"
+browser = test_web_ui.browser  # the fixture: Debian's chromium, through Playwright
 AUTH = ("hog", "s3cret")
 
 # What the round trip sends, and what the client must read back (roundtrip.js).
@@ -476,13 +478,35 @@ def test_events_stream_new_messages(hog: MailpipeServer) -> None:
         lines: list[bytes] = []
         while not (lines and lines[-1] == b"\n" and any(x.startswith(b"data: {") for x in lines)):
             lines.append(response.fp.readline())
-        assert b"event: data\n" in lines
+        # Plain `message` events, as MailHog's UI listens for them.
+        assert not any(x.startswith(b"event:") for x in lines)
         data = next(x for x in lines if x.startswith(b"data: {"))
         message = json.loads(data[len(b"data: "):])
         assert message["Content"]["Headers"]["Subject"] == ["live one"]
         assert message["ID"] == hog.messages()[0]["uuid"]
     finally:
         conn.close()
+
+
+def test_events_in_a_browser_event_source(hog: MailpipeServer, browser: Any) -> None:
+    """Chromium's EventSource reads the stream as MailHog's UI does: `message` events whose
+    data is the message JSON."""
+    page = browser.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{hog.extra_ports['mailhog']}/api/v2/outgoing-smtp")
+        page.evaluate("""() => new Promise(opened => {
+            window.got = []
+            const source = new EventSource('/api/v1/events')
+            source.addEventListener('message', e => window.got.push(JSON.parse(e.data)))
+            source.onopen = opened
+        })""")
+        send(hog.smtp_port, "Subject: to the browser\r\n\r\nlive\r\n")
+        page.wait_for_function("window.got.length > 0", timeout=10_000)
+        got = page.evaluate("window.got")
+        assert got[0]["Content"]["Headers"]["Subject"] == ["to the browser"]
+        assert got[0]["ID"] == hog.messages()[0]["uuid"]
+    finally:
+        page.close()
 
 
 def test_guard_protects_the_compat_api(filled: MailpipeServer) -> None:

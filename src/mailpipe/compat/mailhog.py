@@ -206,8 +206,9 @@ class MailHogRoutes:
         return json_response({})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        """MailHog's v1 event stream: each new message in full, as an `event: data`; an
-        `event: keepalive` now and then, so that a gone client is noticed."""
+        """MailHog's v1 event stream: each new message in full, as a plain `message` event
+        (MailHog's UI listens for those); a comment now and then, so that a gone client is
+        noticed."""
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
@@ -220,7 +221,7 @@ class MailHogRoutes:
                     try:
                         change = await asyncio.wait_for(changes.get(), self.ping_interval)
                     except TimeoutError:
-                        await response.write(b"event: keepalive\ndata: \n\n")
+                        await response.write(b": keepalive\n\n")
                         continue
                     if change is None:
                         break
@@ -228,7 +229,7 @@ class MailHogRoutes:
                         continue
                     found = await self._messages([change.data["uuid"]])
                     for item in found:
-                        await response.write(b"event: data\ndata: %s\n\n" % orjson.dumps(item))
+                        await response.write(b"data: %s\n\n" % orjson.dumps(item))
             except (ConnectionResetError, ConnectionError):
                 return response
         await response.write_eof()
