@@ -24,9 +24,10 @@ import pytest
 from aiosmtpd.controller import Controller
 
 import test_web_ui
-from conftest import ROOT, MailpipeServer, free_port, require_tool
+from conftest import ROOT, InProc, MailpipeServer, free_port, require_tool
 from mailpipe.compat import CompatContext
 from mailpipe.compat.mailhog import create_app
+from mailpipe.web.app import _openapi_bytes as openapi_document
 
 Factory = Callable[..., MailpipeServer]
 JS_DIR = ROOT / "tests" / "compat" / "mailhog-js"
@@ -394,15 +395,88 @@ def test_odd_messages_still_shaped(hog: MailpipeServer) -> None:
     assert outer[0]["MIME"]["Parts"][0]["Body"] == "inner text"
 
 
-def test_jim_and_outgoing_smtp(hog: MailpipeServer) -> None:
-    port = hog.extra_ports["mailhog"]
-    for method in ("GET", "DELETE"):
-        status, body, _ = request(port, method, "/api/v2/jim")
-        assert status == 404 and b"chaos" in body
-    status, body, _ = request(port, "POST", "/api/v2/jim", {"Content-Type": "application/json"},
-                              b"{}")
-    assert status == 404
-    assert http_get(port, "/api/v2/outgoing-smtp") == (200, {})
+def test_outgoing_smtp(hog: MailpipeServer) -> None:
+    assert http_get(hog.extra_ports["mailhog"], "/api/v2/outgoing-smtp") == (200, {})
+
+
+def jim(server: MailpipeServer, method: str, body: Any = None,
+        place: str = "own") -> tuple[int, Any]:
+    port, base = places(server)[place]
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body)
+                                      .encode())
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    status, answer, _ = request(port, method, base + "/api/v2/jim", headers, data)
+    return status, json.loads(answer) if answer else None
+
+
+def test_jim_fails_smtp_sessions_while_invited(hog: MailpipeServer) -> None:
+    """Jim invited, changed and sent away through the API, his chances at 0 or 1 so that
+    each SMTP session's fate is certain; one Jim for both places the API is served."""
+    for method in ("GET", "PUT", "DELETE"):
+        status, answer = jim(hog, method, {} if method == "PUT" else None)
+        assert status == 404 and "not invited" in answer["error"], method
+    # A field left out is 0, as MailHog decodes it: here only senders are refused.
+    status, answer = jim(hog, "POST", {"AcceptChance": 1, "RejectSenderChance": 1},
+                         place="prefix")
+    assert status == 201
+    assert answer == {**dict.fromkeys(answer, 0.0), "AcceptChance": 1.0,
+                      "RejectSenderChance": 1.0}
+    assert jim(hog, "GET") == (200, answer)
+    assert jim(hog, "POST", {})[0] == 400  # already invited
+    with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+        send(hog.smtp_port, "Subject: x\r\n\r\ny\r\n")
+    assert refused.value.smtp_code == 550
+    jim(hog, "PUT", {"AcceptChance": 1, "rejectrecipientchance": 1})  # any case, as Go
+    with pytest.raises(smtplib.SMTPRecipientsRefused):
+        send(hog.smtp_port, "Subject: x\r\n\r\ny\r\n")
+    jim(hog, "PUT", {"AcceptChance": 1, "RejectAuthChance": 1})
+    with smtplib.SMTP("127.0.0.1", hog.smtp_port, timeout=30) as client:
+        with pytest.raises(smtplib.SMTPAuthenticationError) as auth:
+            client.login("user", "pass")
+        assert auth.value.smtp_code == 535
+    # Dropped at the first command, turned away at connect: mailpipe says 421 as it closes,
+    # which the client reads unless the close overtakes it.
+    jim(hog, "PUT", {"AcceptChance": 1, "DisconnectChance": 1})
+    with pytest.raises((smtplib.SMTPResponseException, smtplib.SMTPServerDisconnected)) as cut:
+        send(hog.smtp_port, "Subject: x\r\n\r\ny\r\n")
+    assert getattr(cut.value, "smtp_code", 421) == 421
+    jim(hog, "PUT", {"AcceptChance": 0})
+    with pytest.raises((smtplib.SMTPConnectError, smtplib.SMTPServerDisconnected)) as cut:
+        send(hog.smtp_port, "Subject: x\r\n\r\ny\r\n")
+    assert getattr(cut.value, "smtp_code", 421) == 421
+    assert hog.messages() == []
+    assert jim(hog, "DELETE", place="prefix") == (200, None)
+    assert jim(hog, "GET")[0] == 404
+    send(hog.smtp_port, "Subject: Jim has gone\r\n\r\ny\r\n")
+    assert [m["subject"] for m in hog.messages()] == ["Jim has gone"]
+
+
+def test_jim_settings_are_checked(hog: MailpipeServer) -> None:
+    cases = [
+        (b"not json", "JSON object"),
+        (b"[1]", "JSON object"),
+        ({"AcceptChance": 2}, "AcceptChance must be a chance from 0 to 1"),
+        ({"DisconnectChance": "0.5"}, "DisconnectChance must be a number"),
+        ({"AcceptChance": True}, "AcceptChance must be a number"),
+        ({"LinkSpeedMin": -1}, "LinkSpeedMin must not be negative"),
+        ({"LinkSpeedMin": 5000, "LinkSpeedMax": 10}, "LinkSpeedMin must not be more"),
+        ({"Sleepiness": 1}, "unknown setting 'Sleepiness'"),
+    ]
+    for body, why in cases:
+        status, answer = jim(hog, "POST", body)
+        assert status == 400 and why in answer["error"], body
+    assert jim(hog, "GET")[0] == 404  # none of them invited him
+    status, defaults = jim(hog, "POST", b"")  # no body: MailHog's defaults
+    assert status == 201 and defaults["AcceptChance"] == 0.99
+    assert defaults["RejectSenderChance"] == 0.05 and defaults["LinkSpeedMax"] == 10240
+    status, answer = jim(hog, "PUT", {"AcceptChance": 7})
+    assert status == 400 and jim(hog, "GET") == (200, defaults)  # unchanged
+
+
+def test_jim_invited_at_start(mailpipe_factory: Factory) -> None:
+    server = mailpipe_factory({"compat": {"mailhog": {"invite_jim": True}}})
+    status, settings = http_get(server.http_port, PREFIX + "/api/v2/jim")
+    assert status == 200 and settings["DisconnectChance"] == 0.005
 
 
 class Relay:
@@ -528,14 +602,19 @@ def test_guard_protects_the_compat_api(filled: MailpipeServer) -> None:
 # ---- OpenAPI ------------------------------------------------------------------------------
 
 
-def test_openapi_documents_every_route_and_shape(filled: MailpipeServer) -> None:
-    doc = filled.get_json("/api/openapi.json")
-    app = create_app(CompatContext(None, None, None, None))  # type: ignore[arg-type]
+async def test_openapi_documents_every_route(inproc: InProc) -> None:
+    app = await inproc(http={"addr": "127.0.0.1:0"})
+    compat = create_app(CompatContext(app.store, app, app.metrics, app.config))
     served = {(PREFIX + route.resource.canonical, route.method.lower())
-              for route in app.router.routes() if route.method != "HEAD"}
+              for route in compat.router.routes() if route.method != "HEAD"}
+    doc = json.loads(openapi_document())
     documented = {(path, method) for path, item in doc["paths"].items()
                   if path.startswith(PREFIX + "/") for method in item if method != "parameters"}
     assert documented == served
+
+
+def test_openapi_shapes_match(filled: MailpipeServer) -> None:
+    doc = filled.get_json("/api/openapi.json")
 
     def check(instance: Any, name: str) -> None:
         schema = {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}

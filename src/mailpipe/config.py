@@ -523,9 +523,16 @@ class CompatAPIConfig(Section):
     addr: Address | None = None
 
 
+class MailHogCompatConfig(CompatAPIConfig):
+    """MailHog's API also invites Jim, its chaos monkey, at start when `invite_jim` (MailHog's
+    -invite-jim, with its default chances); /api/v2/jim changes or dismisses him at run time."""
+
+    invite_jim: bool = False
+
+
 class CompatConfig(Section):
     mailpit: CompatAPIConfig = CompatAPIConfig()
-    mailhog: CompatAPIConfig = CompatAPIConfig()
+    mailhog: MailHogCompatConfig = MailHogCompatConfig()
 
 
 class StoreConfig(Section):

@@ -4,8 +4,8 @@ unchanged. Messages are shaped by compat/mailhog_message.py; IDs are mailpipe's 
 
 Where MailHog answers a bad request with an empty 400 or a missing message with `null`, this
 answers a status and {"error": ...}: clients that worked against MailHog never depended on
-those. Jim, MailHog's chaos monkey, is not invited: its routes answer 404 as MailHog's do
-without -invite-jim (mailpipe's `chaos` plugin does Jim's job, configured in mailpipe.yaml).
+those. Jim, MailHog's chaos monkey, works on mailpipe's SMTP sessions (compat/mailhog_jim.py):
+not invited, his routes answer 404 as MailHog's do without -invite-jim.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import quopri
+import weakref
 from email.message import Message
 from typing import Any
 
@@ -21,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from mailpipe.compat import CompatContext
+from mailpipe.compat.mailhog_jim import Jim, JimError, settings_from
 from mailpipe.compat.mailhog_message import header, message_json, part_at
 from mailpipe.router.deliver import DeliveryError, Relay, deliver, mechanism
 from mailpipe.store.search import Term
@@ -47,8 +49,35 @@ SEARCH_KINDS = ("from", "to", "containing")
 RELEASE_FIELDS = ("host", "port", "email", "username", "password", "mechanism", "name", "save")
 
 
+class JimDesk:
+    """Whether Jim is invited, for both places the API is served (the /compat/mailhog prefix
+    and its own listener are two applications over one running mailpipe)."""
+
+    def __init__(self, context: CompatContext) -> None:
+        self.verdicts = context.mailpipe.verdicts
+        self.jim: Jim | None = None
+        if context.config.compat.mailhog.invite_jim:
+            self.jim = Jim(self.verdicts)
+
+    def invite(self, settings: dict[str, float] | None) -> Jim:
+        self.dismiss()
+        self.jim = Jim(self.verdicts, settings)
+        return self.jim
+
+    def dismiss(self) -> None:
+        if self.jim is not None:
+            self.jim.leave()
+            self.jim = None
+
+
+_DESKS: weakref.WeakKeyDictionary[Any, JimDesk] = weakref.WeakKeyDictionary()
+
+
 def create_app(context: CompatContext) -> web.Application:
-    routes = MailHogRoutes(context)
+    desk = _DESKS.get(context.mailpipe)
+    if desk is None:
+        desk = _DESKS[context.mailpipe] = JimDesk(context)
+    routes = MailHogRoutes(context, desk)
     # Its own error middleware: on its own listener nothing else turns errors into JSON.
     app = web.Application(middlewares=[_errors_as_json])
     app.on_shutdown.append(routes.on_shutdown)
@@ -57,8 +86,10 @@ def create_app(context: CompatContext) -> web.Application:
 
 
 class MailHogRoutes:
-    def __init__(self, context: CompatContext, ping_interval: float = PING_INTERVAL) -> None:
+    def __init__(self, context: CompatContext, desk: JimDesk,
+                 ping_interval: float = PING_INTERVAL) -> None:
         self.store = context.store
+        self.desk = desk
         self.ping_interval = ping_interval
         self.live: set[Any] = set()
 
@@ -67,10 +98,10 @@ class MailHogRoutes:
         return [
             web.get("/api/v2/messages", self.messages_v2),
             web.get("/api/v2/search", self.search),
-            web.get("/api/v2/jim", self.jim),
-            web.post("/api/v2/jim", self.jim),
-            web.put("/api/v2/jim", self.jim),
-            web.delete("/api/v2/jim", self.jim),
+            web.get("/api/v2/jim", self.get_jim),
+            web.post("/api/v2/jim", self.invite_jim),
+            web.put("/api/v2/jim", self.update_jim),
+            web.delete("/api/v2/jim", self.dismiss_jim),
             web.get("/api/v2/outgoing-smtp", self.outgoing_smtp),
             web.get("/api/v1/messages", self.messages_v1),
             web.delete("/api/v1/messages", self.delete_all),
@@ -197,9 +228,33 @@ class MailHogRoutes:
 
     # ---- the rest of MailHog's API -------------------------------------------------------
 
-    async def jim(self, request: web.Request) -> web.Response:
-        raise ApiError(404, "Jim is not invited: mailpipe's chaos plugin (plugins.chaos in "
-                            "mailpipe.yaml) fails sessions on purpose instead")
+    async def get_jim(self, request: web.Request) -> web.Response:
+        return json_response(self._jim().settings)
+
+    async def invite_jim(self, request: web.Request) -> web.Response:
+        """Invite Jim: with the settings given (a field left out is 0, as MailHog decodes
+        them), else with MailHog's defaults; 400 when he is already here."""
+        if self.desk.jim is not None:
+            raise ApiError(400, "Jim is already invited: PUT changes him, DELETE sends him away")
+        body = await request.read()
+        settings = _jim_settings(body) if body.strip() else None
+        return json_response(self.desk.invite(settings).settings, status=201)
+
+    async def update_jim(self, request: web.Request) -> web.Response:
+        self._jim()
+        jim = self.desk.invite(_jim_settings(await request.read()))
+        return json_response(jim.settings)
+
+    async def dismiss_jim(self, request: web.Request) -> web.Response:
+        self._jim()
+        self.desk.dismiss()
+        return web.Response()
+
+    def _jim(self) -> Jim:
+        if self.desk.jim is None:
+            raise ApiError(404, "Jim is not invited: POST /api/v2/jim invites him "
+                                "(compat.mailhog.invite_jim at start)")
+        return self.desk.jim
 
     async def outgoing_smtp(self, request: web.Request) -> web.Response:
         # MailHog's servers saved for release (-outgoing-smtp); mailpipe keeps none.
@@ -254,6 +309,15 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body
+
+
+def _jim_settings(body: bytes) -> dict[str, float]:
+    try:
+        return settings_from(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "the body must be a JSON object of Jim's settings") from None
+    except JimError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 def _release_config(body: dict[str, Any]) -> tuple[Relay, str]:
