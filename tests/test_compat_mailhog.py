@@ -24,9 +24,9 @@ import pytest
 from aiosmtpd.controller import Controller
 
 import test_web_ui
-from conftest import ROOT, InProc, MailpipeServer, free_port, require_tool
-from mailpipe.compat import CompatContext
-from mailpipe.compat.mailhog import create_app
+from conftest import ROOT, MailpipeServer, free_port, require_tool
+from mailpipe.app import Mailpipe
+from mailpipe.config import load_config
 from mailpipe.web.app import _openapi_bytes as openapi_document
 
 Factory = Callable[..., MailpipeServer]
@@ -602,9 +602,10 @@ def test_guard_protects_the_compat_api(filled: MailpipeServer) -> None:
 # ---- OpenAPI ------------------------------------------------------------------------------
 
 
-async def test_openapi_documents_every_route(inproc: InProc) -> None:
-    app = await inproc(http={"addr": "127.0.0.1:0"})
-    compat = create_app(CompatContext(app.store, app, app.metrics, app.config))
+def test_openapi_documents_every_route(tmp_path: Path) -> None:
+    # The app as the server builds it, unstarted: its routes are all this looks at.
+    config, _ = load_config(cwd=tmp_path, overrides={"data_dir": str(tmp_path / "data")})
+    compat = Mailpipe(config)._compat_app("mailhog")
     served = {(PREFIX + route.resource.canonical, route.method.lower())
               for route in compat.router.routes() if route.method != "HEAD"}
     doc = json.loads(openapi_document())
