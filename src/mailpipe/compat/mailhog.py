@@ -16,7 +16,7 @@ import binascii
 import quopri
 import weakref
 from email.message import Message
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -24,7 +24,6 @@ from aiohttp import web
 from mailpipe.compat import CompatContext
 from mailpipe.compat.mailhog_jim import Jim, JimError, settings_from
 from mailpipe.compat.mailhog_message import header, message_json, part_at
-from mailpipe.router.deliver import DeliveryError, Relay, deliver, mechanism
 from mailpipe.store.search import Term
 from mailpipe.web.app import (
     MAX_OFFSET,
@@ -39,6 +38,9 @@ from mailpipe.web.app import (
     json_response,
 )
 from mailpipe.web.inbox import PING_INTERVAL, _Live
+
+if TYPE_CHECKING:
+    from mailpipe.router.deliver import Relay
 
 # MailHog's paging: 50 by default, never more than 250 a page; v1 lists up to 1000.
 DEFAULT_LIMIT = 50
@@ -218,6 +220,9 @@ class MailHogRoutes:
         if loaded is None:
             raise ApiError(404, "message not found")
         event, raw = loaded
+        # Imported by the first release: aiosmtplib is no part of an idle mailpipe.
+        from mailpipe.router.deliver import DeliveryError, deliver
+
         relay, email = _release_config(await _json_body(request))
         mail_from = (event.get("envelope") or {}).get("from") or ""
         try:
@@ -322,6 +327,8 @@ def _jim_settings(body: bytes) -> dict[str, float]:
 
 def _release_config(body: dict[str, Any]) -> tuple[Relay, str]:
     """MailHog's ReleaseConfig (Go decodes JSON field names in any case: `host` or `Host`)."""
+    from mailpipe.router.deliver import Relay, mechanism
+
     given = {str(key).lower(): value for key, value in body.items()}
     unknown = sorted(set(given) - set(RELEASE_FIELDS))
     if unknown:
