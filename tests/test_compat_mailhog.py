@@ -20,12 +20,16 @@ from typing import Any
 
 import jsonschema
 import mailhog as pypi_mailhog  # the PyPI client (test extras), not compat/mailhog.py
+import orjson
 import pytest
 from aiosmtpd.controller import Controller
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import test_web_ui
 from conftest import ROOT, MailpipeServer, free_port, require_tool
 from mailpipe.app import Mailpipe
+from mailpipe.compat.mailhog_message import decoded_body, message_json, part_at, part_filename
 from mailpipe.config import load_config
 from mailpipe.web.app import _openapi_bytes as openapi_document
 
@@ -652,3 +656,26 @@ def test_pypi_mailhog_client(hog: MailpipeServer) -> None:
     assert client.messages().total == 2
     client.delete_all()
     assert client.messages().total == 0
+
+
+# ---- hostile bytes ------------------------------------------------------------------------
+
+PIECES = [b"\r\n", b"\n", b"\r", b"--b", b"--b--", b": ", b":", b" ", b"\t", b"\xff", b"\x00",
+          "é".encode(), b"=", b"QUJD", b"Content-Type: multipart/mixed; boundary=b",
+          b'Content-Type: multipart/alternative; boundary=""', b"Content-Transfer-Encoding: base64",
+          b'Content-Disposition: attachment; filename="x\r"', b"=?utf-8?q?x?="]
+EVENT = {"uuid": "u", "envelope": {"from": "a@b", "to": ["c@d"], "helo": "h"},
+         "received_at": "2026-01-01T00:00:00Z"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=40))
+def test_any_bytes_become_a_message(pieces: list[bytes]) -> None:
+    """Whatever a sender wrote is shaped, serialisable, and its parts downloadable."""
+    message = message_json(EVENT, b"".join(pieces))
+    orjson.dumps(message)
+    for index in range(3):
+        part = part_at(message["MIME"], index)
+        if part is not None:
+            assert isinstance(decoded_body(part), bytes)
+            part_filename(part)

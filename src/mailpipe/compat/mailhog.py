@@ -11,11 +11,7 @@ not invited, his routes answer 404 as MailHog's do without -invite-jim.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import quopri
 import weakref
-from email.message import Message
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -23,7 +19,13 @@ from aiohttp import web
 
 from mailpipe.compat import CompatContext
 from mailpipe.compat.mailhog_jim import Jim, JimError, settings_from
-from mailpipe.compat.mailhog_message import header, message_json, part_at
+from mailpipe.compat.mailhog_message import (
+    decoded_body,
+    header,
+    message_json,
+    part_at,
+    part_filename,
+)
 from mailpipe.store.search import Term
 from mailpipe.web.app import (
     MAX_OFFSET,
@@ -203,9 +205,9 @@ class MailHogRoutes:
         if part is None:
             raise ApiError(404, "MIME part not found")
         content_type = _safe_mime(header(part, "Content-Type") or "text/plain")
-        name = _part_filename(part) or f"{uuid}-part-{index}"
+        name = part_filename(part) or f"{uuid}-part-{index}"
         response = web.Response(
-            body=_decoded_body(part),
+            body=decoded_body(part),
             headers={"Content-Disposition": _disposition("attachment",
                                                          _safe_filename(name, content_type,
                                                                         index)),
@@ -357,24 +359,3 @@ def _text(given: dict[str, Any], name: str) -> str:
     if not isinstance(value, str):
         raise ApiError(400, f"{name} must be a string")
     return value.strip()
-
-
-def _part_filename(part: dict[str, Any]) -> str | None:
-    holder = Message()
-    for name in ("Content-Disposition", "Content-Type"):
-        if value := header(part, name):
-            holder[name] = value
-    return holder.get_filename()
-
-
-def _decoded_body(part: dict[str, Any]) -> bytes:
-    body: str = part["Body"]
-    encoding = header(part, "Content-Transfer-Encoding").strip().lower()
-    if encoding == "base64":
-        try:
-            return base64.b64decode("".join(body.split()), validate=False)
-        except (binascii.Error, ValueError):
-            pass  # as MailHog: undecodable base64 is served as it is
-    if encoding == "quoted-printable":
-        return quopri.decodestring(body.encode("utf-8", "replace"))
-    return body.encode("utf-8", "replace")

@@ -11,6 +11,9 @@ breaks, any case of `Content-Type`), and never fails on what a sender wrote.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import quopri
 import re
 from email.message import Message
 from typing import Any
@@ -123,6 +126,30 @@ def part_at(mime: dict[str, Any] | None, index: int) -> dict[str, Any] | None:
     """MIME.Parts[index] (the top level, as MailHog's part download counts), or None."""
     parts = (mime or {}).get("Parts") or []
     return parts[index] if 0 <= index < len(parts) else None
+
+
+def part_filename(part: dict[str, Any]) -> str | None:
+    """The filename a part's Content-Disposition or Content-Type gives, decoded (RFC 2231)."""
+    holder = Message()
+    for name in ("Content-Disposition", "Content-Type"):
+        if value := header(part, name):
+            holder[name] = value
+    return holder.get_filename()
+
+
+def decoded_body(part: dict[str, Any]) -> bytes:
+    """A part's body with its transfer encoding undone (MailHog's part download undoes
+    base64 only; quoted-printable too here)."""
+    body: str = part["Body"]
+    encoding = header(part, "Content-Transfer-Encoding").strip().lower()
+    if encoding == "base64":
+        try:
+            return base64.b64decode("".join(body.split()), validate=False)
+        except (binascii.Error, ValueError):
+            pass  # as MailHog: undecodable base64 is served as it is
+    if encoding == "quoted-printable":
+        return quopri.decodestring(body.encode("utf-8", "replace"))
+    return body.encode("utf-8", "replace")
 
 
 def _split_head(data: str) -> tuple[str, str]:
