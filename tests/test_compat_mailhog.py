@@ -12,6 +12,7 @@ import os
 import smtplib
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from email.utils import formatdate
@@ -206,6 +207,20 @@ def test_npm_client_with_basic_auth(mailpipe_factory: Factory, node_client: Path
     assert seen["attachment"] == EXPECT["attached"]["attachment"]
 
 
+def test_npm_client_under_a_base_path(mailpipe_factory: Factory, node_client: Path) -> None:
+    """Behind a reverse proxy's path (http.base_path) the prefix moves under it."""
+    server = mailpipe_factory({"http": {"base_path": "/mail"}}, wait=False)
+    deadline = time.monotonic() + 20
+    while http_get_or_none(server.http_port, "/mail/healthz") != 200:
+        assert time.monotonic() < deadline and server.process.poll() is None, server.log()
+        time.sleep(0.05)
+    send_roundtrip_emails(server.smtp_port)
+    assert http_get(server.http_port, PREFIX + "/api/v2/messages")[0] == 404
+    seen = run_node("roundtrip.js", node_client, server.http_port, "/mail" + PREFIX,
+                    server.smtp_port)
+    assert seen["html"] == EXPECT["html"]["html"]
+
+
 # ---- each route over HTTP -----------------------------------------------------------------
 
 
@@ -218,6 +233,14 @@ def request(port: int, method: str, path: str, headers: dict[str, str] | None = 
         return response.status, response.read(), response.headers
     finally:
         conn.close()
+
+
+def http_get_or_none(port: int, path: str) -> int | None:
+    """The status, or None while nothing listens yet."""
+    try:
+        return http_get(port, path)[0]
+    except OSError:
+        return None
 
 
 def http_get(port: int, path: str) -> tuple[int, Any]:
