@@ -297,6 +297,29 @@ def test_v2_messages_shape(filled: MailpipeServer, place: str) -> None:
     assert extras["attachments"][0]["filename"] == "report.csv"
 
 
+def test_mailpipe_extras_beside_mailhogs_fields(mailpipe_factory: Factory) -> None:
+    """What MailHog has no field for, under `Mailpipe`: the AUTH credentials, the envelope's
+    parameters, the SMTP transcript."""
+    port = free_port()
+    server = mailpipe_factory({"smtp": {"transcript": True},
+                               "compat": {"mailhog": {"addr": f"127.0.0.1:{port}"}}})
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as client:
+        client.login("ann", "hunter2")
+        client.sendmail("ann@example.com", ["bob@example.org"], "Subject: creds\r\n\r\nx\r\n",
+                        mail_options=["BODY=8BITMIME"])
+    server.wait_for_messages(1)
+    _, page = http_get(port, "/api/v2/messages")
+    item = page["items"][0]
+    extras = item["Mailpipe"]
+    assert extras["authentication"]["username"] == "ann"
+    assert extras["authentication"]["password"] == "hunter2"
+    assert extras["envelope"]["mail_options"] == item["From"]["Params"].split()
+    assert "BODY=8BITMIME" in item["From"]["Params"].upper()
+    assert "C: mail FROM:<ann@example.com> size=21 BODY=8BITMIME" in extras["transcript"]
+    assert extras["session"]["transcript"] == extras["transcript"]
+    assert "outcomes" in extras
+
+
 def test_v2_paging_and_limits(filled: MailpipeServer) -> None:
     port = filled.extra_ports["mailhog"]
     status, page = http_get(port, "/api/v2/messages?start=2&limit=5")
