@@ -33,6 +33,7 @@ from mailpipe.app import Mailpipe
 from mailpipe.compat.mailhog_message import decoded_body, message_json, part_at, part_filename
 from mailpipe.config import load_config
 from mailpipe.web.app import _openapi_bytes as openapi_document
+from test_clients import PHPMAILER_AUTOLOAD, require_php_library, run_php
 
 Factory = Callable[..., MailpipeServer]
 JS_DIR = ROOT / "tests" / "compat" / "mailhog-js"
@@ -219,6 +220,42 @@ def test_npm_client_under_a_base_path(mailpipe_factory: Factory, node_client: Pa
     seen = run_node("roundtrip.js", node_client, server.http_port, "/mail" + PREFIX,
                     server.smtp_port)
     assert seen["html"] == EXPECT["html"]["html"]
+
+
+def test_npm_client_reads_what_phpmailer_sent(hog: MailpipeServer, node_client: Path,
+                                              tmp_path: Path) -> None:
+    """A PHP application's mail (Debian's PHPMailer: HTML with a text alternative, a binary
+    attachment), read by the npm client: the attachment byte for byte."""
+    require_php_library(PHPMAILER_AUTOLOAD)
+    payload = bytes(range(256)) * 40
+    (tmp_path / "invoice.pdf").write_bytes(payload)
+    run_php("phpmailer_send.php", {
+        "port": hog.smtp_port, "helo": "php.test", "auth_type": "PLAIN", "user": "app",
+        "password": "pw",
+        "messages": [{
+            "from": "billing@example.com", "from_name": "Billing", "to": ["payer@example.org"],
+            "cc": [], "bcc": [], "subject": "Rechnung-Nr.-4711-✓", "text": "Ihre Rechnung",
+            "html": "<p>Ihre Rechnung</p>",
+            "attachments": [{"path": str(tmp_path / "invoice.pdf"), "name": "invoice.pdf",
+                             "content_type": "application/pdf"}],
+        }],
+    })
+    hog.wait_for_messages(1)
+    env = {**os.environ, "MAILHOG_PORT": str(hog.extra_ports["mailhog"]),
+           "MAILHOG_BASE_PATH": "/api"}
+    done = subprocess.run(["node", "latest.js", "payer@example.org"], cwd=node_client, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["subject"] == "Rechnung-Nr.-4711-✓"
+    assert seen["from"] == "Billing <billing@example.com>"
+    assert seen["to"] == "payer@example.org"
+    (attachment,) = seen["attachments"]
+    assert (attachment["name"], attachment["encoding"]) == ("invoice.pdf", "base64")
+    assert attachment["type"].startswith("application/pdf")
+    assert base64.b64decode(attachment["base64"]) == payload
+    assert len(hog.messages()) == 1
+    assert hog.event(seen["ID"])["authentication"]["username"] == "app"
 
 
 # ---- each route over HTTP -----------------------------------------------------------------
