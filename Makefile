@@ -8,7 +8,7 @@ SYSTEM_STAMP := $(VENV)/.system-packages
 # Real clients and peers the tests drive, from Debian's packages (installed when missing).
 SYSTEM_PACKAGES := swaks php-cli php-symfony-mailer libphp-phpmailer msmtp \
   golang-go golang-github-hashicorp-go-plugin-dev golang-goprotobuf-dev protobuf-compiler \
-  golang-google-grpc-dev chromium
+  golang-google-grpc-dev chromium fetchmail spamassassin spamd spamc
 
 .PHONY: run test lint bench bench-ingest bench-packages bench-plugins clean system-packages
 
@@ -24,8 +24,10 @@ $(TEST_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP) $@
 
+# `make run SPAMD=127.0.0.1:7830` also runs spamd there, for the spam score (docs/spam.md):
+# the same as spamassassin.addr plus spamassassin.start: true in mailpipe.yaml.
 run: $(STAMP)
-	$(BIN)/mailpipe serve
+	$(if $(SPAMD),MAILPIPE_SPAMASSASSIN__ADDR=$(SPAMD) MAILPIPE_SPAMASSASSIN__START=true )$(BIN)/mailpipe serve
 
 system-packages:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
@@ -65,7 +67,7 @@ faults: $(TEST_STAMP)
 .PHONY: screenshots
 screenshots: $(TEST_STAMP) system-packages
 	MAILPIPE_SCREENSHOTS=$(CURDIR)/docs/screenshots $(BIN)/pytest -q -p no:cacheprovider \
-	  tests/test_web_ui.py -k screenshots
+	  tests/test_web_ui.py tests/test_checks_ui.py -k screenshots
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks examples)

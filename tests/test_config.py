@@ -537,8 +537,19 @@ def test_server_user_without_root_is_a_clear_error() -> None:
             outcome = f"returned {run_as('root', None)!r}"
         except WorkerStartError as exc:
             outcome = str(exc)
-        own = run_as("nobody", None)  # already that user: nothing to change
-        os.write(write_end, f"{outcome}\n{own!r}".encode())
+        # Already that user: nothing to change (the preexec_fn left, which asks to die with
+        # mailpipe, switches no user: as nobody a switch would fail with EPERM).
+        own = run_as("nobody", None)
+        grandchild = os.fork()  # where a preexec_fn runs: in a child of the one that made it
+        if grandchild == 0:
+            try:
+                for fn in own.values():
+                    fn()  # type: ignore[operator]
+            except OSError:
+                os._exit(2)
+            os._exit(0)
+        ran = os.waitpid(grandchild, 0)[1] == 0
+        os.write(write_end, f"{outcome}\n{sorted(own)} {'ran' if ran else 'failed'}".encode())
         os._exit(0)
     os.close(write_end)
     with os.fdopen(read) as pipe:
@@ -546,7 +557,7 @@ def test_server_user_without_root_is_a_clear_error() -> None:
     assert os.waitpid(child, 0)[1] == 0
     assert outcome == ("server.user/server.group: starting workers as root:0 needs mailpipe "
                        f"to run as root (it runs as uid {pwd.getpwnam('nobody').pw_uid})")
-    assert own == "{}"
+    assert own in ("[] ran", "['preexec_fn'] ran")
 
 
 def test_on_init_failure_stops_jobs_consume(tmp_path: Path) -> None:

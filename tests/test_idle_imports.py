@@ -49,6 +49,12 @@ NOT_IMPORTED = (
     # the inbox's HTML view, until a request asks for it
     "mailpipe.web.htmlview",
     "html.parser",
+    # the content checks (HTML, links, screenshots), until a request asks for one
+    "mailpipe.checks.html",
+    "mailpipe.checks.links",
+    "mailpipe.checks.screenshot",
+    "tinycss2",
+    "playwright",
 )
 
 SCRIPT = textwrap.dedent("""

@@ -394,6 +394,7 @@ async def test_summary_fields(store: SQLiteStore) -> None:
         "attachments": 0,
         "snippet": ("first line second " + "x" * 300)[:120],
         "read": False,
+        "tags": [],
     }
 
 

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import sys
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,9 +35,13 @@ from mailpipe.workers import PoolError
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from mailpipe.capture.inject import Injector
+    from mailpipe.checks.spam import SpamChecker
+    from mailpipe.checks.spamd_daemon import SpamdDaemon
     from mailpipe.jobs.base import Driver
     from mailpipe.jobs.consumer import JobsConsumer
     from mailpipe.jobs.sink import JobsSink
+    from mailpipe.pop3.server import POP3Server
     from mailpipe.rpc.server import RPCServer
     from mailpipe.web.app import HttpAuth
     from mailpipe.workers.pool import WorkerPool
@@ -90,9 +95,12 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             data_dir=self.data_dir,
             verdicts=self.verdicts,
         )
+        self.spam_checker = _spam_checker(config)  # also for the compatible APIs' routes
+        self.spamd: SpamdDaemon | None = None  # spamassassin.start's own spamd
         self._http_runner: object | None = None
         self._compat_runners: dict[str, web.AppRunner] = {}
         self.rpc_server: RPCServer | None = None
+        self.pop3: POP3Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.lifecycle = Lifecycle()
 
@@ -149,6 +157,10 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             raise StartupError(str(exc)) from None
         self.metrics.watch_plugins(self.plugins)
         await self.capture.start()
+        if self.config.pop3.addr:  # before the API: ready (/healthz) means POP3 is too
+            await self._start_pop3()
+        if self.config.spamassassin.start:
+            await self._start_spamd()
         if self.config.jobs.consume:
             await self._start_consumer()
         if self.config.http.enabled:
@@ -205,6 +217,17 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         if pool is not None and self.rpc_server is not None:
             pool.env["RR_RPC"] = self.rpc_server.bound_address()
 
+    async def _start_spamd(self) -> None:
+        """spamd on spamassassin.addr; ready a few seconds later (logged), not waited for."""
+        from mailpipe.checks.spamd_daemon import SpamdDaemon, SpamdStartError
+
+        assert self.config.spamassassin.addr is not None
+        self.spamd = SpamdDaemon(self.config.spamassassin.addr, self.data_dir / "spamd.log")
+        try:
+            await self.spamd.start()
+        except SpamdStartError as exc:
+            raise StartupError(str(exc)) from None
+
     async def _start_consumer(self) -> None:
         from mailpipe.jobs.runner import build_consumer
 
@@ -241,7 +264,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         app = create_app(self.store, self.metrics, health=self.health, auth=auth, admin=self,
                          bind_host=host, allowed_hosts=http.allowed_hosts,
                          base_path=http.base_path, code_pattern=http.code_pattern,
-                         compat=compat)
+                         compat=compat, injector=self.injector,
+                         checks=self.config.checks, spam_checker=self.spam_checker)
         self._http_runner = await start_http(app, host, port)
         log.info("HTTP API on http://%s:%d%s/", *self.http_address(), http.base_path)
         for name in self._compat_apis(prefixed=False):
@@ -286,6 +310,35 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         host, port = self._compat_runners[name].addresses[0][:2]
         return str(host), int(port)
 
+    async def _start_pop3(self) -> None:
+        from mailpipe.pop3.server import POP3Server
+
+        if self.store is None:
+            raise StartupError("pop3.addr is set but the store is disabled: POP3 serves the "
+                               "store's messages (set store.enabled: true)")
+        host, _ = split_host_port(self.config.pop3.addr)
+        if self.config.pop3.auth == "any" and not is_loopback(host):
+            log.warning("POP3 bound to %s with `pop3.auth: any`: anyone who reaches it can "
+                        "download and delete every captured email; set credentials",
+                        self.config.pop3.addr)
+        self.pop3 = POP3Server(self.config.pop3, self.store, self.data_dir)
+        try:
+            await self.pop3.start()
+        except OSError as exc:
+            raise StartupError(f"pop3.addr {self.config.pop3.addr}: "
+                               f"{exc.strerror or exc}") from None
+
+    @cached_property
+    def injector(self) -> Injector:
+        """What POST /api/v1/send injects messages through: this server's capture pipeline,
+        as the listener "api" with the smtp section's limits (capture/inject.py). One for
+        every route that sends, so that they share its connection limits."""
+        from mailpipe.capture.inject import Injector
+
+        smtp = self.config.smtp
+        return Injector(self.capture, smtp, transcript=smtp.transcript,
+                        spool_threshold=smtp.spool_threshold)
+
     def http_address(self) -> tuple[str, int]:
         """Where the HTTP API listens (the port it bound when asked for port 0)."""
         runner = self._http_runner
@@ -302,6 +355,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         log.info("shutting down: %s", "not waiting for messages in flight" if hurry
                  else "finishing messages in flight")
         await self.capture.stop(grace)
+        if self.pop3 is not None:
+            await self.pop3.stop()
         if hurry:  # busy workers are stopped now, not after destroy_timeout
             pools = [self.pool, self.consumer.pool if self.consumer else None]
             await asyncio.gather(*(pool.stop(0.0) for pool in pools if pool is not None))
@@ -322,12 +377,16 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             task.cancel()
         if self.rpc_server is not None:
             await self.rpc_server.close()
+        if self.pop3 is not None:  # stopped by drain(), unless start() failed
+            await self.pop3.stop()
         if self._http_runner is not None:
             from mailpipe.web.app import stop_http
 
             await stop_http(self._http_runner)  # type: ignore[arg-type]
             for runner in self._compat_runners.values():
                 await stop_http(runner)
+        if self.spamd is not None:
+            await self.spamd.stop()
         await self.plugins.close()
         await self.dispatcher.close()
         remove_state(self.data_dir)
@@ -351,6 +410,15 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
     async def _start_serving(self) -> None:
         await self.start()
         tune_gc()
+
+
+def _spam_checker(config: Config) -> SpamChecker | None:
+    """The spamd client (checks/spam.py), imported only when spamassassin.addr is set."""
+    if config.spamassassin.addr is None:
+        return None
+    from mailpipe.checks.spam import SpamChecker
+
+    return SpamChecker.from_config(config.spamassassin)
 
 
 def _warn_host_check(host: str, allowed_hosts: list[str]) -> None:

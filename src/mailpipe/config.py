@@ -497,6 +497,67 @@ class HTTPConfig(Section):
         return names
 
 
+class POP3User(Section):
+    username: str = Field(min_length=1)
+    password: str = Field(min_length=1)
+
+
+def _pop3_auth(value: Any) -> Any:
+    return [value] if isinstance(value, dict) else value  # one user, without a list
+
+
+class POP3Config(Section):
+    """The POP3 server (pop3/, docs/pop3.md), off unless `addr` is set. Like Mailpit's, it
+    wants credentials: `auth` is one {username, password} or a list of them; `auth: any`
+    lets any login in, and must be written to be had."""
+
+    addr: Address | None = None
+    auth: Annotated[list[POP3User] | Literal["any"] | None, BeforeValidator(_pop3_auth)] = None
+    hostname: str = "localhost"
+    tls: TLSSetting = None  # starttls: STLS offered; implicit: POP3S
+    read_timeout: Duration = 600.0  # RFC 1939's autologout timer: at least 10 minutes
+    max_connections: int = Field(default=50, ge=1)
+    max_line_length: int = Field(default=1024, ge=255)  # RFC 2449: commands fit in 255
+    auth_failure_delay: Duration = 1.0
+    max_auth_failures: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _needs_auth(self) -> POP3Config:
+        if self.addr is not None and not self.auth:
+            raise ValueError("pop3.auth: POP3 serves every captured email, so it needs "
+                             "credentials: set pop3.auth to {username, password} or a list "
+                             "of them, or to `any` to let any login in")
+        return self
+
+    def users(self) -> dict[str, str] | None:
+        """Username to password; None when any login is let in."""
+        if self.auth == "any":
+            return None
+        return {user.username: user.password for user in self.auth or []}
+
+
+class LinkCheckConfig(Section):
+    """GET /api/v1/messages/{uuid}/link-check: outbound requests, on demand (checks/links.py)."""
+
+    timeout: Duration = 10.0  # per link, redirects included
+    concurrency: int = Field(default=5, ge=1, le=50)
+    max_links: int = Field(default=200, ge=1, le=10_000)
+    max_redirects: int = Field(default=10, ge=0, le=30)
+
+
+class ScreenshotConfig(Section):
+    """GET /api/v1/messages/{uuid}/screenshot.png (checks/screenshot.py)."""
+
+    chromium: str | None = None  # default: /usr/bin/chromium, else Playwright's own
+    timeout: Duration = 20.0
+    max_height: int = Field(default=4000, ge=100, le=20_000)
+
+
+class ChecksConfig(Section):
+    links: LinkCheckConfig = LinkCheckConfig()
+    screenshot: ScreenshotConfig = ScreenshotConfig()
+
+
 class RPCConfig(Section):
     """RoadRunner's RPC endpoint (Goridge RPC), off unless `listen` is set."""
 
@@ -546,6 +607,33 @@ class StoreConfig(Section):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+
+class TagFilterConfig(Section):
+    """`tags.filters[]`: messages matching the search query `match` get `tags` (a list, or
+    Mailpit's comma-separated string)."""
+
+    match: str
+    tags: list[str]
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return value.split(",") if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _valid(self) -> TagFilterConfig:
+        from mailpipe.store.tags import TagFilter
+
+        TagFilter(self.match, tuple(self.tags))  # raises TagError (a ValueError) saying why
+        return self
+
+
+class TagsConfig(Section):
+    """`tags`: automatic tags on stored messages (store/tags.py)."""
+
+    plus_addressing: bool = True
+    filters: list[TagFilterConfig] = Field(default_factory=list)
 
 
 class SinksConfig(Section):
@@ -631,6 +719,25 @@ class PluginsConfig(Section):
         return self
 
 
+class SpamAssassinConfig(Section):
+    """Spam scores from SpamAssassin's spamd (checks/spam.py, docs/spam.md); off without
+    `addr`."""
+
+    addr: str | None = None  # host:port, or unix:///path of spamd's socket
+    timeout: Duration = 10.0  # connecting, sending and the answer, together
+    max_size: Size = Field(default=500 * 1024, ge=1)  # larger emails are not sent (spamc's)
+    start: bool = False  # mailpipe runs spamd itself, on addr (a loopback host:port)
+
+    @model_validator(mode="after")
+    def _address(self) -> SpamAssassinConfig:
+        if self.addr is None and not self.start:
+            return self  # (also: the default instance is made while this module loads)
+        from mailpipe.checks.spam import check_settings
+
+        check_settings(self.addr, self.start)
+        return self
+
+
 class LogConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
@@ -661,12 +768,16 @@ class Config(BaseSettings):
     smtp: SMTPConfig = SMTPConfig()
     http: HTTPConfig = HTTPConfig()
     store: StoreConfig = StoreConfig()
+    tags: TagsConfig = TagsConfig()
     sinks: SinksConfig = SinksConfig()
     jobs: JobsConfig = JobsConfig()
     rpc: RPCConfig = RPCConfig()
     compat: CompatConfig = CompatConfig()
+    pop3: POP3Config = POP3Config()
     plugins: PluginsConfig = PluginsConfig()
+    spamassassin: SpamAssassinConfig = SpamAssassinConfig()
     log: LogConfig = LogConfig()
+    checks: ChecksConfig = ChecksConfig()
     # What loading the file noted (RoadRunner sections ignored or mapped), logged at start.
     _notices: list[str] = PrivateAttr(default_factory=list)
 

@@ -1,7 +1,8 @@
 """The store's change feed: every change to the stored messages, for whoever watches.
 
-The store publishes `new` (data: the summary), `deleted` ({"uuid"}), `cleared` ({}) and `read`
-({"uuid", "read"} or {"all": true, "read"}) once the change is committed; the SSE route and the
+The store publishes `new` (data: the summary), `deleted` ({"uuid"}), `cleared` ({}), `read`
+({"uuid", "read"} or {"all": true, "read"}) and `tags` ({"uuid", "tags"}: its tags now) once
+the change is committed; the SSE route and the
 long poll subscribe. A subscriber that falls `backlog` changes behind is ended rather than
 buffered without bound (a browser's EventSource reconnects and reloads the list), and every
 subscription ends when the store closes.
@@ -13,7 +14,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Kind = Literal["new", "deleted", "cleared", "read"]
+Kind = Literal["new", "deleted", "cleared", "read", "tags"]
 BACKLOG = 1000
 
 

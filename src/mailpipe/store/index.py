@@ -14,6 +14,8 @@ import time
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 SNIPPET_CHARS = 120
 # The body text a search looks through: its first 64 K characters. A 20 MB text body would
 # otherwise be written a second time (lower-cased) and scanned by every search, for words
@@ -28,7 +30,9 @@ _TAG = re.compile(r"<[^>]*>")
 
 def index_columns(event: dict[str, Any], raw_size: int) -> tuple[Any, ...]:
     """(uuid, received_at, received_ts, mail_from, rcpt, header_from, subject, snippet, size,
-    attachment_count, search): the messages table's columns up to `event`, in its order."""
+    attachment_count, search, header_to, header_cc, header_bcc, reply_to, message_id,
+    inline_count, event_tags): the messages table's index columns, in the order INSERT names
+    them, and the event's own tags as JSON (the store adds its automatic ones to them)."""
     message = event.get("message") or {}
     envelope = event.get("envelope") or {}
     headers = message.get("headers") or {}
@@ -61,6 +65,14 @@ def index_columns(event: dict[str, Any], raw_size: int) -> tuple[Any, ...]:
         size if isinstance(size := message.get("size"), int) else raw_size,
         len(event.get("attachments") or ()),
         search,
+        # For the search's field terms (store/search.py): cc:, bcc:, reply-to:, message-id:.
+        _header(headers, "To"),
+        _header(headers, "Cc"),
+        _header(headers, "Bcc"),
+        _header(headers, "Reply-To"),
+        message.get("message_id") or _header(headers, "Message-ID"),
+        sum(1 for a in event.get("attachments") or () if a.get("disposition") == "inline"),
+        orjson.dumps(event.get("tags") or []).decode(),
     )
 
 

@@ -14,7 +14,7 @@ import math
 import queue
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -25,9 +25,11 @@ from mailpipe.event import CapturedEmail
 from mailpipe.metrics import Metrics
 from mailpipe.sinks.base import STORE, Sink, SinkContext, SinkSettings
 from mailpipe.sinks.results import ACCEPTED, Accepted
+from mailpipe.store import tags as tag_ops
 from mailpipe.store.feed import ChangeFeed
 from mailpipe.store.index import RCPT_SEP, index_columns
 from mailpipe.store.search import LOWER, Term, compile_terms, like_escape, parse
+from mailpipe.store.tags import TagRules
 from mailpipe.store.writer import GroupCommitWriter
 
 T = TypeVar("T")
@@ -63,27 +65,60 @@ CREATE TABLE IF NOT EXISTS messages (
     event BLOB NOT NULL,
     outcomes BLOB,
     raw BLOB NOT NULL,
-    read INTEGER NOT NULL DEFAULT 0
+    read INTEGER NOT NULL DEFAULT 0,
+    header_to TEXT,
+    header_cc TEXT,
+    header_bcc TEXT,
+    reply_to TEXT,
+    message_id TEXT,
+    inline_count INTEGER NOT NULL DEFAULT 0,
+    tags TEXT NOT NULL DEFAULT '[]'
 );
 """
 # Added by later versions: (column, its definition), added to a database made before them.
-COLUMNS_ADDED = (("read", "INTEGER NOT NULL DEFAULT 0"),)
+COLUMNS_ADDED = (
+    ("read", "INTEGER NOT NULL DEFAULT 0"),
+    ("header_to", "TEXT"),
+    ("header_cc", "TEXT"),
+    ("header_bcc", "TEXT"),
+    ("reply_to", "TEXT"),
+    ("message_id", "TEXT"),
+    ("inline_count", "INTEGER NOT NULL DEFAULT 0"),
+    ("tags", "TEXT NOT NULL DEFAULT '[]'"),
+)
+# Index columns (store/index.py) added after the first version: a database that lacked them
+# has them computed from each stored event as it is upgraded.
+REINDEXED = ("header_to", "header_cc", "header_bcc", "reply_to", "message_id", "inline_count")
 # Created after COLUMNS_ADDED, since they may index those columns. The partial index makes the
 # unread count and `is:unread` read the unread rows only.
 INDEXES = """
 CREATE INDEX IF NOT EXISTS messages_received_ts ON messages (received_ts);
 CREATE INDEX IF NOT EXISTS messages_unread ON messages (id) WHERE read = 0;
+CREATE INDEX IF NOT EXISTS messages_tagged ON messages (id) WHERE tags != '[]';
 """
 
 INSERT = """
 INSERT INTO messages (uuid, received_at, received_ts, mail_from, rcpt, header_from, subject,
-                      snippet, size, attachment_count, search, event, outcomes, raw)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                      snippet, size, attachment_count, search, header_to, header_cc,
+                      header_bcc, reply_to, message_id, inline_count, event, outcomes, raw, tags)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+# POP3's maildrop (pop3/): each message's uuid and its size with every line ending CRLF, as
+# pop3.protocol.pop3_size counts it: a line ends at LF, a CR before it is part of the end,
+# a last line without LF gets a CRLF. Counted in SQL, so a login reads no message body.
+MAILDROP = """
+SELECT uuid, length(raw)
+    + (length(raw) - length(CAST(replace(raw, X'0A', X'') AS BLOB)))
+    - (length(raw) - length(CAST(replace(raw, X'0D0A', X'') AS BLOB))) / 2
+    - (substr(raw, -1) IS X'0D')
+    + 2 * (length(raw) > 0 AND substr(raw, -1) IS NOT X'0A')
+FROM messages ORDER BY id
 """
 
 SUMMARY_COLUMNS = (
     "uuid, subject, mail_from, rcpt, header_from, received_at, size, attachment_count, snippet,"
-    " read"
+    " read, tags"
 )
 
 
@@ -91,7 +126,7 @@ class StoreClosedError(RuntimeError):
     """The store is not running (not started yet, or closed)."""
 
 
-OpKind = Literal["insert", "delete", "clear", "read"]
+OpKind = Literal["insert", "delete", "clear", "read", "tags"]
 
 
 @dataclass(slots=True)
@@ -125,6 +160,7 @@ class SQLiteStore:
         synchronous: str = "FULL",
         batch_max: int = 512,
         metrics: Metrics | None = None,
+        tag_rules: TagRules | None = None,
     ) -> None:
         synchronous = synchronous.upper()
         if synchronous not in SYNCHRONOUS_MODES:
@@ -139,6 +175,8 @@ class SQLiteStore:
         self.synchronous = synchronous
         self.batch_max = batch_max
         self.metrics = metrics
+        self.tag_rules = tag_rules or TagRules()
+        self._tag_writer = tag_ops.TagWriter(self.tag_rules)  # used in the writer thread
         self.stats: dict[str, int] = {"commits": 0, "written": 0, "failed": 0, "max_batch": 0}
         self._writer: GroupCommitWriter[_Op] = GroupCommitWriter(
             "mailpipe-store-writer",
@@ -212,10 +250,10 @@ class SQLiteStore:
 
     async def add(self, email: CapturedEmail) -> None:
         """Return once the email is committed; raise if its batch failed."""
-        row = _row(email)
-        await self._submit("insert", row)
+        row = _row(email, self.tag_rules)
+        tags = await self._submit("insert", row)
         if self.changes.subscribers:  # a summary nobody watches is not worth making
-            self.changes.publish("new", _summary_of_insert(row))
+            self.changes.publish("new", _summary_of_insert(row, tags))
 
     async def delete(self, uuid: str) -> bool:
         deleted = bool(await self._submit("delete", uuid))
@@ -241,6 +279,55 @@ class SQLiteStore:
         updated = int(await self._submit("read", (None, read)))
         self.changes.publish("read", {"all": True, "read": read})
         return updated
+
+    # ---- tags (store/tags.py) -------------------------------------------------------------
+
+    async def tags(self) -> list[dict[str, Any]]:
+        """Every tag in use: {"name", "count"} (messages with it), by name."""
+        return await self._read(tag_ops.counts)
+
+    async def set_tags(self, uuids: Sequence[str], tags: Sequence[str]) -> dict[str, list[str]]:
+        """Replace the tags of each message of `uuids`; the tags now of each that exists.
+        TagError for invalid tags or ids."""
+        return await self._edit_tags("set", uuids, tags)
+
+    async def add_tags(self, uuids: Sequence[str], tags: Sequence[str]) -> dict[str, list[str]]:
+        """Add `tags` to each message of `uuids` (as set_tags)."""
+        return await self._edit_tags("add", uuids, tags)
+
+    async def remove_tags(self, uuids: Sequence[str],
+                          tags: Sequence[str]) -> dict[str, list[str]]:
+        """Remove `tags` from each message of `uuids` (as set_tags)."""
+        return await self._edit_tags("remove", uuids, tags)
+
+    async def rename_tag(self, old: str, new: str) -> int:
+        """Rename tag `old` to `new` on every message; how many changed (0: no such tag)."""
+        old, new = tag_ops.clean_tag(old), tag_ops.clean_tag(new)
+        return await self._tag_op(self._tag_writer.rename, old, new)
+
+    async def delete_tag(self, name: str) -> int:
+        """Remove tag `name` from every message; how many had it."""
+        return await self._tag_op(self._tag_writer.delete, tag_ops.clean_tag(name))
+
+    async def _edit_tags(self, mode: tag_ops.Mode, uuids: Sequence[str],
+                         tags: Sequence[str]) -> dict[str, list[str]]:
+        if isinstance(uuids, str) or not isinstance(uuids, Sequence) or not all(
+                isinstance(uuid, str) for uuid in uuids):
+            raise tag_ops.TagError("ids must be a list of message ids")
+        if len(uuids) > tag_ops.MAX_IDS:
+            raise tag_ops.TagError(f"at most {tag_ops.MAX_IDS} ids at once")
+        clean = tag_ops.clean_tags(tags)
+        current: dict[str, list[str]] = {}
+        await self._tag_op(self._tag_writer.edit, mode, list(uuids), clean, current)
+        return current
+
+    async def _tag_op(self, fn: Callable[..., tag_ops.Changed], *args: Any) -> int:
+        result = await self._submit("tags", (fn, args))
+        if isinstance(result, tag_ops.TagError):
+            raise result
+        self.changes.publish_many("tags", [{"uuid": uuid, "tags": tags}
+                                           for uuid, tags in result])
+        return len(result)
 
     async def _submit(self, kind: OpKind, arg: Any) -> Any:
         if not self._running or not self._writer.alive:
@@ -316,12 +403,16 @@ class SQLiteStore:
         """The stored event; what sinks noted about it is under event["mailpipe"]["outcomes"]."""
         row = await self._read(
             lambda c: c.execute(
-                "SELECT event, outcomes FROM messages WHERE uuid = ?", (uuid,)
+                "SELECT event, outcomes, tags FROM messages WHERE uuid = ?", (uuid,)
             ).fetchone()
         )
         if row is None:
             return None
         event: dict[str, Any] = orjson.loads(row[0])
+        # The current tags, not only the plugins' ones: present when it has any.
+        event.pop("tags", None)
+        if tags := tag_ops.loads(row[2]):
+            event["tags"] = tags
         if row[1] is not None:
             event["mailpipe"] = {"outcomes": orjson.loads(row[1])}
         return event
@@ -331,6 +422,11 @@ class SQLiteStore:
             lambda c: c.execute("SELECT raw FROM messages WHERE uuid = ?", (uuid,)).fetchone()
         )
         return None if row is None else bytes(row[0])
+
+    async def maildrop(self) -> list[tuple[str, int]]:
+        """Every message, oldest first, as POP3 lists it: (uuid, size; see MAILDROP)."""
+        rows = await self._read(lambda c: c.execute(MAILDROP).fetchall())
+        return [(str(uuid), int(size)) for uuid, size in rows]
 
     async def count(self) -> int:
         return int(
@@ -368,8 +464,11 @@ class SQLiteStore:
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.create_function(LOWER, 1, _lower, deterministic=True)  # filters, tags
             conn.executescript(SCHEMA)
-            _add_missing_columns(conn)
+            added = _add_missing_columns(conn)
+            if added.intersection(REINDEXED):
+                self._reindex(conn)
             conn.executescript(INDEXES)
             self._recount(conn)
             self._last_age_prune = -1e9
@@ -396,12 +495,19 @@ class SQLiteStore:
     def _apply(self, conn: sqlite3.Connection, op: _Op) -> Any:
         if op.kind == "insert":
             rowid = conn.execute(INSERT, op.arg).lastrowid
+            assert rowid is not None
             self._messages += 1
             # An emptied table gives ids from 1 again: the low-water mark must stay below.
-            if rowid is not None and rowid < self._low_id:
+            if rowid < self._low_id:
                 self._low_id = rowid
             self._oldest_ts = min(self._oldest_ts, op.arg[2])  # received_ts
-            return None
+            return self._tag_writer.on_insert(conn, rowid, tag_ops.loads(op.arg[-1]))
+        if op.kind == "tags":
+            fn, args = op.arg
+            try:
+                return fn(conn, *args)
+            except tag_ops.TagError as exc:  # raised before writing: fails this op alone
+                return exc
         if op.kind == "delete":
             deleted = conn.execute("DELETE FROM messages WHERE uuid = ?", (op.arg,)).rowcount
             self._messages -= deleted
@@ -416,6 +522,29 @@ class SQLiteStore:
         deleted = conn.execute("DELETE FROM messages").rowcount
         self._messages -= deleted
         return deleted
+
+    def _reindex(self, conn: sqlite3.Connection) -> None:
+        """Compute the index columns and tags a database from an older version lacks, from
+        each stored event (once, as it is upgraded)."""
+        sets = ", ".join(f"{column} = ?" for column in REINDEXED)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for rowid, uuid, event_json, raw_size in conn.execute(
+                    "SELECT id, uuid, event, length(raw) FROM messages").fetchall():
+                try:
+                    event = {"uuid": uuid, **orjson.loads(event_json)}
+                except (orjson.JSONDecodeError, TypeError):  # not an event: keep defaults
+                    continue
+                *columns, event_tags = index_columns(event, raw_size)
+                rcpt = (event.get("envelope") or {}).get("to") or ()
+                tags = self.tag_rules.initial(tag_ops.loads(event_tags), rcpt)
+                columns = columns[-len(REINDEXED):]
+                conn.execute(f"UPDATE messages SET {sets}, tags = ? WHERE id = ?",
+                             (*columns, tag_ops.dumps(tags), rowid))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def _prune_only(self) -> None:
         assert self._conn is not None
@@ -525,6 +654,7 @@ class StoreSink(Sink):
             return None
         return cls(SQLiteStore(
             config.store_path,
+            tag_rules=TagRules.from_config(config.tags),
             max_messages=config.store.max_messages,
             max_age=config.store.max_age,
             synchronous=config.store.synchronous,
@@ -551,13 +681,15 @@ class StoreSink(Sink):
 # ---- helpers ------------------------------------------------------------------------------
 
 
-def _row(email: CapturedEmail) -> tuple[Any, ...]:
+def _row(email: CapturedEmail, rules: TagRules) -> tuple[Any, ...]:
     # json() first: re-encoding an event changed since it was built drops the index columns
     # computed with it, so they are computed afresh from the event.
     event_json = email.json()
-    index = email.index or index_columns(email.event, len(email.raw))
+    *index, event_tags = email.index or index_columns(email.event, len(email.raw))
     outcomes = orjson.dumps(email.outcomes, default=str) if email.outcomes else None
-    return (*index, event_json, outcomes, email.raw)
+    # From the index columns, not the event: decoding an event built elsewhere costs.
+    tags = rules.initial(tag_ops.loads(event_tags), index[4].split(RCPT_SEP))
+    return (*index, event_json, outcomes, email.raw, tag_ops.dumps(tags))
 
 
 def _search_page(
@@ -578,18 +710,18 @@ def _search_page(
     return rows, len(ids)
 
 
-def _summary_of_insert(row: tuple[Any, ...]) -> dict[str, Any]:
-    """The summary of a row as INSERT writes it (a new message is unread)."""
+def _summary_of_insert(row: tuple[Any, ...], tags: list[str]) -> dict[str, Any]:
+    """The summary of a row as INSERT writes it (a new message is unread), with its tags."""
     (uuid, received_at, _, mail_from, rcpt, header_from, subject, snippet, size,
      attachments, *_) = row
     return _summary((uuid, subject, mail_from, rcpt, header_from, received_at, size,
-                     attachments, snippet, 0))
+                     attachments, snippet, 0, tag_ops.dumps(tags)))
 
 
 def _summary(row: tuple[Any, ...]) -> dict[str, Any]:
     """A row of SUMMARY_COLUMNS as the API shows it."""
     (uuid, subject, mail_from, rcpt, header_from, received_at, size, attachments, snippet,
-     read) = row
+     read, tags) = row
     return {
         "uuid": uuid,
         "subject": subject,
@@ -601,16 +733,20 @@ def _summary(row: tuple[Any, ...]) -> dict[str, Any]:
         "attachments": attachments,
         "snippet": snippet,
         "read": bool(read),
+        "tags": tag_ops.loads(tags),
     }
 
 
-def _add_missing_columns(conn: sqlite3.Connection) -> None:
+def _add_missing_columns(conn: sqlite3.Connection) -> set[str]:
     """Bring a database made by an older version up to SCHEMA (SQLite adds columns in place;
-    existing rows take the default)."""
+    existing rows take the default); the columns added."""
     have = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+    added = set()
     for name, definition in COLUMNS_ADDED:
         if name not in have:
             conn.execute(f"ALTER TABLE messages ADD COLUMN {name} {definition}")
+            added.add(name)
+    return added
 
 
 def _lower(value: str | None) -> str | None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 import orjson
@@ -38,6 +38,11 @@ from mailpipe.web.session import (
     open_paths,
 )
 from mailpipe.web.ui import is_page_route, ui_routes
+
+if TYPE_CHECKING:
+    from mailpipe.capture.inject import Injector
+    from mailpipe.checks.spam import SpamChecker
+    from mailpipe.config import ChecksConfig
 
 log = logging.getLogger(__name__)
 
@@ -122,17 +127,27 @@ def create_app(
     code_pattern: str | None = None,
     ping_interval: float | None = None,
     compat: Mapping[str, web.Application] | None = None,
+    injector: Injector | None = None,
+    checks: ChecksConfig | None = None,
+    spam_checker: SpamChecker | None = None,
 ) -> web.Application:
     """The API app; with the store disabled (None) only health, metrics and OpenAPI remain.
     The admin routes (workers, connections, stop) are always there; without `admin` they 404.
     `bind_host` and `allowed_hosts` say which Host headers are served (web/guard.py); without
     `bind_host` only the loopback names are. With `base_path` ("/mail") every route is served
     under it and nothing outside it. `code_pattern` is the default of the /codes route,
-    `ping_interval` how often an idle event stream says it is alive (seconds). `compat` maps
-    a compatible API's name to its application, served under /compat/NAME (compat/)."""
+    `ping_interval` how often an idle event stream says it is alive (seconds). `injector`
+    serves POST /api/v1/send (without it the route answers 404); `checks` bounds the content
+    checks (checks/routes.py), `spam_checker` is the spamd client of the spam-check route
+    (None: spam checking is not configured). `compat` maps a compatible API's name to its
+    application, served under /compat/NAME (compat/)."""
     # These build on this module's ApiError and helpers.
     from mailpipe.admin.routes import AdminRoutes
+    from mailpipe.checks.routes import CheckRoutes
     from mailpipe.web.inbox import DEFAULT_CODE_PATTERN, PING_INTERVAL, InboxRoutes
+    from mailpipe.web.send import SendRoutes
+    from mailpipe.web.spam import SpamRoutes
+    from mailpipe.web.tags import TagRoutes
 
     middlewares = [_errors_as_json, *_protection(auth, bind_host, allowed_hosts, base_path)]
     app = web.Application()
@@ -148,6 +163,7 @@ def create_app(
             web.get("/api/openapi.json", service.openapi),
             web.get("/api/v1/schema", service.event_schema),
             *AdminRoutes(admin).routes(),
+            *SendRoutes(injector).routes(),
             *SessionRoutes(auth, base_path).routes(),
             *ui_routes(),
         ]
@@ -166,6 +182,9 @@ def create_app(
         app.router.add_routes(
             [
                 *inbox.routes(),
+                *CheckRoutes(store, checks).routes(),
+                *SpamRoutes(store, spam_checker).routes(),
+                *TagRoutes(store).routes(),
                 web.get("/api/v1/messages", api.list_messages),
                 web.delete("/api/v1/messages", api.clear_messages),
                 web.get("/api/v1/messages/{uuid}", api.get_message),

@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from mailpipe.children import die_with_parent
 from mailpipe.workers.goridge import (
     BYTE10_PING,
     BYTE10_PONG,
@@ -77,10 +78,10 @@ class WorkerResponse:
 
 def run_as(user: str | None, group: str | None) -> dict[str, object]:
     """create_subprocess_exec's arguments for server.user and server.group: the child takes
-    the user's ids and groups (its own group unless `group` is given), not root's. Raises
-    WorkerStartError."""
+    the user's ids and groups (its own group unless `group` is given), not root's, and dies
+    with mailpipe (children.py). Raises WorkerStartError."""
     if not user and not group:
-        return {}
+        return _preexec(None)
     try:
         account = _lookup(pwd.getpwuid, pwd.getpwnam, user or str(os.geteuid()))
     except KeyError:
@@ -91,7 +92,7 @@ def run_as(user: str | None, group: str | None) -> dict[str, object]:
         raise WorkerStartError(f"server.group: no such group {group!r}") from None
     if os.geteuid() != 0:
         if (account.pw_uid, gid) == (os.geteuid(), os.getegid()):
-            return {}  # already that user
+            return _preexec(None)  # already that user
         raise WorkerStartError(
             f"server.user/server.group: starting workers as {account.pw_name}:{gid} needs "
             f"mailpipe to run as root (it runs as uid {os.geteuid()})")
@@ -102,7 +103,12 @@ def run_as(user: str | None, group: str | None) -> dict[str, object]:
         os.setgid(gid)
         os.setuid(account.pw_uid)
 
-    return {"preexec_fn": switch_user}
+    return _preexec(switch_user)
+
+
+def _preexec(switch_user: Callable[[], None] | None) -> dict[str, object]:
+    fn = die_with_parent(switch_user)
+    return {"preexec_fn": fn} if fn is not None else {}
 
 
 def _lookup(by_id: Callable[[int], Any], by_name: Callable[[str], Any], name: str) -> Any:

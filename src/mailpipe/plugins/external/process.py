@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
+from mailpipe.children import die_with_parent
 from mailpipe.plugins.base import PluginError
 from mailpipe.plugins.external import wire
 from mailpipe.plugins.external.handshake import Handshake, parse_handshake
@@ -80,6 +81,7 @@ class Instance:
                 *argv, env=plugin_env(env, socket_dir), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # mailpipe manages its lifetime, not the terminal's ^C
+                preexec_fn=die_with_parent(),
                 limit=LINE_LIMIT,
             )
         except OSError as exc:

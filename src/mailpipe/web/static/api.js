@@ -62,10 +62,27 @@ export async function blockedRemote(uuid) {
   return Number(response.headers.get("X-Mailpipe-Blocked-Remote")) || 0;
 }
 
+/** The email's SpamAssassin score and rules (a round trip to spamd). */
+export async function spamCheck(uuid) {
+  return (await call("GET", apiPath("messages", uuid, "spam-check"))).json();
+}
+
 export const deleteMessage = (uuid) => call("DELETE", apiPath("messages", uuid));
 export const deleteAll = () => call("DELETE", apiPath("messages"));
 export const setRead = (uuid, read) => call("PATCH", apiPath("messages", uuid), { read });
 export const markAllRead = () => call("PATCH", apiPath("messages"), { read: true });
+/** Replace one email's tags; {uuid, tags}: the tags the server kept. */
+export async function setTags(uuid, tags) {
+  return (await call("PUT", apiPath("messages", uuid, "tags"), { tags })).json();
+}
+
+/** The content checks (checks.js): caniemail compatibility; the links, checked on demand. */
+export async function htmlCheck(uuid) {
+  return (await call("GET", apiPath("messages", uuid, "html-check"))).json();
+}
+export async function linkCheck(uuid, follow) {
+  return (await call("GET", `${apiPath("messages", uuid, "link-check")}?follow=${follow}`)).json();
+}
 
 /** Signing in with the bearer token: the server answers with the session cookie. */
 export const signIn = (token) => call("POST", apiPath("session"), { token });
@@ -79,7 +96,7 @@ export async function session() {
  * the connection comes and goes (EventSource reconnects by itself). */
 export function subscribe(handlers) {
   const source = new EventSource(apiPath("events"));
-  for (const kind of ["new", "deleted", "cleared", "read"]) {
+  for (const kind of ["new", "deleted", "cleared", "read", "tags"]) {
     source.addEventListener(kind, (message) => {
       let data = {};
       try {

@@ -4,6 +4,7 @@
 import * as api from "./api.js";
 import { renderDetail } from "./detail.js";
 import { PAGE_SIZE, markRows, pageInfo, renderList } from "./list.js";
+import { tagQuery, updateOpenTags } from "./tags.js";
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -20,6 +21,8 @@ const actions = {
   remove: (uuid) => removeEmail(uuid),
   close: () => closeEmail(),
   toggleRead: (uuid) => toggleRead(uuid),
+  searchTag: (tag) => searchFor(tagQuery(tag)),
+  setTags: async (uuid, tags) => (await run(() => api.setTags(uuid, tags)))?.tags,
 };
 
 // ---- refreshing: at most one list request in flight, one more queued -----------------------
@@ -194,6 +197,7 @@ function showError(message) {
 
 function onEvent(kind, data) {
   if (kind === "deleted") emailGone(data.uuid);
+  if (kind === "tags") updateOpenTags($("detail"), data);
   if (kind === "cleared" && state.openUuid) closeEmail();
   refresh();
 }
@@ -327,6 +331,15 @@ async function turnPage(delta, select) {
 }
 
 // ---- start --------------------------------------------------------------------------------
+
+/** Show the emails matching `q`, as if typed in the search box. */
+function searchFor(q) {
+  $("search").value = q;
+  state.q = q;
+  state.offset = 0;
+  state.selected = -1;
+  refresh();
+}
 
 function wire() {
   $("empty").dataset.text = $("empty").textContent;

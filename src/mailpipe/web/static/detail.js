@@ -5,10 +5,14 @@
 
 import { apiPath, formatFullTime, formatSize, h } from "./dom.js";
 import * as api from "./api.js";
+import { checksPanel, previewBar } from "./checks.js";
+import { spamPanel } from "./spam.js";
+import { tagEditor } from "./tags.js";
 
 const SANDBOX = "allow-popups allow-popups-to-escape-sandbox";
 
-/** The detail pane's content for `event`; `actions` = {close, remove, toggleRead}. */
+/** The detail pane's content for `event`; `actions` = {close, remove, toggleRead, searchTag,
+ * setTags}. */
 export function renderDetail(event, actions) {
   const message = event.message || {};
   const tabs = tabList(event);
@@ -60,13 +64,13 @@ function heading(event, actions) {
       h("dt", {}, "To"), h("dd", {}, to),
       h("dt", {}, "Date"), h("dd", {}, formatFullTime(event.received_at)),
       h("dt", {}, "Size"), h("dd", {}, formatSize(message.size))),
-    tagList(event.tags),
+    tagEditor(event, actions),
   );
 }
 
 function tagList(tags) {
   if (!Array.isArray(tags) || tags.length === 0) return null;
-  return h("ul", { class: "tags", "aria-label": "Plugin tags" },
+  return h("ul", { class: "tags", "aria-label": "Tags" },
     tags.map((tag) => h("li", { class: "tag" }, tag)));
 }
 
@@ -96,6 +100,8 @@ function tabList(event) {
   const transcript = event.session?.transcript;
   if (Array.isArray(transcript)) tabs.set("Transcript", () => pre(transcript.join("\n"), "transcript"));
   tabs.set("Outcomes", () => outcomesPanel(event));
+  tabs.set("Checks", () => checksPanel(event));
+  tabs.set("Spam", () => spamPanel(event.uuid));
   return tabs;
 }
 
@@ -123,7 +129,7 @@ function htmlView(uuid) {
     );
     notice.hidden = false;
   }, () => {}); // no header, no notice: the view itself still works
-  return h("div", { class: "html-view" }, notice, frame);
+  return h("div", { class: "html-view" }, previewBar(uuid, frame), notice, frame);
 }
 
 function headersTable(lines) {
@@ -189,8 +195,8 @@ function outcomesPanel(event) {
     names.length
       ? definitions(names.map((name) => [name, describe(outcomes[name])]))
       : h("p", { class: "muted" }, "No sink noted anything about this email."),
-    h("h3", {}, "Plugin tags"),
-    tagList(event.tags) || h("p", { class: "muted" }, "No plugin tagged this email."));
+    h("h3", {}, "Tags"),
+    tagList(event.tags) || h("p", { class: "muted" }, "No tags."));
 }
 
 function describe(value) {

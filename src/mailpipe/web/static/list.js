@@ -3,6 +3,7 @@
 // what 50 do), and the API's offset/limit does the rest.
 
 import { formatShortTime, formatSize, h } from "./dom.js";
+import { rowTags } from "./tags.js";
 
 export const PAGE_SIZE = 50;
 
@@ -37,6 +38,7 @@ function row(summary, actions) {
       h("div", { class: "line" },
         h("span", { class: "subject" }, summary.subject ?? "(no subject)"),
         h("span", { class: "snippet" }, summary.snippet || "")),
+      rowTags(summary.tags, actions),
     ),
     h(
       "div",
