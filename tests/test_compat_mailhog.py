@@ -389,6 +389,11 @@ def test_v2_search(filled: MailpipeServer) -> None:
     assert len(subjects("kind=containing&query=Stra%C3%9Fe")) == 1
     assert len(subjects("kind=containing&query=Stra%3DC3%3D9Fe")) == 1
     assert subjects("kind=containing&query=nothing-like-this") == []
+    # `to` looks at the To header too, as MailHog's does: a list address no envelope names.
+    send(filled.smtp_port, "To: team-list@example.net\r\nSubject: via list\r\n\r\nx\r\n",
+         to=("member@example.org",))
+    filled.wait_for_messages(4)
+    assert subjects("kind=to&query=team-list@") == ["via list"]
     assert len(subjects("kind=to&query=example.org&start=1&limit=1")) == 1
     for bad, why in (("kind=subject&query=x", "kind"), ("kind=from", "query"),
                      ("query=x", "kind"), ("kind=from&query=", "query")):
