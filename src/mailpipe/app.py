@@ -33,6 +33,8 @@ from mailpipe.store.sqlite import SQLiteStore, StoreSink
 from mailpipe.workers import PoolError
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from mailpipe.capture.inject import Injector
     from mailpipe.checks.spam import SpamChecker
     from mailpipe.checks.spamd_daemon import SpamdDaemon
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from mailpipe.jobs.sink import JobsSink
     from mailpipe.pop3.server import POP3Server
     from mailpipe.rpc.server import RPCServer
+    from mailpipe.web.app import HttpAuth
     from mailpipe.workers.pool import WorkerPool
     from mailpipe.workers.sink import WorkerSink
 
@@ -95,6 +98,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         self.spam_checker = _spam_checker(config)  # also for the compatible APIs' routes
         self.spamd: SpamdDaemon | None = None  # spamassassin.start's own spamd
         self._http_runner: object | None = None
+        self._compat_runners: dict[str, web.AppRunner] = {}
         self.rpc_server: RPCServer | None = None
         self.pop3: POP3Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -256,13 +260,55 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             else None
         )
         http = self.config.http
+        compat = {name: self._compat_app(name) for name in self._compat_apis(prefixed=True)}
         app = create_app(self.store, self.metrics, health=self.health, auth=auth, admin=self,
                          bind_host=host, allowed_hosts=http.allowed_hosts,
                          base_path=http.base_path, code_pattern=http.code_pattern,
-                         injector=self.injector, checks=self.config.checks,
-                         spam_checker=self.spam_checker)
+                         compat=compat, injector=self.injector,
+                         checks=self.config.checks, spam_checker=self.spam_checker)
         self._http_runner = await start_http(app, host, port)
         log.info("HTTP API on http://%s:%d%s/", *self.http_address(), http.base_path)
+        for name in self._compat_apis(prefixed=False):
+            await self._start_compat_listener(name, auth)
+
+    def _compat_apis(self, *, prefixed: bool) -> list[str]:
+        """The compatible APIs (compat/) served under /compat/ (`prefixed`) or on their own
+        listeners; none without the store, which they all read."""
+        from mailpipe.compat import APIS
+
+        if self.store is None:
+            return []
+        settings = {name: getattr(self.config.compat, name) for name in APIS}
+        if prefixed:
+            return [name for name, api in settings.items() if api.enabled]
+        return [name for name, api in settings.items() if api.addr is not None]
+
+    def _compat_app(self, name: str) -> web.Application:
+        from mailpipe.compat import CompatContext, create_compat_app
+
+        assert self.store is not None
+        context = CompatContext(self.store, self, self.metrics, self.config)
+        return create_compat_app(name, context)
+
+    async def _start_compat_listener(self, name: str, auth: HttpAuth | None) -> None:
+        from mailpipe.web.app import create_compat_root, start_http
+
+        addr = getattr(self.config.compat, name).addr
+        host, port = split_host_port(addr)
+        root = create_compat_root(self._compat_app(name), auth=auth, bind_host=host,
+                                  allowed_hosts=self.config.http.allowed_hosts)
+        try:
+            runner = await start_http(root, host, port)
+        except OSError as exc:
+            raise StartupError(f"compat.{name}.addr {addr}: {exc.strerror or exc}") from None
+        self._compat_runners[name] = runner
+        bound_host, bound_port = runner.addresses[0][:2]
+        log.info("%s-compatible API on http://%s:%d/", name, bound_host, bound_port)
+
+    def compat_address(self, name: str) -> tuple[str, int]:
+        """Where compatible API `name` listens on its own (the port bound for port 0)."""
+        host, port = self._compat_runners[name].addresses[0][:2]
+        return str(host), int(port)
 
     async def _start_pop3(self) -> None:
         from mailpipe.pop3.server import POP3Server
@@ -337,6 +383,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
             from mailpipe.web.app import stop_http
 
             await stop_http(self._http_runner)  # type: ignore[arg-type]
+            for runner in self._compat_runners.values():
+                await stop_http(runner)
         if self.spamd is not None:
             await self.spamd.stop()
         await self.plugins.close()

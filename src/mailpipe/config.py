@@ -575,6 +575,27 @@ class RPCConfig(Section):
         return value
 
 
+class CompatAPIConfig(Section):
+    """One other mail catcher's API (compat/): under /compat/NAME/ of the main listener while
+    `enabled`, and also at the root of its own listener when `addr` is set, where that
+    catcher's clients work unchanged."""
+
+    enabled: bool = True
+    addr: Address | None = None
+
+
+class MailHogCompatConfig(CompatAPIConfig):
+    """MailHog's API also invites Jim, its chaos monkey, at start when `invite_jim` (MailHog's
+    -invite-jim, with its default chances); /api/v2/jim changes or dismisses him at run time."""
+
+    invite_jim: bool = False
+
+
+class CompatConfig(Section):
+    mailpit: CompatAPIConfig = CompatAPIConfig()
+    mailhog: MailHogCompatConfig = MailHogCompatConfig()
+
+
 class StoreConfig(Section):
     enabled: bool = True
     path: str | None = None
@@ -751,6 +772,7 @@ class Config(BaseSettings):
     sinks: SinksConfig = SinksConfig()
     jobs: JobsConfig = JobsConfig()
     rpc: RPCConfig = RPCConfig()
+    compat: CompatConfig = CompatConfig()
     pop3: POP3Config = POP3Config()
     plugins: PluginsConfig = PluginsConfig()
     spamassassin: SpamAssassinConfig = SpamAssassinConfig()

@@ -9,7 +9,7 @@ import hmac
 import logging
 import mimetypes
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -22,6 +22,7 @@ from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mailpipe.admin import AdminOps
+from mailpipe.compat import PREFIX
 from mailpipe.metrics import Metrics
 from mailpipe.schema import event_schema_bytes
 from mailpipe.store.sqlite import SQLiteStore, StoreClosedError
@@ -125,6 +126,7 @@ def create_app(
     base_path: str = "",
     code_pattern: str | None = None,
     ping_interval: float | None = None,
+    compat: Mapping[str, web.Application] | None = None,
     injector: Injector | None = None,
     checks: ChecksConfig | None = None,
     spam_checker: SpamChecker | None = None,
@@ -137,7 +139,8 @@ def create_app(
     `ping_interval` how often an idle event stream says it is alive (seconds). `injector`
     serves POST /api/v1/send (without it the route answers 404); `checks` bounds the content
     checks (checks/routes.py), `spam_checker` is the spamd client of the spam-check route
-    (None: spam checking is not configured)."""
+    (None: spam checking is not configured). `compat` maps a compatible API's name to its
+    application, served under /compat/NAME (compat/)."""
     # These build on this module's ApiError and helpers.
     from mailpipe.admin.routes import AdminRoutes
     from mailpipe.checks.routes import CheckRoutes
@@ -146,11 +149,7 @@ def create_app(
     from mailpipe.web.spam import SpamRoutes
     from mailpipe.web.tags import TagRoutes
 
-    guard = BrowserGuard(bind_host, allowed_hosts)
-    # Outermost first: the guard runs before auth, so a refused page never sees a challenge.
-    middlewares: list[Middleware] = [_errors_as_json, _guard_middleware(guard)]
-    if auth is not None:
-        middlewares.append(_auth_middleware(auth, base_path))
+    middlewares = [_errors_as_json, *_protection(auth, bind_host, allowed_hosts, base_path)]
     app = web.Application()
     _openapi_bytes()  # a missing or broken document should stop startup, not a request
     event_schema_bytes()  # likewise the event schema
@@ -198,7 +197,32 @@ def create_app(
                 ),
             ]
         )
+    for name, compat_app in (compat or {}).items():
+        app.add_subapp(PREFIX + name, compat_app)
     return _serve_under(base_path, app, middlewares)
+
+
+def create_compat_root(
+    compat_app: web.Application,
+    *,
+    auth: HttpAuth | None = None,
+    bind_host: str | None = None,
+    allowed_hosts: Iterable[str] = (),
+) -> web.Application:
+    """A compatible API at the root of a listener of its own, behind the same browser guard
+    and authentication as the main API. Its errors are its own: clients of that API parse
+    them as that API answers them."""
+    return _serve_under("", compat_app, _protection(auth, bind_host, allowed_hosts, ""))
+
+
+def _protection(auth: HttpAuth | None, bind_host: str | None, allowed_hosts: Iterable[str],
+                base_path: str) -> list[Middleware]:
+    """The guard, then authentication when configured."""
+    # Outermost first: the guard runs before auth, so a refused page never sees a challenge.
+    middlewares = [_guard_middleware(BrowserGuard(bind_host, allowed_hosts))]
+    if auth is not None:
+        middlewares.append(_auth_middleware(auth, base_path))
+    return middlewares
 
 
 def _serve_under(

@@ -1,0 +1,1 @@
+"""Sending captured mail on to a real SMTP server (release)."""
