@@ -638,9 +638,16 @@ class MailpitCompatConfig(CompatAPIConfig):
         return value
 
 
+class MailHogCompatConfig(CompatAPIConfig):
+    """MailHog's API also invites Jim, its chaos monkey, at start when `invite_jim` (MailHog's
+    -invite-jim, with its default chances); /api/v2/jim changes or dismisses him at run time."""
+
+    invite_jim: bool = False
+
+
 class CompatConfig(Section):
     mailpit: MailpitCompatConfig = MailpitCompatConfig()
-    mailhog: CompatAPIConfig = CompatAPIConfig()
+    mailhog: MailHogCompatConfig = MailHogCompatConfig()
 
 
 class StoreConfig(Section):

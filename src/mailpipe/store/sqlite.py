@@ -28,7 +28,7 @@ from mailpipe.sinks.results import ACCEPTED, Accepted
 from mailpipe.store import tags as tag_ops
 from mailpipe.store.feed import ChangeFeed
 from mailpipe.store.index import RCPT_SEP, index_columns
-from mailpipe.store.search import LOWER, Term, compile_terms, parse
+from mailpipe.store.search import LOWER, Term, compile_terms, like_escape, parse
 from mailpipe.store.tags import TagRules
 from mailpipe.store.writer import GroupCommitWriter
 
@@ -348,7 +348,17 @@ class SQLiteStore:
     async def page(self, *, limit: int = 50, offset: int = 0, q: str | None = None) -> Page:
         """Summaries newest first matching `q` (store/search.py), how many match in all, and
         how many messages are unread."""
-        where, params = compile_terms(parse(q or ""))
+        return await self.page_of(parse(q or ""), limit=limit, offset=offset)
+
+    async def page_of(self, terms: list[Term], *, limit: int = 50, offset: int = 0,
+                      or_raw: str | None = None) -> Page:
+        """`page()` for parsed `terms`; with `or_raw`, a message whose raw bytes contain that
+        text (ASCII case-insensitively: as sent, still quoted-printable or base64) matches
+        too (MailHog's `containing` search, compat/mailhog.py)."""
+        where, params = compile_terms(terms)
+        if or_raw:
+            where = f"(({where}) OR CAST(raw AS TEXT) LIKE ? ESCAPE '\\')"
+            params = [*params, f"%{like_escape(or_raw)}%"]
 
         def query(conn: sqlite3.Connection) -> Page:
             # One read transaction, so the page and the counts come from the same snapshot.

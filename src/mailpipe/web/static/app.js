@@ -291,6 +291,7 @@ const KEYS = {
   ArrowUp: () => move(-1),
   Enter: () => state.rows[state.selected] && openEmail(state.rows[state.selected].uuid),
   Delete: () => removeEmail(state.openUuid || state.rows[state.selected]?.uuid),
+  Backspace: () => KEYS.Delete(), // a Mac keyboard's delete key
   "/": () => $("search").focus(),
   Escape: () => state.openUuid && closeEmail(),
 };
