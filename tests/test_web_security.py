@@ -133,7 +133,8 @@ def test_same_origin_and_origin_less_writes_are_served(mailpipe_factory: Factory
                                           "multipart/form-data; boundary=x", None])
 def test_a_write_body_must_be_json(mailpipe_factory: Factory, content_type: str | None) -> None:
     server = mailpipe_factory(POOL_CONFIG)
-    headers = {"Content-Type": content_type} if content_type else {}
+    # Without a type the body is refused when a browser sent it (here its Sec-Fetch-Site).
+    headers = {"Content-Type": content_type} if content_type else {"Sec-Fetch-Site": "none"}
     answer = call(server.http_port, "POST", "/api/v1/workers", headers, b"--x\r\n")
     assert answer.status == 415
     assert answer.error.startswith("a POST body must be application/json")
@@ -339,7 +340,14 @@ def test_a_session_cookie_works_in_its_own_process_only(mailpipe_factory: Factor
         ("127.0.0.1", "GET", {"Host": "localhost", "Origin": EVIL}, None),  # reads: SOP
         ("127.0.0.1", "OPTIONS", {"Host": "localhost", "Origin": EVIL}, None),
         ("127.0.0.1", "PURGE", {"Host": "localhost", "Origin": EVIL}, 403),
-        ("127.0.0.1", "PUT", {"Host": "localhost", "Transfer-Encoding": "chunked"}, 415),
+        # A body without a type: a script's (npm's mailhog client's), unless a browser's.
+        ("127.0.0.1", "PUT", {"Host": "localhost", "Transfer-Encoding": "chunked"}, None),
+        ("127.0.0.1", "PUT", {"Host": "localhost", "Transfer-Encoding": "chunked",
+                              "Sec-Fetch-Mode": "no-cors"}, 415),
+        ("127.0.0.1", "POST", {"Host": "localhost", "Content-Length": "2",
+                               "Origin": "http://localhost"}, 415),
+        ("127.0.0.1", "POST", {"Host": "localhost", "Content-Length": "2",
+                               "Referer": "http://localhost/"}, 415),
         ("127.0.0.1", "PUT", {"Host": "localhost", "Content-Length": "0",
                               "Content-Type": "text/plain"}, None),
         ("127.0.0.1", "PATCH", {"Host": "localhost", "Content-Length": "2",

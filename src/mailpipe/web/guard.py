@@ -6,7 +6,8 @@ middleware in web/app.py only applies the verdict. Two attacks are closed here:
 - Cross-site requests. Any page can send a "simple" POST or a no-cors fetch (text/plain, a
   form) to 127.0.0.1:8025 without a CORS preflight, so a state-changing request must come from
   no browser page at all (no Origin, no Referer: the CLI, curl, scripts) or from the API's own
-  origin; and a body must be JSON, which no page can send cross-origin without a preflight.
+  origin; and a body must be JSON, which no page can send cross-origin without a preflight
+  (or typeless, from a client that carries none of a browser's marks).
 - DNS rebinding. A page on evil.example re-resolves its name to 127.0.0.1 and is then
   same-origin with the API, so the browser lets it read and write. It can only do that under
   its own DNS name, which arrives in the Host header: only names we know are ours are served.
@@ -29,6 +30,8 @@ ANY_HOST = "*"
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # host[:port] as a browser sends it: a name or IPv4 literal, or a bracketed IPv6 literal.
 _AUTHORITY = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\[\]:/@?#\s]+)(?::(\d{1,5}))?$")
+# Headers only a browser sends with a request: with none of them, no page sent it.
+BROWSER_MARKS = ("Origin", "Referer", "Sec-Fetch-Site", "Sec-Fetch-Mode", "Sec-Fetch-Dest")
 _JSON_TYPE = re.compile(r"^application/(?:[a-z0-9!#$&^_.-]+\+)?json$")
 
 
@@ -114,11 +117,16 @@ def origin_refusal(method: str, scheme: str, headers: Mapping[str, str]) -> Refu
 
 
 def content_type_refusal(method: str, headers: Mapping[str, str]) -> Refusal | None:
-    """A POST/PUT/PATCH body must be JSON: forms and text/plain are what pages send freely."""
+    """A POST/PUT/PATCH body must be JSON: forms and text/plain are what pages send freely.
+    A body with no Content-Type at all is served when nothing marks a browser: some clients
+    send their JSON so (npm's `mailhog`), while a browser's POST always carries Origin (the
+    Fetch standard; "null" when hidden) and, today, Sec-Fetch-* headers."""
     if method.upper() not in BODY_METHODS or not has_body(headers):
         return None
     media_type = (headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
     if _JSON_TYPE.match(media_type):
+        return None
+    if "Content-Type" not in headers and not any(name in headers for name in BROWSER_MARKS):
         return None
     given = repr(media_type) if media_type else "no Content-Type"
     return Refusal(415, f"a {method.upper()} body must be application/json, not {given}")

@@ -83,8 +83,7 @@ async function exampleRelease() {
     port: process.env.MAILPIPE_SMTP_PORT, // the README's '1025'
     email: 'test@example.org'
   })
-  // Refused by mailpipe's browser guard: the client sends no Content-Type.
-  console.log('Release: ', response.statusCode || response.error)
+  console.log('Release: ', response.statusCode)
 }
 
 async function exampleDeleteMessage() {
