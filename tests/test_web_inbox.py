@@ -270,3 +270,26 @@ async def test_new_responses_match_openapi_schemas(client: TestClient, store: SQ
     check(await json_of(await client.get("/api/v1/messages/wait?timeout=0"), 200), "Event")
     check(await json_of(await client.get("/api/v1/messages/wait?subject=no&timeout=0"), 408),
           "Error")
+
+
+def test_stopping_with_event_streams_open_ends_them_cleanly(mailpipe_factory: Any) -> None:
+    """SIGTERM while a page's event stream (and MailHog's) is open: each stream ends, and
+    mailpipe stops with status 0 and no error logged (a stream whose client has gone must
+    not log a traceback when it is closed)."""
+    import http.client
+    import signal
+
+    server = mailpipe_factory({"compat": {"mailhog": {"enabled": True}}})
+    streams = []
+    for path in ("/api/v1/events", "/compat/mailhog/api/v1/events"):
+        conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=20)
+        conn.request("GET", path)
+        response = conn.getresponse()
+        assert response.status == 200
+        streams.append((conn, response))
+    streams[0][1].read(len(b": connected\n\n"))
+    streams[1][0].close()  # one client gone before the stop
+    assert server.stop(signal.SIGTERM) == 0
+    assert streams[0][1].read() == b""  # the stream ended
+    log = server.log()
+    assert "ERROR" not in log and "Traceback" not in log, log

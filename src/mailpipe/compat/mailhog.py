@@ -26,6 +26,7 @@ from mailpipe.compat.mailhog_message import (
     part_at,
     part_filename,
 )
+from mailpipe.store.feed import Change
 from mailpipe.store.search import Term
 from mailpipe.web.app import (
     MAX_OFFSET,
@@ -39,7 +40,7 @@ from mailpipe.web.app import (
     int_param,
     json_response,
 )
-from mailpipe.web.inbox import PING_INTERVAL, _Live
+from mailpipe.web.inbox import PING_INTERVAL, _Live, stream_changes
 
 if TYPE_CHECKING:
     from mailpipe.router.deliver import Relay
@@ -271,31 +272,16 @@ class MailHogRoutes:
         """MailHog's v1 event stream: each new message in full, as a plain `message` event
         (MailHog's UI listens for those); a comment now and then, so that a gone client is
         noticed."""
-        response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        })
-        with _Live(self.store.changes.subscribe(), self.live) as changes:
-            await response.prepare(request)
-            try:
-                while True:
-                    try:
-                        change = await asyncio.wait_for(changes.get(), self.ping_interval)
-                    except TimeoutError:
-                        await response.write(b": keepalive\n\n")
-                        continue
-                    if change is None:
-                        break
-                    if change.kind != "new":
-                        continue
-                    found = await self._messages([change.data["uuid"]])
-                    for item in found:
-                        await response.write(b"data: %s\n\n" % orjson.dumps(item))
-            except (ConnectionResetError, ConnectionError):
-                return response
-        await response.write_eof()
-        return response
+
+        async def render(change: Change) -> bytes:
+            if change.kind != "new":
+                return b""
+            found = await self._messages([change.data["uuid"]])
+            return b"".join(b"data: %s\n\n" % orjson.dumps(item) for item in found)
+
+        live = _Live(self.store.changes.subscribe(), self.live)
+        return await stream_changes(request, live, self.ping_interval, render,
+                                    ping=b": keepalive\n\n")
 
 
 # ---- helpers ------------------------------------------------------------------------------

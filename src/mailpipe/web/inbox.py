@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any
@@ -70,28 +70,12 @@ class InboxRoutes:
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: one per change, a comment now and then so that proxies and
         the client know the stream is alive (and a gone client is noticed)."""
-        response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # nginx: deliver each event at once
-        })
-        with self._subscribe() as changes:
-            await response.prepare(request)
-            await response.write(b": connected\n\n")
-            try:
-                while True:
-                    try:
-                        change = await asyncio.wait_for(changes.get(), self.ping_interval)
-                    except TimeoutError:
-                        await response.write(b": ping\n\n")
-                        continue
-                    if change is None:
-                        break
-                    await response.write(_sse(change))
-            except (ConnectionResetError, ConnectionError):
-                return response  # the client went away
-        await response.write_eof()
-        return response
+
+        async def render(change: Change) -> bytes:
+            return _sse(change)
+
+        return await stream_changes(request, self._subscribe(), self.ping_interval, render,
+                                    greeting=b": connected\n\n")
 
     async def wait(self, request: web.Request) -> web.Response:
         """The newest email matching to/subject/after, as soon as there is one."""
@@ -221,6 +205,43 @@ async def _next_new(changes: Subscription, timeout: float) -> bool:
         if change.kind == "new":
             return True
     return False
+
+
+async def stream_changes(
+    request: web.Request,
+    live: _Live,
+    ping_interval: float,
+    render: Callable[[Change], Awaitable[bytes]],
+    *,
+    greeting: bytes = b"",
+    ping: bytes = b": ping\n\n",
+) -> web.StreamResponse:
+    """An event stream of the store's changes, each written as `render` makes it (b"": none),
+    `ping` after ping_interval s of quiet; it ends when the client goes or mailpipe stops."""
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",  # nginx: deliver each event at once
+    })
+    with live as changes:
+        await response.prepare(request)
+        try:
+            if greeting:
+                await response.write(greeting)
+            while True:
+                try:
+                    change = await asyncio.wait_for(changes.get(), ping_interval)
+                except TimeoutError:
+                    await response.write(ping)
+                    continue
+                if change is None:  # stopping: the stream ends
+                    break
+                if data := await render(change):
+                    await response.write(data)
+            await response.write_eof()
+        except ConnectionError:  # the client went away (at shutdown too)
+            pass
+    return response
 
 
 def _sse(change: Change) -> bytes:
