@@ -494,3 +494,42 @@ def test_docs_describe_every_hook_as_the_table_does() -> None:
     for hook in HOOKS.values():
         row = f"| `{hook.name}({', '.join(hook.args)})` | {hook.family} | {hook.when} |"
         assert row in docs, row
+
+
+AWAITED = '''
+    import asyncio
+
+    class Plugin:
+        async def on_rcpt_to(self, recipient, params):
+            await asyncio.sleep(0)
+
+        async def on_message_complete(self, raw):
+            await asyncio.sleep(0)
+'''
+
+
+def test_awaited_verdicts_under_pipelined_load_in_mailpipe_serve(
+    mailpipe_factory: Any, tmp_path: Path
+) -> None:
+    """Async hooks through `mailpipe serve` (uvloop, where the other plugin tests run on
+    asyncio's loop), pipelining clients in parallel: every email is taken. Awaited verdicts
+    pause and resume the session's read deadlines and its reading."""
+    server = mailpipe_factory({"plugins": {
+        "plugin_path": str(plugin_dir(tmp_path, awaited=AWAITED)), "plugins": ["awaited"]}})
+
+    async def client(n: int) -> list[int]:
+        codes = []
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=server.smtp_port,
+                                   timeout=20) as smtp:
+            for i in range(10):
+                _, reply = await smtp.sendmail(SENDER, [f"r{n}.{i}@example.test"], MESSAGE)
+                codes.append(int(reply.startswith("2.0.0")))
+        return codes
+
+    async def load() -> list[int]:
+        results = await asyncio.gather(*(client(n) for n in range(20)))
+        return [code for codes in results for code in codes]
+
+    assert asyncio.run(load()) == [1] * 200
+    assert server.get_json("/api/v1/messages?limit=1")["total"] == 200
+    assert "Traceback" not in server.log()
