@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from mailpipe.plugins.results import HookResult
 
 if TYPE_CHECKING:
-    from mailpipe.plugins.base import Plugin
+    from mailpipe.plugins.base import Inline, Plugin
     from mailpipe.plugins.context import HookContext
 
 log = logging.getLogger("mailpipe.plugins")
@@ -53,7 +53,7 @@ class Failed:
 @dataclass(slots=True)
 class CallStats:
     executions: int = 0
-    successes: int = 0
+    pending: int = 0  # awaited calls in flight (neither a success nor a failure yet)
     failures: int = 0
     timeouts: int = 0
     recoveries: int = 0  # exceptions caught (panic recovery)
@@ -61,6 +61,11 @@ class CallStats:
     timed: int = 0  # calls whose duration is in `seconds` at their own weight
     timed_seconds: float = 0.0
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
+
+    @property
+    def successes(self) -> int:
+        # Derived, not counted: one store less on every inline call.
+        return self.executions - self.failures - self.pending
 
     def as_dict(self) -> dict[str, Any]:
         durations = sorted(self.recent)
@@ -86,9 +91,9 @@ class Entry:
     opened_at: float = 0.0
     restored: int = 0  # times the health check closed the breaker again
     last_error: str | None = None
-    # Per hook: the plugin's inline function (None: awaited) and the hook's counters.
-    calls: dict[str, tuple[Callable[[HookContext], Any] | None, CallStats]] = field(
-        default_factory=dict)
+    # Per hook: the plugin's inline function and its argument names (None: awaited) and
+    # the hook's counters.
+    calls: dict[str, tuple[Inline | None, CallStats]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.use(self.plugin)
@@ -105,8 +110,11 @@ class Entry:
 
     def inline_call(self, hook: str) -> InlineCall | None:
         """The hook as the executor calls it inline, or None when it must be awaited."""
-        fn, stats = self.calls[hook]
-        return None if fn is None else InlineCall(self, hook, fn, stats)
+        inline, stats = self.calls[hook]
+        if inline is None:
+            return None
+        fn, argnames = inline
+        return InlineCall(self, hook, fn, _ARGNAMES.setdefault(argnames, argnames), stats)
 
     def stat(self, hook: str) -> CallStats:
         stats = self.stats.get(hook)
@@ -121,8 +129,20 @@ class InlineCall:
 
     entry: Entry
     hook: str
-    fn: Callable[[HookContext], Any]
+    fn: Callable[..., Any]  # called with the values of `argnames`, in order
+    argnames: tuple[str, ...]  # one object per distinct tuple (see _ARGNAMES)
     stats: CallStats
+
+
+# Equal argument-name tuples as one object, so that `call_each` reuses the values it built
+# for the plugin before when the names are the same object (the usual case: every plugin
+# of a hook taking all its arguments), without comparing them.
+_ARGNAMES: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def _values(argnames: tuple[str, ...], ctx: HookContext) -> tuple[Any, ...]:
+    args = ctx.args
+    return tuple(ctx if name == "ctx" else args.get(name) for name in argnames)
 
 
 class Executor:
@@ -140,48 +160,62 @@ class Executor:
                   start: int = 0) -> tuple[int, HookResult | Failed | None]:
         """Call the plugins' inline hooks from `start` in order (no task, timer or slot)
         until one answers something but None; its index and answer, or (len, None). The
-        bookkeeping is written out here because it runs for every plugin on every command."""
+        bookkeeping is written out here because it runs for every plugin on every command:
+        the arguments are built once for the plugins that take the same ones, a success is
+        counted by `executions` alone (`CallStats.successes` is derived)."""
+        names: tuple[str, ...] | None = None
+        values: tuple[Any, ...] = ()
         for index in range(start, len(calls)):
             call = calls[index]
-            if call.entry.open:  # its breaker is open
+            entry = call.entry
+            if entry.open:  # its breaker is open
                 continue
+            if call.argnames is not names:
+                names = call.argnames
+                values = _values(names, ctx)
             stats = call.stats
             done = stats.executions
             stats.executions = done + 1
-            if done & _UNTIMED:  # the first call and one in TIMED_EVERY after it are timed
-                try:
-                    result = call.fn(ctx)
-                    if result is not None and type(result) is not HookResult:
-                        raise TypeError(f"{call.hook} returned {result!r}, "
-                                        "not a HookResult or None")
-                except Exception as exc:
-                    return index, self._raised(call.entry, call.hook, stats, None, exc)
-                stats.successes += 1
-                call.entry.consecutive_failures = 0
+            if not done & _UNTIMED:  # the first call and one in TIMED_EVERY after it
+                result = self._timed(call, values)
             else:
-                result = self._timed(call, ctx)
+                try:
+                    result = call.fn(*values)
+                except Exception as exc:
+                    return index, self._raised(entry, call.hook, stats, None, exc)
+                if result is not None and type(result) is not HookResult:
+                    return index, self._nonsense(call, result, None)
+            if entry.consecutive_failures and type(result) is not Failed:
+                entry.consecutive_failures = 0
             if result is not None:
                 return index, result
         return len(calls), None
 
-    def _timed(self, call: InlineCall, ctx: HookContext) -> HookResult | Failed | None:
+    def _timed(self, call: InlineCall, values: tuple[Any, ...]) -> HookResult | Failed | None:
         """An inline call with the clock read around it: one in TIMED_EVERY."""
         stats = call.stats
         started = perf_counter()
         try:
-            result = call.fn(ctx)
-            if result is not None and type(result) is not HookResult:
-                raise TypeError(f"{call.hook} returned {result!r}, not a HookResult or None")
+            result = call.fn(*values)
         except Exception as exc:
             return self._raised(call.entry, call.hook, stats, started, exc)
-        return self._succeeded(call.entry, stats, started, result, TIMED_EVERY)
+        if result is not None and type(result) is not HookResult:
+            return self._nonsense(call, result, started)
+        _timing(stats, perf_counter() - started, TIMED_EVERY)
+        return result
+
+    def _nonsense(self, call: InlineCall, result: object, started: float | None) -> Failed:
+        error = TypeError(f"{call.hook} returned {result!r}, not a HookResult or None")
+        return self._raised(call.entry, call.hook, call.stats, started, error)
 
     async def call(self, entry: Entry, hook: str, ctx: HookContext) -> HookResult | Failed | None:
         """Call one hook of one plugin; never raises (but CancelledError, which is ours)."""
-        now, stats = entry.calls[hook]
-        if now is not None:
-            return self.call_each((InlineCall(entry, hook, now, stats),), ctx)[1]
+        inline = entry.inline_call(hook)
+        if inline is not None:
+            return self.call_each((inline,), ctx)[1]
+        stats = entry.calls[hook][1]
         stats.executions += 1
+        stats.pending += 1
         started = time.perf_counter()
         try:
             async with self._slots, asyncio.timeout(self.timeout):
@@ -202,13 +236,9 @@ class Executor:
             return self._failed(entry, hook, stats, started, error, error)
         except Exception as exc:
             return self._raised(entry, hook, stats, started, exc)
-        return self._succeeded(entry, stats, started, result)
-
-    def _succeeded(self, entry: Entry, stats: CallStats, started: float,
-                   result: HookResult | None, weight: int = 1) -> HookResult | None:
-        elapsed = time.perf_counter() - started
-        stats.successes += 1
-        _timing(stats, elapsed, weight)
+        finally:
+            stats.pending -= 1
+        _timing(stats, time.perf_counter() - started)
         entry.consecutive_failures = 0
         return result
 

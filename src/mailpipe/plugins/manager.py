@@ -50,6 +50,7 @@ from mailpipe.plugins.results import Action, HookResult
 if TYPE_CHECKING:
     from mailpipe.capture.verdicts import VerdictContext, Verdicts
     from mailpipe.config import PluginsConfig
+    from mailpipe.event import CapturedEmail
 
 log = logging.getLogger("mailpipe.plugins")
 
@@ -221,28 +222,32 @@ class PluginManager:
 
     def decide_now(self, vctx: VerdictContext) -> Verdict:
         """`decide` for a stage whose plugins all answer inline: no task, nothing awaited.
-        (The same loop as `decide`; Python cannot share it between sync and async.)"""
+        (The same loop as `decide`, with `_contexts` written out: it runs at every held
+        stage; Python cannot share it between sync and async.)"""
         each = self.executor.call_each
-        for step, ctx in self._contexts(vctx):
-            index, result = each(step.inline, ctx)  # type: ignore[arg-type]
-            while result is not None:  # the usual answer is None: no plugin had a word
-                outcome = self._outcome(step.hook, ctx, result, vctx.changes)
-                if outcome is PROCEED:
-                    break
-                if outcome is not NEXT:
-                    return outcome  # type: ignore[return-value]
-                index, result = each(step.inline, ctx, index + 1)  # type: ignore[arg-type]
+        view = StageSession(vctx)
+        email, stage, stage_args = vctx.email, STAGE_NAMES[vctx.stage], vctx.args
+        for step in self._steps[vctx.stage]:
+            for args in step.args(stage_args, view, email):
+                ctx = HookContext(step.hook, stage, args, view, None, email)
+                index, result = each(step.inline, ctx)  # type: ignore[arg-type]
+                while result is not None:  # the usual answer is None: no plugin had a word
+                    outcome = self._outcome(step.hook, ctx, result, vctx.changes)
+                    if outcome is PROCEED:
+                        break
+                    if outcome is not NEXT:
+                        return outcome  # type: ignore[return-value]
+                    index, result = each(step.inline, ctx, index + 1)  # type: ignore[arg-type]
         return PROCEED
 
     def _contexts(self, vctx: VerdictContext) -> Iterator[tuple[Step, HookContext]]:
         """Each hook of the stage with its context (once per recipient for on_pre_delivery)."""
         view = StageSession(vctx)
         email = vctx.email
-        event = email.event if email is not None else None
         stage = STAGE_NAMES[vctx.stage]
         for step in self._steps[vctx.stage]:
             for args in step.args(vctx.args, view, email):
-                yield step, HookContext(step.hook, stage, args, view, event)
+                yield step, HookContext(step.hook, stage, args, view, None, email)
 
     def _outcome(self, hook: str, ctx: HookContext, result: HookResult | Failed | None,
                  changes: Changes | None) -> Verdict | object:
@@ -271,14 +276,16 @@ class PluginManager:
 
     def notify(self, hook: str, args: dict[str, Any],
                view: SessionView | StageSession | None = None,
-               event: dict[str, Any] | None = None) -> None:
+               event: dict[str, Any] | None = None, *,
+               email: CapturedEmail | None = None) -> None:
         """Fire a notification hook (its results are ignored): plugins answering inline are
-        called now, the others in the background."""
+        called now, the others in the background. `email`: the event is read from it when a
+        plugin asks for ctx.event."""
         calls = self._notified.get(hook)
         if calls is None:
             return
         inline, later = calls
-        ctx = HookContext(hook, "", args, view or SessionView(), event)
+        ctx = HookContext(hook, "", args, view or SessionView(), event, email)
         index, each = -1, self.executor.call_each
         while index < len(inline):  # every plugin, whatever each answers
             index = each(inline, ctx, index + 1)[0]
@@ -294,8 +301,7 @@ class PluginManager:
     def observe(self, what: str, vctx: VerdictContext) -> None:
         """The capture server reports: disconnect, delivery_attempt, delivery_success,
         delivery_failure (args: error), email_accepted, email_refused."""
-        view = StageSession(vctx)
-        event = vctx.email.event if vctx.email is not None else None
+        view, email = StageSession(vctx), vctx.email
         if what == "disconnect":
             self.notify("on_disconnect", {"remote_addr": view.remote_addr}, view)
             self.notify("on_metrics_collect", {"event": "connection_closed",
@@ -309,9 +315,10 @@ class PluginManager:
                     args["attempt"] = vctx.args.get("attempt", 1)
                 elif what == "delivery_failure":
                     args["error"] = vctx.args.get("error", "")
-                self.notify(hook, args, view, event)
+                self.notify(hook, args, view, email=email)
             return
-        self.notify("on_metrics_collect", {"event": what, "data": dict(vctx.args)}, view, event)
+        self.notify("on_metrics_collect", {"event": what, "data": dict(vctx.args)}, view,
+                    email=email)
 
     def _on_failure(self, entry: Entry, hook: str, error: BaseException) -> None:
         if hook not in ("on_error", "on_recovery"):  # a failing error hook must not loop
