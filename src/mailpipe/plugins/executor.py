@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from mailpipe.plugins.inline import compile_calls
 from mailpipe.plugins.results import HookResult
 
 if TYPE_CHECKING:
@@ -94,6 +95,8 @@ class Entry:
     # Per hook: the plugin's inline function and its argument names (None: awaited) and
     # the hook's counters.
     calls: dict[str, tuple[Inline | None, CallStats]] = field(default_factory=dict)
+    runs: dict[str, Run] = field(default_factory=dict)  # Executor.call's, made on first use
+    ok_at_failure: int = -1  # successes() at the last failure: more since, the row restarts
 
     def __post_init__(self) -> None:
         self.use(self.plugin)
@@ -103,6 +106,10 @@ class Entry:
         self.plugin = plugin
         self.calls = {hook: (plugin.inline(hook), self.stat(hook))
                       for hook in plugin.implemented()}
+        self.runs = {}
+
+    def successes(self) -> int:
+        return sum(stats.successes for stats in self.stats.values())
 
     @property
     def name(self) -> str:
@@ -114,7 +121,7 @@ class Entry:
         if inline is None:
             return None
         fn, argnames = inline
-        return InlineCall(self, hook, fn, _ARGNAMES.setdefault(argnames, argnames), stats)
+        return InlineCall(self, hook, fn, argnames, stats)
 
     def stat(self, hook: str) -> CallStats:
         stats = self.stats.get(hook)
@@ -130,19 +137,12 @@ class InlineCall:
     entry: Entry
     hook: str
     fn: Callable[..., Any]  # called with the values of `argnames`, in order
-    argnames: tuple[str, ...]  # one object per distinct tuple (see _ARGNAMES)
+    argnames: tuple[str, ...]
     stats: CallStats
 
 
-# Equal argument-name tuples as one object, so that `call_each` reuses the values it built
-# for the plugin before when the names are the same object (the usual case: every plugin
-# of a hook taking all its arguments), without comparing them.
-_ARGNAMES: dict[tuple[str, ...], tuple[str, ...]] = {}
-
-
-def _values(argnames: tuple[str, ...], ctx: HookContext) -> tuple[Any, ...]:
-    args = ctx.args
-    return tuple(ctx if name == "ctx" else args.get(name) for name in argnames)
+# What `Executor.compile` makes: the calls from `start` in order, until one answers.
+Run = Callable[["HookContext", int], "tuple[int, HookResult | Failed | None]"]
 
 
 class Executor:
@@ -156,40 +156,12 @@ class Executor:
         self._on_failure = on_failure
         self._slots = asyncio.Semaphore(max_concurrent)
 
-    def call_each(self, calls: tuple[InlineCall, ...], ctx: HookContext,
-                  start: int = 0) -> tuple[int, HookResult | Failed | None]:
-        """Call the plugins' inline hooks from `start` in order (no task, timer or slot)
-        until one answers something but None; its index and answer, or (len, None). The
-        bookkeeping is written out here because it runs for every plugin on every command:
-        the arguments are built once for the plugins that take the same ones, a success is
-        counted by `executions` alone (`CallStats.successes` is derived)."""
-        names: tuple[str, ...] | None = None
-        values: tuple[Any, ...] = ()
-        for index in range(start, len(calls)):
-            call = calls[index]
-            entry = call.entry
-            if entry.open:  # its breaker is open
-                continue
-            if call.argnames is not names:
-                names = call.argnames
-                values = _values(names, ctx)
-            stats = call.stats
-            done = stats.executions
-            stats.executions = done + 1
-            if not done & _UNTIMED:  # the first call and one in TIMED_EVERY after it
-                result = self._timed(call, values)
-            else:
-                try:
-                    result = call.fn(*values)
-                except Exception as exc:
-                    return index, self._raised(entry, call.hook, stats, None, exc)
-                if result is not None and type(result) is not HookResult:
-                    return index, self._nonsense(call, result, None)
-            if entry.consecutive_failures and type(result) is not Failed:
-                entry.consecutive_failures = 0
-            if result is not None:
-                return index, result
-        return len(calls), None
+    def compile(self, calls: tuple[InlineCall, ...]) -> Run:
+        """One function calling these plugins' inline hooks (of one hook) in order from
+        `start`, with no task, timer or slot, until one answers something but None: its
+        index and answer, or (len, None). Generated (plugins.inline) because it runs for
+        every plugin on every command."""
+        return compile_calls(self, calls)
 
     def _timed(self, call: InlineCall, values: tuple[Any, ...]) -> HookResult | Failed | None:
         """An inline call with the clock read around it: one in TIMED_EVERY."""
@@ -210,16 +182,21 @@ class Executor:
 
     async def call(self, entry: Entry, hook: str, ctx: HookContext) -> HookResult | Failed | None:
         """Call one hook of one plugin; never raises (but CancelledError, which is ours)."""
-        inline = entry.inline_call(hook)
-        if inline is not None:
-            return self.call_each((inline,), ctx)[1]
+        run = entry.runs.get(hook)
+        if run is None and (inline := entry.inline_call(hook)) is not None:
+            run = entry.runs[hook] = self.compile((inline,))
+        if run is not None:
+            return run(ctx, 0)[1]
         stats = entry.calls[hook][1]
         stats.executions += 1
         stats.pending += 1
         started = time.perf_counter()
         try:
-            async with self._slots, asyncio.timeout(self.timeout):
-                result = await entry.plugin.call(hook, ctx)
+            try:
+                async with self._slots, asyncio.timeout(self.timeout):
+                    result = await entry.plugin.call(hook, ctx)
+            finally:
+                stats.pending -= 1
             if result is not None and type(result) is not HookResult:
                 raise TypeError(f"{hook} returned {result!r}, not a HookResult or None")
         except TimeoutError as exc:
@@ -236,10 +213,7 @@ class Executor:
             return self._failed(entry, hook, stats, started, error, error)
         except Exception as exc:
             return self._raised(entry, hook, stats, started, exc)
-        finally:
-            stats.pending -= 1
         _timing(stats, time.perf_counter() - started)
-        entry.consecutive_failures = 0
         return result
 
     def _raised(self, entry: Entry, hook: str, stats: CallStats, started: float | None,
@@ -254,6 +228,12 @@ class Executor:
         if started is not None:
             _timing(stats, time.perf_counter() - started)
         entry.last_error = f"{hook}: {error}"
+        # Failures in a row: a success is not written down per call (it would cost every
+        # call), so a row restarts when the plugin succeeded since its last failure.
+        ok = entry.successes()
+        if ok != entry.ok_at_failure:
+            entry.consecutive_failures = 0
+            entry.ok_at_failure = ok
         entry.consecutive_failures += 1
         log.error("plugin %s failed in %s: %s", entry.name, hook, error,
                   exc_info=cause if not isinstance(cause, TimeoutError) else None)

@@ -36,7 +36,7 @@ from mailpipe.capture.types import (
 )
 from mailpipe.plugins.base import Plugin, PluginError
 from mailpipe.plugins.context import HookContext, SessionView, StageSession
-from mailpipe.plugins.executor import Entry, Executor, Failed, InlineCall
+from mailpipe.plugins.executor import Entry, Executor, Failed, Run
 from mailpipe.plugins.hooks import HOOKS, STAGE_HOOKS
 from mailpipe.plugins.python import (
     discover_files,
@@ -85,7 +85,7 @@ class PluginManager:
         self.entries: list[Entry] = []
         self.callers: dict[str, tuple[Entry, ...]] = {}
         self._steps: dict[Stage, tuple[Step, ...]] = {}
-        self._notified: dict[str, tuple[tuple[InlineCall, ...], tuple[Entry, ...]]] = {}
+        self._notified: dict[str, tuple[Run, int, tuple[Entry, ...]]] = {}
         self._registered: set[Stage] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._mtimes: dict[str, float] = {}
@@ -180,27 +180,34 @@ class PluginManager:
         self.callers = {hook: tuple(entries) for hook, entries in callers.items()}
         # Everything a call needs, looked up now rather than on every command.
         self._steps = {
-            stage: tuple(Step(hook, ARGS[hook], self.callers[hook],
-                              tuple(e.inline_call(hook) for e in self.callers[hook]))
-                         for hook in hooks if hook in self.callers)
+            stage: tuple(self._step(hook) for hook in hooks if hook in self.callers)
             for stage, hooks in STAGE_HOOKS.items()
         }
-        self._notified = {
-            hook: (tuple(c for e in entries if (c := e.inline_call(hook)) is not None),
-                   tuple(e for e in entries if e.calls[hook][0] is None))
-            for hook, entries in self.callers.items()
-        }
+        self._notified = {hook: self._notice(hook) for hook in self.callers}
         for stage in self._registered:
             self.verdicts.unregister(stage, self.decide)
         self._registered = {stage for stage, steps in self._steps.items() if steps}
         for stage in self._registered:
-            inline = all(None not in step.inline for step in self._steps[stage])
+            inline = all(step.run is not None for step in self._steps[stage])
             self.verdicts.register(stage, self.decide, bounded=False,
                                    now=self.decide_now if inline else None)
         observed = frozenset(what for what, hooks in OBSERVED.items()
                              if any(hook in self.callers for hook in hooks))
         self.verdicts.observed = observed
         self.verdicts.observer = self.observe if observed else None
+
+    def _notice(self, hook: str) -> tuple[Run, int, tuple[Entry, ...]]:
+        """A notification hook's inline plugins as one function, how many, and the others."""
+        entries = self.callers[hook]
+        inline = tuple(c for e in entries if (c := e.inline_call(hook)) is not None)
+        return (self.executor.compile(inline), len(inline),
+                tuple(e for e in entries if e.calls[hook][0] is None))
+
+    def _step(self, hook: str) -> Step:
+        entries = self.callers[hook]
+        inline = tuple(e.inline_call(hook) for e in entries)
+        run = self.executor.compile(inline) if None not in inline else None  # type: ignore[arg-type]
+        return Step(hook, ARGS[hook], entries, run)
 
     # ---- hooks at SMTP stages -----------------------------------------------------------
 
@@ -224,20 +231,20 @@ class PluginManager:
         """`decide` for a stage whose plugins all answer inline: no task, nothing awaited.
         (The same loop as `decide`, with `_contexts` written out: it runs at every held
         stage; Python cannot share it between sync and async.)"""
-        each = self.executor.call_each
         view = StageSession(vctx)
         email, stage, stage_args = vctx.email, STAGE_NAMES[vctx.stage], vctx.args
         for step in self._steps[vctx.stage]:
             for args in step.args(stage_args, view, email):
                 ctx = HookContext(step.hook, stage, args, view, None, email)
-                index, result = each(step.inline, ctx)  # type: ignore[arg-type]
+                run = step.run
+                index, result = run(ctx, 0)  # type: ignore[misc]
                 while result is not None:  # the usual answer is None: no plugin had a word
                     outcome = self._outcome(step.hook, ctx, result, vctx.changes)
                     if outcome is PROCEED:
                         break
                     if outcome is not NEXT:
                         return outcome  # type: ignore[return-value]
-                    index, result = each(step.inline, ctx, index + 1)  # type: ignore[arg-type]
+                    index, result = run(ctx, index + 1)  # type: ignore[misc]
         return PROCEED
 
     def _contexts(self, vctx: VerdictContext) -> Iterator[tuple[Step, HookContext]]:
@@ -284,11 +291,11 @@ class PluginManager:
         calls = self._notified.get(hook)
         if calls is None:
             return
-        inline, later = calls
+        run, inline, later = calls
         ctx = HookContext(hook, "", args, view or SessionView(), event, email)
-        index, each = -1, self.executor.call_each
-        while index < len(inline):  # every plugin, whatever each answers
-            index = each(inline, ctx, index + 1)[0]
+        index = run(ctx, 0)[0]
+        while index < inline:  # every plugin, whatever each answers
+            index = run(ctx, index + 1)[0]
         if later:
             self._spawn(self._notify_later(later, hook, ctx))
 
@@ -448,13 +455,13 @@ STAGE_NAMES = {stage: stage.name.lower() for stage in Stage}
 
 
 class Step(NamedTuple):
-    """One hook at a stage: its arguments, its plugins in order, and their inline calls
-    (None for a plugin whose hook is awaited)."""
+    """One hook at a stage: its arguments, its plugins in order, and the function calling
+    them all inline (None when one of them is awaited: `decide` calls them one by one)."""
 
     hook: str
     args: ArgsOf
     entries: tuple[Entry, ...]
-    inline: tuple[InlineCall | None, ...]
+    run: Run | None
 
 
 def _greeting(verbs: tuple[str, ...]) -> Any:
