@@ -554,8 +554,8 @@ def parse_headers(block: bytes) -> list[tuple[str, str]]:
 
 def body_of(raw: bytes) -> bytes:
     """What follows the blank line that ends the header block (CRLF or bare LF)."""
-    ends = [(at, len(sep)) for sep in (b"\r\n\r\n", b"\n\n") if (at := raw.find(sep)) >= 0]
-    if not ends:
-        return b""
-    at, size = min(ends)
-    return raw[at + size:]
+    crlf = raw.find(b"\r\n\r\n")
+    lf = raw.find(b"\n\n", 0, crlf if crlf >= 0 else len(raw))  # only before a CRLF one
+    if lf >= 0:
+        return raw[lf + 2:]
+    return raw[crlf + 4:] if crlf >= 0 else b""
