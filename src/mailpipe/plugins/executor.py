@@ -55,6 +55,7 @@ class Failed:
 class CallStats:
     executions: int = 0
     pending: int = 0  # awaited calls in flight (neither a success nor a failure yet)
+    cancelled: int = 0  # awaited calls cut short by mailpipe (shutdown, session gone)
     failures: int = 0
     timeouts: int = 0
     recoveries: int = 0  # exceptions caught (panic recovery)
@@ -66,7 +67,7 @@ class CallStats:
     @property
     def successes(self) -> int:
         # Derived, not counted: one store less on every inline call.
-        return self.executions - self.failures - self.pending
+        return self.executions - self.failures - self.pending - self.cancelled
 
     def as_dict(self) -> dict[str, Any]:
         durations = sorted(self.recent)
@@ -206,6 +207,7 @@ class Executor:
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is None or task.cancelling():
+                stats.cancelled += 1
                 raise  # the session (or mailpipe) is being cancelled: not the plugin's doing
             # The plugin's own machinery cancelled the call (a gRPC channel closed under
             # it when its process died): a failure like any other.
