@@ -4,7 +4,7 @@ out-of-process no-op plugin on on_rcpt_to, side by side in one run.
     python benchmarks/plugins.py [--connections 100] [--messages 20] [--size 1024]
                                  [--mode reuse|new|both] [--rounds 5] [--solo 300]
                                  [--targets none,inproc5,inproc5-async,external1]
-                                 [--external go|python] [--json FILE]
+                                 [--external go|python] [--baseline REF] [--json FILE]
 
 Every target is `python -m mailpipe serve` configured as benchmarks/ingest.py configures it
 (store at its retention limit, synchronous FULL, HTTP API on), differing only in `plugins:`:
@@ -22,6 +22,8 @@ The load, the rounds (alternating between the targets) and the tables are ingest
 from it. Per target it also reads the executor's counters from /metrics (calls and time per
 plugin and hook) over the measured rounds. `--solo N` adds a run of one connection sending N
 emails one at a time: the latency a plugin adds to an email with no queueing behind others.
+`--baseline REF` runs each target a second time on that commit's code (`TARGET@SHA`, just before
+the target in every round), and compares it with `none@SHA`: before and after in one run.
 See benchmarks/README.md.
 """
 
@@ -55,6 +57,7 @@ from ingest import (  # a sibling script, not a package
     bench_mode,
     bench_parser,
     compare_rows,
+    export_src,
     fmt,
     mailpipe_config,
     mailpipe_server,
@@ -62,6 +65,7 @@ from ingest import (  # a sibling script, not a package
     print_load_table,
     print_table,
     raise_fd_limit,
+    resolve_baseline,
     write_report,
 )
 
@@ -171,10 +175,12 @@ def external_plugin(choice: str, root: Path) -> tuple[dict[str, Any], str]:
     return {"command": sys.executable, "args": [str(script)]}, fallback
 
 
-def make_target(external: dict[str, Any]) -> MakeServer:
-    """The `make` for ingest.bench_mode: mailpipe with the target's `plugins:` section."""
+def make_target(external: dict[str, Any], baseline_src: Path | None = None) -> MakeServer:
+    """The `make` for ingest.bench_mode: mailpipe with the target's `plugins:` section
+    (`TARGET@SHA`: on the --baseline commit's code, `baseline_src`)."""
 
-    def make(target: str, workdir: Path, max_messages: int) -> Server:
+    def make(name: str, workdir: Path, max_messages: int) -> Server:
+        target, _, commit = name.partition("@")
         config = mailpipe_config(max_messages)
         plugin_path = workdir / "plugins"
         plugin_path.mkdir()
@@ -185,7 +191,8 @@ def make_target(external: dict[str, Any]) -> MakeServer:
         elif target == "external1":
             plugins["external"] = {"noop": external}
         config["plugins"] = plugins
-        return mailpipe_server(target, workdir, config)
+        src = baseline_src if commit and baseline_src is not None else REPO / "src"
+        return mailpipe_server(name, workdir, config, src)
 
     return make
 
@@ -255,11 +262,12 @@ def print_plugin_table(rows: list[Row], comparison: dict[str, dict[str, dict[str
         "mean µs/call",
         "plugin process CPU-s/1000",
     ]
-    base = next((r for r in rows if r.target == "none" and r.emails), None)
+    bases = {r.target: r for r in rows if r.target == base_of(r.target) and r.emails}
     table = []
     for row in rows:
-        if row.target == "none" or not row.emails:
+        if row.target == base_of(row.target) or not row.emails:
             continue
+        base = bases.get(base_of(row.target))
         ratios = comparison.get(row.target, {})
         added = paired_p50_added(row, base)[0] if base is not None else float("nan")
         calls, mean_us = hook_totals(row)
@@ -327,19 +335,25 @@ def paired_p50_added(row: Row, base: Row) -> tuple[float, float, float]:
     return statistics.median(diffs), diffs[0], diffs[-1]
 
 
+def base_of(target: str) -> str:
+    """What a target is compared with: `none` on the same code."""
+    _, at, commit = target.partition("@")
+    return f"none{at}{commit}"
+
+
 def verdicts(mode: str, rows: list[Row], comparison: dict[str, Any]) -> list[str]:
     lines = []
     by_name = {r.target: r for r in rows if r.emails}
     base = by_name.get("none")
-    for target in ("inproc5", "inproc5-async"):
+    for target in [t for t in comparison if t.startswith("inproc5")]:
         numbers = comparison.get(target, {})
         rate, cpu = numbers.get("emails/s"), numbers.get("CPU-s/1000")
         if rate is None or rate["ratio"] != rate["ratio"]:
             continue
         verdict = "OK" if rate["ratio"] >= THROUGHPUT_GOAL else "UNDER"
-        aim = f" (aim >= {THROUGHPUT_GOAL:.2f}x): {verdict}" if target == "inproc5" else ""
+        aim = f" (aim >= {THROUGHPUT_GOAL:.2f}x): {verdict}" if "-async" not in target else ""
         lines.append(
-            f"{mode}: {target} / none emails/s {ratio_cell(rate)}, CPU per email "
+            f"{mode}: {target} / {base_of(target)} emails/s {ratio_cell(rate)}, CPU per email "
             f"{ratio_cell(cpu)}{aim}"
         )
     external = by_name.get("external1")
@@ -389,9 +403,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=5000,
         help="store.max_messages; each store is filled to it before the rounds",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also run every target on this commit's code (TARGET@SHA, compared with none@SHA)",
+    )
     positive = ["connections", "messages", "rounds", "size", "max_messages"]
     args = parse_bench_args(parser, argv, TARGETS, positive)
     args.steady_state = True
+    if args.baseline is not None:
+        try:
+            args.baseline = resolve_baseline(args.baseline)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--baseline {args.baseline}: {exc}")
+        short = args.baseline.short
+        args.target_list = [t for target in args.target_list for t in (f"{target}@{short}", target)]
     return args
 
 
@@ -450,16 +476,21 @@ def run(args: argparse.Namespace, root: Path) -> int:
     }
     started_at = time.monotonic()
     lines: list[str] = []
-    make = make_target(external)
+    baseline_src = None
+    if args.baseline is not None:
+        baseline_src = export_src(args.baseline, root)
+        print(f"baseline: TARGET@{args.baseline.short} = {args.baseline.ref} "
+              f"({args.baseline.sha}), each just before TARGET in every round")
+    make = make_target(external, baseline_src)
     for mode, title, mode_args in scenarios(args):
         rows = bench_mode(mode, mode_args, root, make=make, observe=observe)
         label = title.split(":")[0]
         for row in rows:
             row.scenario = label
         comparison = {
-            r.target: compare_rows(rows, r.target, "none")
+            r.target: compare_rows(rows, r.target, base_of(r.target))
             for r in rows
-            if r.target != "none" and "none" in args.target_list
+            if r.target != base_of(r.target) and base_of(r.target) in args.target_list
         }
         print_load_table(title, rows)
         print_plugin_table(rows, comparison)

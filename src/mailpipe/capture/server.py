@@ -368,6 +368,7 @@ class SMTPSession(asyncio.Protocol):
         # the core made it, what they want changed; and the session's changes before it.
         self._txn: _Transaction | None = None
         self._session_changes: Changes | None = None
+        self._observed: VerdictContext | None = None  # the last report's (see _observe)
         self._close_reply: Reply | None = None  # why the server closes it, when not shutdown
 
     # ---- asyncio.Protocol ---------------------------------------------------------
@@ -642,15 +643,19 @@ class SMTPSession(asyncio.Protocol):
         observer = verdicts.observer
         if observer is None or what not in verdicts.observed:
             return
-        if self._store is None:
-            self._store = {}
-        context = VerdictContext(
-            stage=Stage.MESSAGE, session=self.id, server=self.listener.name,
-            remote_addr=self.remote_addr, local_addr=self.local_addr,
-            tls=self.conn.tls_active, helo=self.conn.helo, auth=self.conn.auth,
-            envelope=envelope, args=args, store=self._store, email=email,
-            message_uuid=email.uuid if email is not None else None,
-        )
+        context = self._observed
+        if context is not None and context.email is email and context.envelope is envelope:
+            context.args = args  # the same email's next report (its hooks' contexts are made)
+        else:
+            if self._store is None:
+                self._store = {}
+            context = self._observed = VerdictContext(
+                stage=Stage.MESSAGE, session=self.id, server=self.listener.name,
+                remote_addr=self.remote_addr, local_addr=self.local_addr,
+                tls=self.conn.tls_active, helo=self.conn.helo, auth=self.conn.auth,
+                envelope=envelope, args=args, store=self._store, email=email,
+                message_uuid=email.uuid if email is not None else None,
+            )
         try:
             observer(what, context)
         except Exception:
@@ -709,6 +714,7 @@ class SMTPSession(asyncio.Protocol):
             self._observe("delivery_failure", envelope, None, {"error": repr(exc)})
         finally:
             received.body.discard()
+            self._observed = None  # holds the email
         self._delivering = None
         self._reply(reply)
 

@@ -153,7 +153,7 @@ class Verdicts:
                           extra={"session": context.session}, exc_info=True)
                 return TEMPFAIL
             if verdict is not None:
-                return _checked(context, verdict)
+                return verdict if verdict is PROCEED else _checked(context, verdict)
         return PROCEED
 
 

@@ -14,6 +14,10 @@ from typing import Any
 from mailpipe.plugins.context import HookContext
 from mailpipe.plugins.results import HookResult
 
+# A hook method called inline: the function and the names of the arguments it takes, in
+# order (hook arguments and "ctx"); it is called with their values positionally.
+Inline = tuple[Callable[..., "HookResult | None"], tuple[str, ...]]
+
 
 class PluginError(Exception):
     """A plugin cannot be loaded or started; the message says which and why."""
@@ -35,9 +39,9 @@ class Plugin(ABC):
     async def call(self, hook: str, ctx: HookContext) -> HookResult | None:
         """One hook call; may raise or hang: the executor isolates it."""
 
-    def inline(self, hook: str) -> Callable[[HookContext], HookResult | None] | None:
-        """A plain function answering this hook synchronously (no task, no timer), or None
-        when calls must go through `call`."""
+    def inline(self, hook: str) -> Inline | None:
+        """A plain function answering this hook synchronously (no task, no timer) and its
+        argument names, or None when calls must go through `call`."""
         return None
 
     async def health(self) -> bool:

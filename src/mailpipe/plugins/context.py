@@ -16,6 +16,7 @@ from mailpipe.capture.types import Stage
 
 if TYPE_CHECKING:
     from mailpipe.capture.verdicts import VerdictContext
+    from mailpipe.event import CapturedEmail
 
 
 def _ip_of(host: str) -> str:
@@ -86,15 +87,35 @@ class StageSession:
         return v.envelope.rcpt_to[:self._rcpts]
 
 
-@dataclass(slots=True)
 class HookContext:
-    """One hook call's context. `event` is the EMAIL_RECEIVED document once it exists."""
+    """One hook call's context. `event` is the EMAIL_RECEIVED document once it exists: read
+    from `email` when first asked (an event built in a helper process arrives as JSON, and
+    decoding it for plugins that never look would cost every message)."""
 
-    hook: str
-    stage: str
-    args: dict[str, Any]
-    session: SessionView | StageSession
-    event: dict[str, Any] | None = None
+    __slots__ = ("_email", "_event", "args", "hook", "session", "stage")
+
+    def __init__(self, hook: str, stage: str, args: dict[str, Any],
+                 session: SessionView | StageSession, event: dict[str, Any] | None = None,
+                 email: CapturedEmail | None = None) -> None:
+        self.hook = hook
+        self.stage = stage
+        self.args = args
+        self.session = session
+        self._event = event
+        self._email = email
+
+    @property
+    def event(self) -> dict[str, Any] | None:
+        if self._event is None and self._email is not None:
+            self._event = self._email.event
+        return self._event
+
+    @event.setter
+    def event(self, value: dict[str, Any] | None) -> None:
+        self._event = value
+
+    def __repr__(self) -> str:
+        return f"HookContext(hook={self.hook!r}, stage={self.stage!r}, args={self.args!r})"
 
     # Short names for what plugins read most.
     @property

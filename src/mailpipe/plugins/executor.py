@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from mailpipe.plugins.inline import compile_calls
 from mailpipe.plugins.results import HookResult
 
 if TYPE_CHECKING:
-    from mailpipe.plugins.base import Plugin
+    from mailpipe.plugins.base import Inline, Plugin
     from mailpipe.plugins.context import HookContext
 
 log = logging.getLogger("mailpipe.plugins")
@@ -53,7 +54,8 @@ class Failed:
 @dataclass(slots=True)
 class CallStats:
     executions: int = 0
-    successes: int = 0
+    pending: int = 0  # awaited calls in flight (neither a success nor a failure yet)
+    cancelled: int = 0  # awaited calls cut short by mailpipe (shutdown, session gone)
     failures: int = 0
     timeouts: int = 0
     recoveries: int = 0  # exceptions caught (panic recovery)
@@ -61,6 +63,11 @@ class CallStats:
     timed: int = 0  # calls whose duration is in `seconds` at their own weight
     timed_seconds: float = 0.0
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
+
+    @property
+    def successes(self) -> int:
+        # Derived, not counted: one store less on every inline call.
+        return self.executions - self.failures - self.pending - self.cancelled
 
     def as_dict(self) -> dict[str, Any]:
         durations = sorted(self.recent)
@@ -86,9 +93,11 @@ class Entry:
     opened_at: float = 0.0
     restored: int = 0  # times the health check closed the breaker again
     last_error: str | None = None
-    # Per hook: the plugin's inline function (None: awaited) and the hook's counters.
-    calls: dict[str, tuple[Callable[[HookContext], Any] | None, CallStats]] = field(
-        default_factory=dict)
+    # Per hook: the plugin's inline function and its argument names (None: awaited) and
+    # the hook's counters.
+    calls: dict[str, tuple[Inline | None, CallStats]] = field(default_factory=dict)
+    runs: dict[str, Run] = field(default_factory=dict)  # Executor.call's, made on first use
+    ok_at_failure: int = -1  # successes() at the last failure: more since, the row restarts
 
     def __post_init__(self) -> None:
         self.use(self.plugin)
@@ -98,6 +107,10 @@ class Entry:
         self.plugin = plugin
         self.calls = {hook: (plugin.inline(hook), self.stat(hook))
                       for hook in plugin.implemented()}
+        self.runs = {}
+
+    def successes(self) -> int:
+        return sum(stats.successes for stats in self.stats.values())
 
     @property
     def name(self) -> str:
@@ -105,8 +118,11 @@ class Entry:
 
     def inline_call(self, hook: str) -> InlineCall | None:
         """The hook as the executor calls it inline, or None when it must be awaited."""
-        fn, stats = self.calls[hook]
-        return None if fn is None else InlineCall(self, hook, fn, stats)
+        inline, stats = self.calls[hook]
+        if inline is None:
+            return None
+        fn, argnames = inline
+        return InlineCall(self, hook, fn, argnames, stats)
 
     def stat(self, hook: str) -> CallStats:
         stats = self.stats.get(hook)
@@ -121,8 +137,13 @@ class InlineCall:
 
     entry: Entry
     hook: str
-    fn: Callable[[HookContext], Any]
+    fn: Callable[..., Any]  # called with the values of `argnames`, in order
+    argnames: tuple[str, ...]
     stats: CallStats
+
+
+# What `Executor.compile` makes: the calls from `start` in order, until one answers.
+Run = Callable[["HookContext", int], "tuple[int, HookResult | Failed | None]"]
 
 
 class Executor:
@@ -136,56 +157,47 @@ class Executor:
         self._on_failure = on_failure
         self._slots = asyncio.Semaphore(max_concurrent)
 
-    def call_each(self, calls: tuple[InlineCall, ...], ctx: HookContext,
-                  start: int = 0) -> tuple[int, HookResult | Failed | None]:
-        """Call the plugins' inline hooks from `start` in order (no task, timer or slot)
-        until one answers something but None; its index and answer, or (len, None). The
-        bookkeeping is written out here because it runs for every plugin on every command."""
-        for index in range(start, len(calls)):
-            call = calls[index]
-            if call.entry.open:  # its breaker is open
-                continue
-            stats = call.stats
-            done = stats.executions
-            stats.executions = done + 1
-            if done & _UNTIMED:  # the first call and one in TIMED_EVERY after it are timed
-                try:
-                    result = call.fn(ctx)
-                    if result is not None and type(result) is not HookResult:
-                        raise TypeError(f"{call.hook} returned {result!r}, "
-                                        "not a HookResult or None")
-                except Exception as exc:
-                    return index, self._raised(call.entry, call.hook, stats, None, exc)
-                stats.successes += 1
-                call.entry.consecutive_failures = 0
-            else:
-                result = self._timed(call, ctx)
-            if result is not None:
-                return index, result
-        return len(calls), None
+    def compile(self, calls: tuple[InlineCall, ...]) -> Run:
+        """One function calling these plugins' inline hooks (of one hook) in order from
+        `start`, with no task, timer or slot, until one answers something but None: its
+        index and answer, or (len, None). Generated (plugins.inline) because it runs for
+        every plugin on every command."""
+        return compile_calls(self, calls)
 
-    def _timed(self, call: InlineCall, ctx: HookContext) -> HookResult | Failed | None:
+    def _timed(self, call: InlineCall, values: tuple[Any, ...]) -> HookResult | Failed | None:
         """An inline call with the clock read around it: one in TIMED_EVERY."""
         stats = call.stats
         started = perf_counter()
         try:
-            result = call.fn(ctx)
-            if result is not None and type(result) is not HookResult:
-                raise TypeError(f"{call.hook} returned {result!r}, not a HookResult or None")
+            result = call.fn(*values)
         except Exception as exc:
             return self._raised(call.entry, call.hook, stats, started, exc)
-        return self._succeeded(call.entry, stats, started, result, TIMED_EVERY)
+        if result is not None and type(result) is not HookResult:
+            return self._nonsense(call, result, started)
+        _timing(stats, perf_counter() - started, TIMED_EVERY)
+        return result
+
+    def _nonsense(self, call: InlineCall, result: object, started: float | None) -> Failed:
+        error = TypeError(f"{call.hook} returned {result!r}, not a HookResult or None")
+        return self._raised(call.entry, call.hook, call.stats, started, error)
 
     async def call(self, entry: Entry, hook: str, ctx: HookContext) -> HookResult | Failed | None:
         """Call one hook of one plugin; never raises (but CancelledError, which is ours)."""
-        now, stats = entry.calls[hook]
-        if now is not None:
-            return self.call_each((InlineCall(entry, hook, now, stats),), ctx)[1]
+        run = entry.runs.get(hook)
+        if run is None and (inline := entry.inline_call(hook)) is not None:
+            run = entry.runs[hook] = self.compile((inline,))
+        if run is not None:
+            return run(ctx, 0)[1]
+        stats = entry.calls[hook][1]
         stats.executions += 1
+        stats.pending += 1
         started = time.perf_counter()
         try:
-            async with self._slots, asyncio.timeout(self.timeout):
-                result = await entry.plugin.call(hook, ctx)
+            try:
+                async with self._slots, asyncio.timeout(self.timeout):
+                    result = await entry.plugin.call(hook, ctx)
+            finally:
+                stats.pending -= 1
             if result is not None and type(result) is not HookResult:
                 raise TypeError(f"{hook} returned {result!r}, not a HookResult or None")
         except TimeoutError as exc:
@@ -195,6 +207,7 @@ class Executor:
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is None or task.cancelling():
+                stats.cancelled += 1
                 raise  # the session (or mailpipe) is being cancelled: not the plugin's doing
             # The plugin's own machinery cancelled the call (a gRPC channel closed under
             # it when its process died): a failure like any other.
@@ -202,14 +215,7 @@ class Executor:
             return self._failed(entry, hook, stats, started, error, error)
         except Exception as exc:
             return self._raised(entry, hook, stats, started, exc)
-        return self._succeeded(entry, stats, started, result)
-
-    def _succeeded(self, entry: Entry, stats: CallStats, started: float,
-                   result: HookResult | None, weight: int = 1) -> HookResult | None:
-        elapsed = time.perf_counter() - started
-        stats.successes += 1
-        _timing(stats, elapsed, weight)
-        entry.consecutive_failures = 0
+        _timing(stats, time.perf_counter() - started)
         return result
 
     def _raised(self, entry: Entry, hook: str, stats: CallStats, started: float | None,
@@ -224,6 +230,12 @@ class Executor:
         if started is not None:
             _timing(stats, time.perf_counter() - started)
         entry.last_error = f"{hook}: {error}"
+        # Failures in a row: a success is not written down per call (it would cost every
+        # call), so a row restarts when the plugin succeeded since its last failure.
+        ok = entry.successes()
+        if ok != entry.ok_at_failure:
+            entry.consecutive_failures = 0
+            entry.ok_at_failure = ok
         entry.consecutive_failures += 1
         log.error("plugin %s failed in %s: %s", entry.name, hook, error,
                   exc_info=cause if not isinstance(cause, TimeoutError) else None)

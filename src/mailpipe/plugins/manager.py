@@ -36,7 +36,7 @@ from mailpipe.capture.types import (
 )
 from mailpipe.plugins.base import Plugin, PluginError
 from mailpipe.plugins.context import HookContext, SessionView, StageSession
-from mailpipe.plugins.executor import Entry, Executor, Failed, InlineCall
+from mailpipe.plugins.executor import Entry, Executor, Failed, Run
 from mailpipe.plugins.hooks import HOOKS, STAGE_HOOKS
 from mailpipe.plugins.python import (
     discover_files,
@@ -50,6 +50,7 @@ from mailpipe.plugins.results import Action, HookResult
 if TYPE_CHECKING:
     from mailpipe.capture.verdicts import VerdictContext, Verdicts
     from mailpipe.config import PluginsConfig
+    from mailpipe.event import CapturedEmail
 
 log = logging.getLogger("mailpipe.plugins")
 
@@ -84,7 +85,7 @@ class PluginManager:
         self.entries: list[Entry] = []
         self.callers: dict[str, tuple[Entry, ...]] = {}
         self._steps: dict[Stage, tuple[Step, ...]] = {}
-        self._notified: dict[str, tuple[tuple[InlineCall, ...], tuple[Entry, ...]]] = {}
+        self._notified: dict[str, tuple[Run, int, tuple[Entry, ...]]] = {}
         self._registered: set[Stage] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._mtimes: dict[str, float] = {}
@@ -179,27 +180,34 @@ class PluginManager:
         self.callers = {hook: tuple(entries) for hook, entries in callers.items()}
         # Everything a call needs, looked up now rather than on every command.
         self._steps = {
-            stage: tuple(Step(hook, ARGS[hook], self.callers[hook],
-                              tuple(e.inline_call(hook) for e in self.callers[hook]))
-                         for hook in hooks if hook in self.callers)
+            stage: tuple(self._step(hook) for hook in hooks if hook in self.callers)
             for stage, hooks in STAGE_HOOKS.items()
         }
-        self._notified = {
-            hook: (tuple(c for e in entries if (c := e.inline_call(hook)) is not None),
-                   tuple(e for e in entries if e.calls[hook][0] is None))
-            for hook, entries in self.callers.items()
-        }
+        self._notified = {hook: self._notice(hook) for hook in self.callers}
         for stage in self._registered:
             self.verdicts.unregister(stage, self.decide)
         self._registered = {stage for stage, steps in self._steps.items() if steps}
         for stage in self._registered:
-            inline = all(None not in step.inline for step in self._steps[stage])
+            inline = all(step.run is not None for step in self._steps[stage])
             self.verdicts.register(stage, self.decide, bounded=False,
                                    now=self.decide_now if inline else None)
         observed = frozenset(what for what, hooks in OBSERVED.items()
                              if any(hook in self.callers for hook in hooks))
         self.verdicts.observed = observed
         self.verdicts.observer = self.observe if observed else None
+
+    def _notice(self, hook: str) -> tuple[Run, int, tuple[Entry, ...]]:
+        """A notification hook's inline plugins as one function, how many, and the others."""
+        entries = self.callers[hook]
+        inline = tuple(c for e in entries if (c := e.inline_call(hook)) is not None)
+        return (self.executor.compile(inline), len(inline),
+                tuple(e for e in entries if e.calls[hook][0] is None))
+
+    def _step(self, hook: str) -> Step:
+        entries = self.callers[hook]
+        inline = tuple(e.inline_call(hook) for e in entries)
+        run = self.executor.compile(inline) if None not in inline else None  # type: ignore[arg-type]
+        return Step(hook, ARGS[hook], entries, run)
 
     # ---- hooks at SMTP stages -----------------------------------------------------------
 
@@ -221,28 +229,32 @@ class PluginManager:
 
     def decide_now(self, vctx: VerdictContext) -> Verdict:
         """`decide` for a stage whose plugins all answer inline: no task, nothing awaited.
-        (The same loop as `decide`; Python cannot share it between sync and async.)"""
-        each = self.executor.call_each
-        for step, ctx in self._contexts(vctx):
-            index, result = each(step.inline, ctx)  # type: ignore[arg-type]
-            while result is not None:  # the usual answer is None: no plugin had a word
-                outcome = self._outcome(step.hook, ctx, result, vctx.changes)
-                if outcome is PROCEED:
-                    break
-                if outcome is not NEXT:
-                    return outcome  # type: ignore[return-value]
-                index, result = each(step.inline, ctx, index + 1)  # type: ignore[arg-type]
+        (The same loop as `decide`, with `_contexts` written out: it runs at every held
+        stage; Python cannot share it between sync and async.)"""
+        view = StageSession(vctx)
+        email, stage, stage_args = vctx.email, STAGE_NAMES[vctx.stage], vctx.args
+        for step in self._steps[vctx.stage]:
+            for args in step.args(stage_args, view, email):
+                ctx = HookContext(step.hook, stage, args, view, None, email)
+                run = step.run
+                index, result = run(ctx, 0)  # type: ignore[misc]
+                while result is not None:  # the usual answer is None: no plugin had a word
+                    outcome = self._outcome(step.hook, ctx, result, vctx.changes)
+                    if outcome is PROCEED:
+                        break
+                    if outcome is not NEXT:
+                        return outcome  # type: ignore[return-value]
+                    index, result = run(ctx, index + 1)  # type: ignore[misc]
         return PROCEED
 
     def _contexts(self, vctx: VerdictContext) -> Iterator[tuple[Step, HookContext]]:
         """Each hook of the stage with its context (once per recipient for on_pre_delivery)."""
         view = StageSession(vctx)
         email = vctx.email
-        event = email.event if email is not None else None
         stage = STAGE_NAMES[vctx.stage]
         for step in self._steps[vctx.stage]:
             for args in step.args(vctx.args, view, email):
-                yield step, HookContext(step.hook, stage, args, view, event)
+                yield step, HookContext(step.hook, stage, args, view, None, email)
 
     def _outcome(self, hook: str, ctx: HookContext, result: HookResult | Failed | None,
                  changes: Changes | None) -> Verdict | object:
@@ -271,17 +283,19 @@ class PluginManager:
 
     def notify(self, hook: str, args: dict[str, Any],
                view: SessionView | StageSession | None = None,
-               event: dict[str, Any] | None = None) -> None:
+               event: dict[str, Any] | None = None, *,
+               email: CapturedEmail | None = None) -> None:
         """Fire a notification hook (its results are ignored): plugins answering inline are
-        called now, the others in the background."""
+        called now, the others in the background. `email`: the event is read from it when a
+        plugin asks for ctx.event."""
         calls = self._notified.get(hook)
         if calls is None:
             return
-        inline, later = calls
-        ctx = HookContext(hook, "", args, view or SessionView(), event)
-        index, each = -1, self.executor.call_each
-        while index < len(inline):  # every plugin, whatever each answers
-            index = each(inline, ctx, index + 1)[0]
+        run, inline, later = calls
+        ctx = HookContext(hook, "", args, view or SessionView(), event, email)
+        index = run(ctx, 0)[0]
+        while index < inline:  # every plugin, whatever each answers
+            index = run(ctx, index + 1)[0]
         if later:
             self._spawn(self._notify_later(later, hook, ctx))
 
@@ -294,8 +308,7 @@ class PluginManager:
     def observe(self, what: str, vctx: VerdictContext) -> None:
         """The capture server reports: disconnect, delivery_attempt, delivery_success,
         delivery_failure (args: error), email_accepted, email_refused."""
-        view = StageSession(vctx)
-        event = vctx.email.event if vctx.email is not None else None
+        view, email = StageSession(vctx), vctx.email
         if what == "disconnect":
             self.notify("on_disconnect", {"remote_addr": view.remote_addr}, view)
             self.notify("on_metrics_collect", {"event": "connection_closed",
@@ -309,9 +322,10 @@ class PluginManager:
                     args["attempt"] = vctx.args.get("attempt", 1)
                 elif what == "delivery_failure":
                     args["error"] = vctx.args.get("error", "")
-                self.notify(hook, args, view, event)
+                self.notify(hook, args, view, email=email)
             return
-        self.notify("on_metrics_collect", {"event": what, "data": dict(vctx.args)}, view, event)
+        self.notify("on_metrics_collect", {"event": what, "data": dict(vctx.args)}, view,
+                    email=email)
 
     def _on_failure(self, entry: Entry, hook: str, error: BaseException) -> None:
         if hook not in ("on_error", "on_recovery"):  # a failing error hook must not loop
@@ -441,13 +455,13 @@ STAGE_NAMES = {stage: stage.name.lower() for stage in Stage}
 
 
 class Step(NamedTuple):
-    """One hook at a stage: its arguments, its plugins in order, and their inline calls
-    (None for a plugin whose hook is awaited)."""
+    """One hook at a stage: its arguments, its plugins in order, and the function calling
+    them all inline (None when one of them is awaited: `decide` calls them one by one)."""
 
     hook: str
     args: ArgsOf
     entries: tuple[Entry, ...]
-    inline: tuple[InlineCall | None, ...]
+    run: Run | None
 
 
 def _greeting(verbs: tuple[str, ...]) -> Any:
@@ -540,8 +554,8 @@ def parse_headers(block: bytes) -> list[tuple[str, str]]:
 
 def body_of(raw: bytes) -> bytes:
     """What follows the blank line that ends the header block (CRLF or bare LF)."""
-    ends = [(at, len(sep)) for sep in (b"\r\n\r\n", b"\n\n") if (at := raw.find(sep)) >= 0]
-    if not ends:
-        return b""
-    at, size = min(ends)
-    return raw[at + size:]
+    crlf = raw.find(b"\r\n\r\n")
+    lf = raw.find(b"\n\n", 0, crlf if crlf >= 0 else len(raw))  # only before a CRLF one
+    if lf >= 0:
+        return raw[lf + 2:]
+    return raw[crlf + 4:] if crlf >= 0 else b""

@@ -13,12 +13,11 @@ import asyncio
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from mailpipe.plugins.base import Plugin, PluginError
+from mailpipe.plugins.base import Inline, Plugin, PluginError
 from mailpipe.plugins.context import HookContext
 from mailpipe.plugins.hooks import HOOKS, PROJECT
 from mailpipe.plugins.results import HookResult
@@ -37,14 +36,14 @@ class PythonPlugin(Plugin):
         self._methods = _hook_methods(name, obj)
         threaded = bool(getattr(obj, "threaded", False))
         self._inline = {
-            hook: _binding(fn, argnames) for hook, (fn, argnames) in self._methods.items()
+            hook: (fn, argnames) for hook, (fn, argnames) in self._methods.items()
             if not threaded and not inspect.iscoroutinefunction(fn)
         }
 
     def implemented(self) -> frozenset[str]:
         return frozenset(self._methods)
 
-    def inline(self, hook: str) -> Callable[[HookContext], HookResult | None] | None:
+    def inline(self, hook: str) -> Inline | None:
         return self._inline.get(hook)
 
     async def call(self, hook: str, ctx: HookContext) -> HookResult | None:
@@ -66,18 +65,6 @@ class PythonPlugin(Plugin):
 
     def files(self) -> list[str]:
         return self._files
-
-
-def _binding(fn: Callable[..., Any], argnames: tuple[str, ...]) -> Callable[[HookContext], Any]:
-    """`fn` called with the arguments it takes, by name, from a HookContext. Generated once
-    per hook method so that a call builds no dict: plugins run on every SMTP command, and
-    this is most of what a plugin that only looks costs. The names are hook arguments
-    (pluggy checked them against the specifications), so they are identifiers."""
-    keywords = ", ".join("ctx=ctx" if name == "ctx" else f"{name}=args.get({name!r})"
-                         for name in argnames)
-    namespace: dict[str, Any] = {"fn": fn}
-    exec(f"def call(ctx):\n    args = ctx.args\n    return fn({keywords})", namespace)
-    return namespace["call"]  # type: ignore[no-any-return]
 
 
 def _kwargs(argnames: tuple[str, ...], ctx: HookContext) -> dict[str, Any]:
