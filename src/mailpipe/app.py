@@ -99,6 +99,7 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         self.spamd: SpamdDaemon | None = None  # spamassassin.start's own spamd
         self._http_runner: object | None = None
         self._compat_runners: dict[str, web.AppRunner] = {}
+        self._compat_shared: dict[str, object] = {}  # CompatContext.shared, one per server
         self.rpc_server: RPCServer | None = None
         self.pop3: POP3Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -287,7 +288,8 @@ class Mailpipe(AdminMixin, JobsAdminMixin, PluginsAdminMixin):
         from mailpipe.compat import CompatContext, create_compat_app
 
         assert self.store is not None
-        context = CompatContext(self.store, self, self.metrics, self.config)
+        context = CompatContext(self.store, self, self.metrics, self.config,
+                                self._compat_shared)
         return create_compat_app(name, context)
 
     async def _start_compat_listener(self, name: str, auth: HttpAuth | None) -> None:

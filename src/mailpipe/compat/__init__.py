@@ -12,7 +12,7 @@ same browser guard and authentication as mailpipe's API.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -29,12 +29,16 @@ PREFIX = "/compat/"
 @dataclass(slots=True)
 class CompatContext:
     """What a compatible API reaches into: the store, the running server (`mailpipe`: its
-    plugins, capture pipeline and admin operations), metrics and the configuration."""
+    plugins, capture pipeline and admin operations), metrics, the configuration, and the
+    state its applications share."""
 
     store: SQLiteStore
     mailpipe: Any  # mailpipe.app.Mailpipe (imported lazily: app.py imports this package)
     metrics: Metrics
     config: Config
+    # One per server, kept by all of its compatible APIs' applications: what the two places
+    # an API is served must share (Mailpit's chaos triggers, MailHog's Jim), by API name.
+    shared: dict[str, Any] = field(default_factory=dict)
 
 
 def create_compat_app(name: str, context: CompatContext) -> web.Application:

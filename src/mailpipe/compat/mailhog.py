@@ -11,7 +11,6 @@ not invited, his routes answer 404 as MailHog's do without -invite-jim.
 from __future__ import annotations
 
 import asyncio
-import weakref
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -75,13 +74,10 @@ class JimDesk:
             self.jim = None
 
 
-_DESKS: weakref.WeakKeyDictionary[Any, JimDesk] = weakref.WeakKeyDictionary()
-
-
 def create_app(context: CompatContext) -> web.Application:
-    desk = _DESKS.get(context.mailpipe)
+    desk = context.shared.get("mailhog")
     if desk is None:
-        desk = _DESKS[context.mailpipe] = JimDesk(context)
+        desk = context.shared["mailhog"] = JimDesk(context)
     routes = MailHogRoutes(context, desk)
     # Its own error middleware: on its own listener nothing else turns errors into JSON.
     app = web.Application(middlewares=[_errors_as_json])

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import resource
 import time
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -74,13 +73,10 @@ class Shared:
             self.chaos = Chaos(context.mailpipe.verdicts, triggers)
 
 
-_SHARED: weakref.WeakKeyDictionary[Any, Shared] = weakref.WeakKeyDictionary()
-
-
 def create_app(context: CompatContext) -> web.Application:
-    shared = _SHARED.get(context.store)
+    shared = context.shared.get("mailpit")
     if shared is None:
-        shared = _SHARED[context.store] = Shared(context)
+        shared = context.shared["mailpit"] = Shared(context)
     api = MailpitAPI(context, shared)
     app = web.Application(middlewares=[_plain_errors])
     app.router.add_routes(api.routes())
